@@ -1,0 +1,143 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import hiap
+from hiap.pruned import PrunedAttention, PrunedMlp
+from tests.helpers import images, randomize_logits, tiny_vit
+
+NO_MINIMUMS = dict(min_heads=0, min_dim_fraction=0.0, min_neuron_fraction=0.0)
+
+
+def _assert_exact(gated, pruned, x):
+    with torch.no_grad():
+        expected = gated.eval()(x)
+        got = pruned(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("cfg_args", [dict(), NO_MINIMUMS, dict(dim_group=8)], ids=["minimums", "none", "grouped"])
+def test_extraction_is_exact_on_random_mixed_sign_logits(seed, cfg_args):
+    gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(**cfg_args))
+    generator = torch.Generator().manual_seed(seed)
+    randomize_logits(gated, generator)
+    pruned = hiap.extract(gated)
+    _assert_exact(gated, pruned, images(gated, generator=generator))
+    assert hiap.count_macs(pruned) == hiap.count_macs(gated) < hiap.count_macs(tiny_vit(depth=3))
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in tiny_vit(depth=3).parameters())
+
+
+def _set(gated, name, values):
+    with torch.no_grad():
+        gated.gate_logits()[name].copy_(torch.as_tensor(values, dtype=torch.float32))
+
+
+def test_edge_cases_zero_qk_dims_zero_v_dims_empty_ffn_and_empty_attention():
+    gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(**NO_MINIMUMS))
+    randomize_logits(gated, torch.Generator().manual_seed(0), scale=1.0)
+    # layer 0: head 0 keeps v but no q/k (uniform attention); head 1 has no v dims (removed); head 2 closed by g.
+    _set(gated, "blocks.0.attn.gate_head", [5.0, 5.0, -5.0])
+    qk = torch.full((3, 16), 5.0)
+    qk[0] = -5.0
+    _set(gated, "blocks.0.attn.gate_qk", qk)
+    v = torch.full((3, 16), 5.0)
+    v[1] = -5.0
+    _set(gated, "blocks.0.attn.gate_v", v)
+    # layer 1: the FFN block is closed; layer 2: every head closed and every neuron closed in an open block.
+    _set(gated, "blocks.1.mlp.gate_block", [-5.0])
+    _set(gated, "blocks.2.attn.gate_head", [-5.0, -5.0, -5.0])
+    _set(gated, "blocks.2.mlp.gate_neuron", torch.full((192,), -5.0))
+    pruned = hiap.extract(gated)
+    attn0 = pruned.blocks[0].attn
+    assert attn0.qk_widths == [0] and attn0.v_widths == [16]
+    assert pruned.blocks[1].mlp.hidden_features == 0 and pruned.blocks[2].mlp.hidden_features == 0
+    assert pruned.blocks[2].attn.num_heads == 0
+    _assert_exact(gated, pruned, images(gated))
+    assert hiap.count_macs(pruned) == hiap.count_macs(gated)
+
+
+def test_extracted_dense_model_matches_timm():
+    model = tiny_vit()
+    pruned = hiap.extract(hiap.gate_vit(model))
+    assert all(b.attn.qk_widths == [16, 16, 16] for b in pruned.blocks)
+    x = images(model)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), model(x), atol=1e-5)
+
+
+def test_hard_minimums_keep_every_layer_alive():
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(min_heads=1, min_dim_fraction=0.25, min_neuron_fraction=0.1))
+    with torch.no_grad():
+        for logit in gated.gate_logits().values():
+            logit.fill_(-3.0)
+        gated.gate_logits()["blocks.0.mlp.gate_block"].fill_(3.0)
+    pruned = hiap.extract(gated)
+    for block in pruned.blocks:
+        assert block.attn.num_heads == 1 and block.attn.qk_widths == [4] and block.attn.v_widths == [4]
+    assert pruned.blocks[0].mlp.hidden_features == 20 and pruned.blocks[1].mlp.hidden_features == 0
+    _assert_exact(gated, pruned, images(gated))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    gated = hiap.gate_vit(tiny_vit(class_token=False, global_pool="avg", init_values=0.1), hiap.HiAPConfig())
+    randomize_logits(gated, torch.Generator().manual_seed(3))
+    pruned = hiap.extract(gated)
+    path = hiap.save_pruned(pruned, tmp_path / "model.safetensors")
+    loaded = hiap.load_pruned(path)
+    x = images(gated)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    assert hiap.read_layout(path) == json.loads(json.dumps(hiap.pruned_layout(pruned)))
+    assert hiap.count_macs(loaded) == hiap.count_macs(pruned)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_pruned_model_compiles_without_graph_breaks():
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(**NO_MINIMUMS))
+    randomize_logits(gated, torch.Generator().manual_seed(5))
+    pruned = hiap.extract(gated)
+    compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
+    x = images(gated)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), pruned(x), atol=1e-6)
+
+
+def test_extract_needs_a_gated_model():
+    with pytest.raises(TypeError, match="gate_vit"):
+        hiap.extract(tiny_vit())
+
+
+def test_loading_a_missing_corrupt_or_mismatched_file_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        hiap.load_pruned(tmp_path / "absent.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x07\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        hiap.load_pruned(corrupt)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not a HiAP pruned model"):
+        hiap.load_pruned(plain)
+    # A valid file whose weights were cut down no longer matches its layout.
+    pruned = hiap.extract(hiap.gate_vit(tiny_vit()))
+    good = hiap.save_pruned(pruned, tmp_path / "good.safetensors")
+    layout = hiap.read_layout(good)
+    layout["layers"][0]["ffn_width"] = 100
+    state = {k: v.contiguous() for k, v in pruned.state_dict().items()}
+    mismatched = tmp_path / "mismatched.safetensors"
+    save_file(state, str(mismatched), metadata={"hiap_layout": json.dumps(layout)})
+    with pytest.raises(ValueError, match="do not match"):
+        hiap.load_pruned(mismatched)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(ValueError):
+        hiap.load_pruned(truncated)
+
+
+def test_pruned_modules_types():
+    pruned = hiap.extract(hiap.gate_vit(tiny_vit()))
+    assert all(isinstance(b.attn, PrunedAttention) and isinstance(b.mlp, PrunedMlp) for b in pruned.blocks)
+    assert not pruned.training
