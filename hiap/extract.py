@@ -86,11 +86,15 @@ def extract(model: HiAPViT) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not a gated model from ``hiap.gate_vit`` (its gates were never created).
+        ValueError: a gate logit is NaN or infinite (a diverged run).
     """
     if not isinstance(model, HiAPViT):
         raise TypeError(
             f"extract needs a gated model from hiap.gate_vit(...); got {type(model).__name__}, which has no gates"
         )
+    broken = [name for name, logit in model.gate_logits().items() if not torch.isfinite(logit).all()]
+    if broken:
+        raise ValueError(f"extract: gate logits contain NaN or inf in {broken[:4]}{' ...' if len(broken) > 4 else ''}")
     gated_blocks = list(model.vit.blocks)
     if not all(isinstance(b.attn, GatedAttention) and isinstance(b.mlp, GatedMlp) for b in gated_blocks):
         raise TypeError("extract: some blocks of this model have no gates")

@@ -115,7 +115,15 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
         if approximate is not None and self._triton_enabled(x, self.fc1.weight):
             from hiap_kernels.inference_ffn import fused_linear_gelu
 
-            hidden = fused_linear_gelu(x, self.fc1.weight, self.fc1.bias, approximate=approximate)
+            weight, bias = self.fc1.weight, self.fc1.bias
+            if torch.is_autocast_enabled(x.device.type):
+                # The kernel takes one dtype, as F.linear does once autocast has cast its operands.
+                dtype = torch.get_autocast_dtype(x.device.type)
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            elif weight.dtype != x.dtype:
+                x = x.to(weight.dtype)
+            hidden = fused_linear_gelu(x, weight, bias, approximate=approximate)
         else:
             hidden = self.act(self.fc1(x))
         return self.fc2(hidden)

@@ -103,7 +103,8 @@ def padded_gather_indices(
     def padded(first_columns: torch.Tensor, widths: torch.Tensor, max_width: int) -> torch.Tensor:
         position = torch.arange(max_width, dtype=torch.int64)
         columns = first_columns.to(torch.int64)[:, None] + position[None, :]
-        return torch.where(position[None, :] < widths.to(torch.int64)[:, None], columns, torch.full_like(columns, total))
+        inside = position[None, :] < widths.to(torch.int64)[:, None]
+        return torch.where(inside, columns, torch.full_like(columns, total))
 
     q_index = padded(table[:, 0], table[:, 4], max_qk)
     k_index = padded(table[:, 1], table[:, 4], max_qk)

@@ -105,9 +105,14 @@ def test_pruned_model_compiles_without_graph_breaks():
         assert torch.allclose(compiled(x), pruned(x), atol=1e-6)
 
 
-def test_extract_needs_a_gated_model():
+def test_extract_needs_a_gated_model_with_finite_logits():
     with pytest.raises(TypeError, match="gate_vit"):
         hiap.extract(tiny_vit())
+    gated = hiap.gate_vit(tiny_vit())
+    with torch.no_grad():
+        gated.gate_logits()["blocks.1.attn.gate_v"][0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN.*blocks.1.attn.gate_v"):
+        hiap.extract(gated)
 
 
 def test_loading_a_missing_corrupt_or_mismatched_file_fails_clearly(tmp_path):

@@ -1,0 +1,311 @@
+"""Ragged inference attention: Triton kernel and both plain-PyTorch references against a float64 reference."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hiap_kernels.ragged_attention_reference import (
+    build_head_table,
+    packed_widths,
+    padded_gather_indices,
+    ragged_attention_naive,
+    ragged_attention_padded,
+)
+
+# Relative error ||out - ref|| / ||ref|| allowed against the float64 reference computed from the same (rounded) inputs.
+TOLERANCES = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.5e-2,
+}
+
+# name -> (q/k widths, v widths, original head dim Dh)
+LAYOUTS = {
+    "dense": ([32, 32, 32, 32], [32, 32, 32, 32], 32),
+    "one_head": ([20], [13], 64),
+    "width_one": ([1, 1, 0], [1, 1, 1], 16),
+    "mixed": ([8, 24, 64, 17], [64, 9, 33, 40], 64),
+    "qk_zero_heads": ([0, 12, 0], [7, 16, 1], 16),
+    "all_qk_zero": ([0, 0], [5, 3], 16),
+}
+INTERPRETER_TOKENS = [1, 17, 65]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def make_qkv(qk, v, batch, tokens, dtype, device="cpu"):
+    total, _ = packed_widths(qk, v)
+    return torch.randn(batch, tokens, total, dtype=torch.float32, device=device).to(dtype)
+
+
+def fp64_reference(qkv, qk, v, head_dim):
+    return ragged_attention_naive(qkv.double(), qk, v, head_dim**-0.5)
+
+
+def triton_attention():
+    pytest.importorskip("triton")
+    from hiap_kernels.ragged_attention import ragged_attention
+
+    return ragged_attention
+
+
+def run_kernel(qkv, qk, v, head_dim, out=None):
+    ragged_attention = triton_attention()
+    table = build_head_table(qk, v, device=qkv.device)
+    return ragged_attention(qkv, table, head_dim**-0.5, max(qk), max(v), out=out)
+
+
+# ----------------------------------------------------------------------------------------------- layout builders
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_head_table_and_gather_indices_describe_the_same_packing(layout):
+    qk, v, _ = LAYOUTS[layout]
+    total, out_width = packed_widths(qk, v)
+    table = build_head_table(qk, v)
+    q_index, k_index, v_index, out_index = padded_gather_indices(qk, v)
+
+    assert table.dtype == torch.int32 and table.shape == (len(qk), 6)
+    assert all(t.dtype == torch.int64 for t in (q_index, k_index, v_index, out_index))
+    assert q_index.shape == k_index.shape == (len(qk), max(1, max(qk)))
+    assert v_index.shape == (len(qk), max(v))
+    assert out_index.shape == (out_width,)
+
+    seen_columns = []
+    for head, (q_off, k_off, v_off, out_off, qk_w, v_w) in enumerate(table.tolist()):
+        assert (qk_w, v_w) == (qk[head], v[head])
+        assert q_index[head, :qk_w].tolist() == list(range(q_off, q_off + qk_w))
+        assert k_index[head, :qk_w].tolist() == list(range(k_off, k_off + qk_w))
+        assert v_index[head, :v_w].tolist() == list(range(v_off, v_off + v_w))
+        assert (q_index[head, qk_w:] == total).all() and (k_index[head, qk_w:] == total).all()
+        assert (v_index[head, v_w:] == total).all()
+        max_v = v_index.shape[1]
+        assert out_index[out_off : out_off + v_w].tolist() == list(range(head * max_v, head * max_v + v_w))
+        seen_columns += range(q_off, q_off + qk_w)
+        seen_columns += range(k_off, k_off + qk_w)
+        seen_columns += range(v_off, v_off + v_w)
+    # Every qkv column belongs to exactly one head, in the packed order Q..., K..., V...
+    assert sorted(seen_columns) == list(range(total))
+    q_cols = [c for h in range(len(qk)) for c in q_index[h, : qk[h]].tolist()]
+    assert q_cols == list(range(sum(qk)))
+
+
+@pytest.mark.parametrize(
+    "qk, v, message",
+    [
+        ([4, 4], [4], "heads"),
+        ([-1], [4], ">= 0"),
+        ([4], [0], ">= 1"),
+    ],
+)
+def test_layout_builders_reject_bad_widths(qk, v, message):
+    with pytest.raises(ValueError, match=message):
+        build_head_table(qk, v)
+    with pytest.raises(ValueError, match=message):
+        padded_gather_indices(qk, v)
+
+
+def test_empty_layout_builds_empty_tables():
+    table = build_head_table([], [])
+    q_index, _, v_index, out_index = padded_gather_indices([], [])
+    assert table.shape == (0, 6) and q_index.shape[0] == 0 and v_index.shape[0] == 0 and out_index.numel() == 0
+
+
+# ----------------------------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("tokens", INTERPRETER_TOKENS)
+def test_padded_reference_matches_naive_in_fp64(layout, tokens):
+    qk, v, head_dim = LAYOUTS[layout]
+    qkv = make_qkv(qk, v, 2, tokens, torch.float64)
+    ref = fp64_reference(qkv, qk, v, head_dim)
+    out = ragged_attention_padded(qkv, *padded_gather_indices(qk, v), head_dim**-0.5)
+    assert out.shape == ref.shape == (2, tokens, sum(v))
+    assert rel_error(out, ref) < TOLERANCES[torch.float64]
+
+
+def test_zero_qk_width_is_uniform_attention():
+    qk, v, head_dim = [0, 8], [6, 8], 16
+    qkv = make_qkv(qk, v, 2, 17, torch.float64)
+    values = qkv[..., 2 * sum(qk) : 2 * sum(qk) + 6]
+    expected = values.mean(dim=1, keepdim=True).expand(-1, 17, -1)
+    for out in (
+        ragged_attention_naive(qkv, qk, v, head_dim**-0.5),
+        ragged_attention_padded(qkv, *padded_gather_indices(qk, v), head_dim**-0.5),
+    ):
+        torch.testing.assert_close(out[..., :6], expected)
+
+
+def test_padded_reference_compiles_without_graph_breaks():
+    qk, v, head_dim = [8, 0, 5], [4, 8, 3], 16
+    qkv = make_qkv(qk, v, 1, 5, torch.float32)
+    indices = padded_gather_indices(qk, v)
+    explanation = torch._dynamo.explain(ragged_attention_padded)(qkv, *indices, head_dim**-0.5)
+    assert explanation.graph_break_count == 0
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("tokens", INTERPRETER_TOKENS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_kernel_and_references_match_fp64(layout, tokens, dtype):
+    qk, v, head_dim = LAYOUTS[layout]
+    qkv = make_qkv(qk, v, 2, tokens, dtype)
+    ref = fp64_reference(qkv, qk, v, head_dim)
+    poisoned = torch.full((2, tokens, sum(v)), float("nan"), dtype=dtype)
+
+    out = run_kernel(qkv, qk, v, head_dim, out=poisoned)
+    padded = ragged_attention_padded(qkv, *padded_gather_indices(qk, v), head_dim**-0.5)
+    naive = ragged_attention_naive(qkv, qk, v, head_dim**-0.5)
+
+    assert out is poisoned and out.dtype == dtype and not out.isnan().any()
+    for name, result in (("triton", out), ("padded", padded), ("naive", naive)):
+        assert result.dtype == dtype
+        assert rel_error(result, ref) < TOLERANCES[dtype], name
+
+
+def test_kernel_allocates_output_without_out_argument():
+    qk, v, head_dim = [8, 3], [5, 16], 16
+    qkv = make_qkv(qk, v, 1, 17, torch.float32)
+    out = run_kernel(qkv, qk, v, head_dim)
+    assert out.shape == (1, 17, 21) and out.is_contiguous() and not out.isnan().any()
+    assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float32]
+
+
+def test_kernel_reads_strided_qkv_in_place_and_copies_otherwise():
+    qk, v, head_dim = [12, 0, 7], [9, 4, 16], 16
+    total, _ = packed_widths(qk, v)
+    wide = torch.randn(2, 17, total + 10)
+    sliced = wide[..., 3 : 3 + total]  # row stride T + 10, last stride 1
+    token_major = torch.randn(17, 2, total).transpose(0, 1)  # batch stride T, token stride 2T
+    column_major = torch.randn(2, total, 17).transpose(1, 2)  # last stride 17: needs a copy
+    for qkv in (sliced, token_major, column_major):
+        assert not qkv.is_contiguous()
+        out = run_kernel(qkv, qk, v, head_dim)
+        assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float32]
+
+
+def test_kernel_accepts_larger_width_bounds():
+    qk, v, head_dim = [5, 9], [3, 7], 16
+    qkv = make_qkv(qk, v, 1, 17, torch.float32)
+    table = build_head_table(qk, v)
+    out = triton_attention()(qkv, table, head_dim**-0.5, 40, 33)
+    assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float32]
+
+
+def test_kernel_with_no_heads_returns_empty_output():
+    qkv = torch.randn(2, 5, 0)
+    out = triton_attention()(qkv, build_head_table([], []), 0.125, 0, 1)
+    assert out.shape == (2, 5, 0)
+
+
+def _valid_call():
+    qk, v = [4, 2], [3, 5]
+    return make_qkv(qk, v, 1, 3, torch.float32), build_head_table(qk, v), 0.25, 4, 5
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda a: {**a, "qkv": a["qkv"].to(torch.int32)}, TypeError, "dtype"),
+        (lambda a: {**a, "qkv": a["qkv"][0]}, ValueError, "dimensions"),
+        (lambda a: {**a, "head_table": a["head_table"].long()}, TypeError, "int32"),
+        (lambda a: {**a, "head_table": a["head_table"][:, :5]}, ValueError, r"\[Hk, 6\]"),
+        (lambda a: {**a, "head_table": a["head_table"].to("meta")}, ValueError, "is on"),
+        (lambda a: {**a, "head_table": build_head_table([4, 3], [3, 5])}, ValueError, "T ="),
+        (lambda a: {**a, "head_table": a["head_table"].flip(0).contiguous()}, ValueError, "offsets"),
+        (lambda a: {**a, "max_qk_width": 3}, ValueError, "max_qk_width"),
+        (lambda a: {**a, "max_v_width": 4}, ValueError, "max_v_width"),
+        (lambda a: {**a, "scale": float("nan")}, ValueError, "finite"),
+        (lambda a: {**a, "out": torch.empty(1, 3, 7)}, ValueError, "shape"),
+        (lambda a: {**a, "out": torch.empty(1, 3, 8, dtype=torch.float16)}, TypeError, "dtype"),
+    ],
+)
+def test_kernel_rejects_bad_inputs(change, error, message):
+    ragged_attention = triton_attention()
+    qkv, table, scale, max_qk, max_v = _valid_call()
+    args = {"qkv": qkv, "head_table": table, "scale": scale, "max_qk_width": max_qk, "max_v_width": max_v}
+    args = change(args)
+    out = args.pop("out", None)
+    with pytest.raises(error, match=message):
+        ragged_attention(
+            args["qkv"], args["head_table"], args["scale"], args["max_qk_width"], args["max_v_width"], out=out
+        )
+
+
+def test_table_edited_in_place_is_validated_again():
+    ragged_attention = triton_attention()
+    qkv, table, scale, max_qk, max_v = _valid_call()
+    ragged_attention(qkv, table, scale, max_qk, max_v)
+    table[0, 4] = 3  # the cached check of this table must not hide the edit
+    with pytest.raises(ValueError):
+        ragged_attention(qkv, table, scale, max_qk, max_v)
+
+
+# ----------------------------------------------------------------------------------------------- GPU only
+
+
+GPU_LAYOUTS = {
+    "deit_s_dense": ([64] * 6, [64] * 6, 64),
+    "deit_s_pruned": ([64, 40, 0, 17, 8, 1], [64, 33, 16, 48, 1, 57], 64),
+    "vit_b_uneven": ([16, 64, 64, 0, 24, 32, 48, 56, 8, 64, 40, 12], [64, 16, 8, 64, 24, 32, 1, 56, 8, 64, 40, 12], 64),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 65, 197, 577])
+@pytest.mark.parametrize("layout", sorted(GPU_LAYOUTS))
+def test_gpu_kernel_and_references_match_fp64(layout, tokens, dtype):
+    qk, v, head_dim = GPU_LAYOUTS[layout]
+    qkv = make_qkv(qk, v, 4, tokens, dtype, device="cuda")
+    ref = fp64_reference(qkv, qk, v, head_dim)
+    poisoned = torch.full((4, tokens, sum(v)), float("nan"), dtype=dtype, device="cuda")
+    out = run_kernel(qkv, qk, v, head_dim, out=poisoned)
+    indices = padded_gather_indices(qk, v, device="cuda")
+    # CUDA's memory-efficient SDPA may run fp32 on tf32 tensor cores; the math backend keeps the reference in fp32.
+    with sdpa_kernel([SDPBackend.MATH]) if dtype == torch.float32 else contextlib.nullcontext():
+        padded = ragged_attention_padded(qkv, *indices, head_dim**-0.5)
+    assert not out.isnan().any()
+    assert rel_error(out, ref) < TOLERANCES[dtype]
+    assert rel_error(padded, ref) < TOLERANCES[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_kernel_on_strided_qkv_from_a_linear(dtype):
+    qk, v, head_dim = GPU_LAYOUTS["deit_s_pruned"]
+    total, _ = packed_widths(qk, v)
+    wide = torch.randn(2, 197, total + 64, dtype=dtype, device="cuda")
+    qkv = wide[..., 64:]
+    out = run_kernel(qkv, qk, v, head_dim)
+    assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_padded_reference_under_torch_compile():
+    qk, v, head_dim = GPU_LAYOUTS["deit_s_pruned"]
+    qkv = make_qkv(qk, v, 2, 197, torch.float16, device="cuda")
+    indices = padded_gather_indices(qk, v, device="cuda")
+    compiled = torch.compile(ragged_attention_padded, fullgraph=True)
+    out = compiled(qkv, *indices, 1 / math.sqrt(head_dim))
+    assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float16]
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_with_more_than_65535_batch_heads():
+    qk, v, head_dim = GPU_LAYOUTS["vit_b_uneven"]
+    qkv = make_qkv(qk, v, 6000, 3, torch.float16, device="cuda")  # B * Hk = 72000 programs per query block
+    out = run_kernel(qkv, qk, v, head_dim)
+    assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float16]
