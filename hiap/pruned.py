@@ -28,6 +28,22 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
         return nn.Linear(in_features, out_features, bias=bias)
 
 
+@torch.compiler.disable
+def _ragged_attention_triton(qkv, head_table, scale, max_qk_width, max_v_width):
+    # Run eagerly inside a compiled model: the launcher validates the head table on the host once per table, which
+    # dynamo cannot trace (the padded reference path is the one that compiles into a single graph).
+    from hiap_kernels.ragged_attention import ragged_attention
+
+    return ragged_attention(qkv, head_table, scale, max_qk_width, max_v_width)
+
+
+@torch.compiler.disable
+def _linear_gelu_triton(x, weight, bias, approximate):
+    from hiap_kernels.inference_ffn import fused_linear_gelu
+
+    return fused_linear_gelu(x, weight, bias, approximate=approximate)
+
+
 class PrunedAttention(KernelBackendMixin, nn.Module):
     """Attention over ragged per-head widths. Input ``[B, N, D]``, output ``[B, N, D_out]``.
 
@@ -79,9 +95,7 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
             return bias.to(x.dtype).expand(batch, tokens, self.out_dim)
         qkv = self.qkv(x)
         if self._triton_enabled(qkv):
-            from hiap_kernels.ragged_attention import ragged_attention
-
-            out = ragged_attention(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width)
+            out = _ragged_attention_triton(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width)
         else:
             out = ragged_attention_padded(qkv, self.q_index, self.k_index, self.v_index, self.out_index, self.scale)
         return self.proj(out)
@@ -113,8 +127,6 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
             return self.fc2.bias.to(x.dtype).expand(shape)
         approximate = self.act.approximate if type(self.act) is nn.GELU else None
         if approximate is not None and self._triton_enabled(x, self.fc1.weight):
-            from hiap_kernels.inference_ffn import fused_linear_gelu
-
             weight, bias = self.fc1.weight, self.fc1.bias
             if torch.is_autocast_enabled(x.device.type):
                 # The kernel takes one dtype, as F.linear does once autocast has cast its operands.
@@ -123,7 +135,7 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
                 bias = None if bias is None else bias.to(dtype)
             elif weight.dtype != x.dtype:
                 x = x.to(weight.dtype)
-            hidden = fused_linear_gelu(x, weight, bias, approximate=approximate)
+            hidden = _linear_gelu_triton(x, weight, bias, approximate)
         else:
             hidden = self.act(self.fc1(x))
         return self.fc2(hidden)

@@ -1,0 +1,92 @@
+"""Whole models on the Triton path against the reference path (interpreter on CPU, real kernels on a GPU)."""
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import hiap
+from hiap_kernels._runtime import interpreter_active
+from tests.helpers import randomize_logits
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or interpreter_active()), reason="needs a GPU or the Triton interpreter"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def deit_tiny_sized(img_size: int = 16, patch_size: int = 8) -> VisionTransformer:
+    """DeiT-Tiny widths and depth (192 wide, 12 blocks, 3 heads of 64) on a tiny image so the interpreter copes."""
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=192, depth=12, num_heads=3,
+                             num_classes=10).to(DEVICE)
+
+
+def _grads(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
+def test_a_training_step_gives_the_same_loss_and_gradients_on_both_paths():
+    teacher = deit_tiny_sized().eval()
+    cfg = hiap.HiAPConfig(init_logit=0.5)
+    gated = hiap.gate_vit(teacher, cfg).train()
+    randomize_logits(gated, torch.Generator().manual_seed(0), scale=1.0)
+    objective = hiap.HiAPObjective(gated)
+    images = torch.randn(2, 3, 16, 16, device=DEVICE)
+    targets = torch.tensor([1, 7], device=DEVICE)
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+
+    def step():
+        gated.zero_grad(set_to_none=True)
+        gated.gate_step.zero_()  # same step -> same seed -> same gates on both paths
+        terms = objective(gated, gated(images), teacher_logits, targets)
+        terms.total.backward()
+        return terms.total.detach(), _grads(gated)
+
+    loss_reference, grads_reference = step()
+    with hiap.use_triton_kernels(gated):
+        loss_triton, grads_triton = step()
+    assert loss_triton.item() == pytest.approx(loss_reference.item(), rel=1e-4)
+    assert grads_triton.keys() == grads_reference.keys()
+    for name, expected in grads_reference.items():
+        assert _relative_error(grads_triton[name], expected) < 1e-3, name
+
+
+def test_an_extracted_model_gives_the_same_logits_on_both_paths():
+    gated = hiap.gate_vit(deit_tiny_sized(), hiap.HiAPConfig(min_heads=0, min_dim_fraction=0.0))
+    randomize_logits(gated, torch.Generator().manual_seed(1))
+    pruned = hiap.extract(gated)
+    images = torch.randn(2, 3, 16, 16, device=DEVICE)
+    with torch.no_grad():
+        reference = pruned(images)
+        with hiap.use_triton_kernels(pruned):
+            triton = pruned(images)
+    assert _relative_error(triton, reference) < 1e-4
+
+
+def test_eval_mode_gated_model_matches_on_both_paths():
+    gated = hiap.gate_vit(deit_tiny_sized(), hiap.HiAPConfig(dim_group=8)).eval()
+    randomize_logits(gated, torch.Generator().manual_seed(2))
+    images = torch.randn(2, 3, 16, 16, device=DEVICE)
+    with torch.no_grad():
+        reference = gated(images)
+        with hiap.use_triton_kernels(gated):
+            triton = gated(images)
+    assert _relative_error(triton, reference) < 1e-4
+
+
+def test_a_loaded_and_compiled_pruned_model_keeps_working_on_the_triton_path(tmp_path):
+    gated = hiap.gate_vit(deit_tiny_sized(), hiap.HiAPConfig(dim_group=8))
+    randomize_logits(gated, torch.Generator().manual_seed(3))
+    pruned = hiap.extract(gated)
+    images = torch.randn(1, 3, 16, 16, device=DEVICE)
+    loaded = hiap.load_pruned(hiap.save_pruned(pruned, tmp_path / "pruned.safetensors"), device=DEVICE)
+    with torch.no_grad():
+        reference = pruned(images)
+        with hiap.use_triton_kernels(loaded):
+            assert _relative_error(loaded(images), reference) < 1e-4
+            compiled = torch.compile(loaded, backend="aot_eager")
+            assert _relative_error(compiled(images), reference) < 1e-4
