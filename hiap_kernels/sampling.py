@@ -35,7 +35,7 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _MASK32, lo
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+def _philox_uniform_eager(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """Uniforms in [0, 1) equal to ``tl.rand(seed, offsets)`` in a Triton kernel.
 
     Args:
@@ -64,6 +64,28 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
     signed = torch.where(signed < 0, -signed - 1, signed)
     return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=offsets.device)
+
+
+# Opaque to torch.compile: the ten unrolled rounds reuse every intermediate several times, and inductor's lowering
+# re-walks such chains once per use, which is exponential in the rounds (compiling one gated layer did not finish in
+# 5 minutes). As a custom op the sampler stays in the graph, without a graph break, and runs eagerly inside it.
+@torch.library.custom_op("hiap_kernels::philox_uniform", mutates_args=())
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) equal to ``tl.rand(seed, offsets)`` in a Triton kernel.
+
+    Args:
+        seed: integer in [0, 2**31 - 1].
+        offsets: integer tensor of any shape with values in [0, 2**31 - 1] (the Philox counters).
+
+    Returns:
+        float32 tensor of ``offsets.shape`` on ``offsets.device``.
+    """
+    return _philox_uniform_eager(seed, offsets)
+
+
+@philox_uniform.register_fake
+def _philox_uniform_fake(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(offsets, dtype=torch.float32)
 
 
 # Uniforms are clamped away from 0 and 1 so that the logistic noise log(u) - log(1 - u) stays finite in fp32.

@@ -109,3 +109,12 @@ def test_gradients_reach_weights_and_every_gate_logit():
     for name, logit in gated.gate_logits().items():
         assert logit.grad is not None and torch.isfinite(logit.grad).all(), name
     assert gated.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_training_forward_compiles_with_inductor_in_one_graph():
+    # Guards the Philox twin staying opaque to inductor (unrolled inline it made compilation run for many minutes).
+    gated = hiap.gate_vit(tiny_vit(depth=1), hiap.HiAPConfig(init_logit=0.0)).train()
+    x = images(gated)
+    expected = gated.vit(x)
+    compiled = torch.compile(gated.vit, fullgraph=True)
+    assert torch.allclose(compiled(x), expected, atol=1e-5)
