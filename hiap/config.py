@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch.nn as nn

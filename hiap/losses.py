@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hiap.config import HiAPConfig
 from hiap.convert import HiAPViT
-from hiap.cost import ExpectedCost, expected_cost
+from hiap.cost import ExpectedCost, count_macs, expected_cost
 from hiap.gates import minimum_count
 
 
@@ -53,6 +53,23 @@ def feasibility_loss(model: HiAPViT) -> torch.Tensor:
         p_block, p_neuron = mlp.keep_probabilities()
         terms.append((p_block * F.relu(cfg.min_neuron_fraction - p_neuron.mean()) ** 2).sum())
     return torch.stack(terms).sum()
+
+
+def budget_cost(model: HiAPViT) -> ExpectedCost:
+    """The cost the budget term sees: in target mode, the decided MACs with the expected MACs' gradient.
+
+    The plain expectation sum_i cost_i sigmoid(a_i) can meet the target with every logit at a small positive value,
+    while the decision a > 0 keeps them all: on the default digits run the expected fraction sat at the 0.667 target
+    while the decided one was still 0.80 after 25 epochs. Measuring the Lagrangian's gap on ``count_macs`` (forward)
+    with the expectation's gradient (backward, straight-through) drives the multipliers until the extracted network
+    meets the target. Penalty mode keeps the paper's plain expectation.
+    """
+    cost = expected_cost(model)
+    if model.cfg.budget != "target":
+        return cost
+    decided = float(count_macs(model))
+    total = cost.total - cost.total.detach() + decided
+    return ExpectedCost(total=total, macro=cost.macro, static=cost.static, dense=cost.dense)
 
 
 def smallest_reachable_macs(model: HiAPViT) -> int:
@@ -134,7 +151,7 @@ class HiAPObjective(nn.Module):
     def forward(self, model: HiAPViT, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor) -> ObjectiveTerms:
         task = distillation_loss(student_logits, teacher_logits, targets, self.cfg.kd_alpha, self.cfg.kd_temperature)
-        budget_terms = self.budget(expected_cost(model))
+        budget_terms = self.budget(budget_cost(model))
         feasibility = self.cfg.feasibility_weight * feasibility_loss(model)
         total = task + budget_terms["budget"] + feasibility
         return ObjectiveTerms(total=total, task=task.detach(), budget=budget_terms["budget"].detach(),

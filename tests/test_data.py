@@ -1,0 +1,78 @@
+import pytest
+import torch
+from PIL import Image
+
+from hiap.data import ShardedBatchSampler, build_datasets, check_imagefolder, num_classes_of
+from hiap.models import create_dense_model
+from hiap.runtime import InputError
+
+
+def test_digits_split_is_deterministic_stratified_and_shaped_for_the_model():
+    model = create_dense_model("digits_vit", 10, model_args={"depth": 1})
+    bundle = build_datasets(None, model, val_fraction=0.2, split_seed=0)
+    again = build_datasets("digits", model, val_fraction=0.2, split_seed=0)
+    assert len(bundle.train) + len(bundle.val) == 1797 and len(bundle.val) == 360
+    assert torch.equal(bundle.val.labels, again.val.labels) and torch.equal(bundle.val.cached, again.val.cached)
+    image, label = bundle.train[0]
+    assert image.shape == (1, 16, 16) and image.dtype == torch.float32 and 0 <= int(label) < 10
+    counts = torch.bincount(bundle.val.labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 of each digit
+    other = build_datasets(None, model, val_fraction=0.2, split_seed=1)
+    assert not torch.equal(other.val.labels, bundle.val.labels)
+
+
+def test_digits_follow_a_three_channel_model_input():
+    model = create_dense_model("vit_tiny_patch16_224", 10, model_args={"img_size": 32, "patch_size": 8, "depth": 1})
+    image, _ = build_datasets(None, model).val[3]
+    assert image.shape == (3, 32, 32)
+    assert torch.equal(image[0], image[2])  # the gray digit repeated over the channels
+
+
+def test_batch_order_is_sharded_per_rank_and_resumable_mid_epoch():
+    full = ShardedBatchSampler(100, 16, seed=3)
+    full.set_epoch(2)
+    batches = list(full)
+    assert len(batches) == full.steps_per_epoch == 6 and all(len(b) == 16 for b in batches)
+    full.set_epoch(2, start_step=4)
+    assert list(full) == batches[4:]
+    full.set_epoch(3)
+    assert list(full) != batches
+    ranks = [ShardedBatchSampler(100, 16, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    for step, (first, second) in enumerate(zip(*ranks)):
+        assert len(first) == len(second) == 8 and first + second == batches[step]
+
+
+def test_sampler_rejects_batches_that_do_not_fit():
+    with pytest.raises(InputError, match="not divisible"):
+        ShardedBatchSampler(100, 15, seed=0, world_size=2)
+    with pytest.raises(InputError, match="larger than the training set"):
+        ShardedBatchSampler(10, 16, seed=0)
+
+
+def _write_tree(root, splits=("train", "val"), classes=("cat", "dog")):
+    for split in splits:
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for item in range(2):
+                Image.new("RGB", (20, 20), color=(40 * index, 10 * item, 90)).save(folder / f"{item}.png")
+
+
+def test_imagefolder_tree_uses_timm_transforms(tmp_path):
+    _write_tree(tmp_path)
+    assert num_classes_of(str(tmp_path)) == 2
+    model = create_dense_model("vit_tiny_patch16_224", 2, model_args={"img_size": 32, "patch_size": 8, "depth": 1})
+    bundle = build_datasets(str(tmp_path), model)
+    image, label = bundle.val[0]
+    assert image.shape == (3, 32, 32) and label in (0, 1)
+    assert len(bundle.train) == 4 and bundle.num_classes == 2
+
+
+def test_missing_or_malformed_dataset_paths_fail_clearly(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        check_imagefolder(tmp_path / "absent")
+    _write_tree(tmp_path / "partial", splits=("train",))
+    with pytest.raises(InputError, match="no val/ folder"):
+        check_imagefolder(tmp_path / "partial")

@@ -1,0 +1,168 @@
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import hiap
+from hiap.runtime import InputError, atomic_torch_save
+from hiap.checkpoint import JsonlLog, config_difference, read_checkpoint
+from hiap.losses import budget_cost
+from tests.cli_runs import TINY, cli_command, run_cli, subprocess_env, warm_run  # noqa: F401
+from tests.helpers import randomize_logits, tiny_vit
+
+
+def test_target_budget_sees_the_decided_macs_with_the_expected_gradient():
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(target=0.5))
+    randomize_logits(gated, torch.Generator().manual_seed(0), scale=1.0)
+    cost = budget_cost(gated)
+    assert float(cost.total.detach()) == pytest.approx(hiap.count_macs(gated), rel=1e-12)
+    assert float(cost.total.detach()) != pytest.approx(float(hiap.expected_macs(gated).detach()), rel=1e-3)
+    cost.total.backward()
+    straight_through = {k: p.grad.clone() for k, p in gated.gate_logits().items()}
+    gated.zero_grad()
+    hiap.expected_macs(gated).backward()
+    for name, logit in gated.gate_logits().items():
+        assert torch.equal(straight_through[name], logit.grad)
+    penalty = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(budget="penalty"))
+    assert float(budget_cost(penalty).total.detach()) == pytest.approx(float(hiap.expected_macs(penalty).detach()))
+
+
+def test_checkpoint_reader_rejects_corrupt_foreign_and_mismatched_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_checkpoint(tmp_path / "absent.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 definitely not a zip archive")
+    with pytest.raises(InputError, match="corrupt"):
+        read_checkpoint(corrupt)
+    foreign = atomic_torch_save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(InputError, match="not a hiap training checkpoint"):
+        read_checkpoint(foreign)
+    teacher = atomic_torch_save({"format": "hiap-train-checkpoint", "version": 1, "phase": "teacher"},
+                                tmp_path / "teacher.pt")
+    with pytest.raises(InputError, match="teacher"):
+        read_checkpoint(teacher, phase="hiap")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_config_difference_names_the_first_changed_setting():
+    saved = {"epochs": 3, "hiap": {"target": 0.5, "seed": 0}}
+    assert config_difference(saved, json.loads(json.dumps(saved))) is None
+    assert config_difference(saved, {"epochs": 3, "hiap": {"target": 0.6, "seed": 0}}) == "hiap.target: 0.5 -> 0.6"
+
+
+def test_log_truncation_drops_redone_steps_and_cut_lines(tmp_path):
+    log = JsonlLog(tmp_path / "log.jsonl")
+    for step in (2, 4, 6):
+        log.write({"phase": "hiap", "event": "step", "step": step})
+    log.write({"phase": "teacher", "event": "step", "step": 40})
+    with log.path.open("a") as handle:
+        handle.write('{"phase": "hiap", "st')  # a record cut short by SIGKILL
+    log.truncate_after("hiap", 4)
+    assert [(r["phase"], r["step"]) for r in JsonlLog.read(log.path)] == [("hiap", 2), ("hiap", 4), ("teacher", 40)]
+
+
+def _final_state(output):
+    payload = read_checkpoint(output / "checkpoint.pt", phase="hiap")
+    report = json.loads((output / "report.json").read_text())
+    records = [{k: v for k, v in r.items() if k != "time"} for r in JsonlLog.read(output / "log.jsonl")]
+    return payload, report, records
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(warm_run, tmp_path):
+    args = ["--cache-dir", warm_run.cache, *TINY, "--epochs", "6", "--checkpoint-every", "5"]
+    reference = tmp_path / "reference"
+    assert run_cli("prune", "-o", reference, *args) == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(cli_command("prune", "-o", interrupted, *args), env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = read_checkpoint(checkpoint)
+    assert 0 < killed_at["step"] < killed_at["total_steps"], "the run must die mid-training"
+    assert not (interrupted / "report.json").exists()
+
+    assert run_cli("prune", "-o", interrupted, *args, "--resume") == 0
+    expected_payload, expected_report, expected_log = _final_state(reference)
+    payload, report, log = _final_state(interrupted)
+    assert report["resumed_from"] == killed_at["step"]
+    for name, tensor in expected_payload["model"].items():
+        assert torch.equal(payload["model"][name], tensor), name
+    assert torch.equal(payload["extra"]["objective"]["budget.lambda1"], expected_payload["extra"]["objective"]["budget.lambda1"])
+    for key in ("fraction", "history", "structure"):
+        assert report[key] == expected_report[key], key
+    assert report["pruned"]["accuracy"] == expected_report["pruned"]["accuracy"]
+    assert report["pruned"]["macs"] == expected_report["pruned"]["macs"]
+    assert log == expected_log
+
+
+def test_ddp_with_two_gloo_processes_keeps_gates_in_sync_and_only_rank0_writes(warm_run, tmp_path):
+    output = tmp_path / "ddp"
+    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hiap.cli", "prune",
+               "-o", str(output), "--cache-dir", str(warm_run.cache), "--device", "cpu", *TINY]
+    done = subprocess.run([cli_command()[0], *command], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((output / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert len(report["gate_checksums"]) == 2 and report["gates_in_sync"]
+    assert report["gate_checksums"][0] == report["gate_checksums"][1]
+    records = JsonlLog.read(output / "log.jsonl")
+    keys = [(r["phase"], r["event"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)), "a second rank wrote to the log"
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint.pt", "log.jsonl", "plots", "pruned.safetensors",
+                                                        "report.json", "report.md"]
+    assert done.stdout.count("wrote ") == 1
+    pruned = hiap.load_pruned(output / "pruned.safetensors")
+    assert hiap.count_macs(pruned) == report["pruned"]["macs"]
+
+
+def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
+    from hiap.train import DistillJob, HiAPJob
+
+    teacher = tiny_vit().requires_grad_(False)
+    gated = hiap.gate_vit(teacher, hiap.HiAPConfig())
+    groups = HiAPJob(gated, teacher, hiap.HiAPObjective(gated)).param_groups(0.05)
+    assert [g["name"] for g in groups] == ["weights", "weights_no_decay", "gates", "lagrangian"]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in gated.parameters()) + 2
+    with torch.no_grad():
+        gated.gate_logits()["blocks.0.mlp.gate_block"].fill_(-5.0)
+    pruned = hiap.extract(gated)
+    groups = DistillJob(pruned, teacher, lr=1e-4, alpha=0.7, temperature=4.0).param_groups(0.05)
+    trained = sum(p.numel() for g in groups for p in g["params"])
+    assert trained == sum(p.numel() for p in pruned.parameters()) > 0
+    assert not pruned.blocks[0].mlp.fc1.weight.requires_grad  # zero-sized: nothing to train, and DDP would wait on it
+
+
+def test_budget_settling_moves_only_micro_logits_until_the_target_is_met():
+    from hiap.train import settle_budget
+
+    def model_off_target():
+        gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(target=0.5)).eval()
+        randomize_logits(gated, torch.Generator().manual_seed(4), scale=0.5)
+        with torch.no_grad():
+            for name, logit in gated.gate_logits().items():
+                logit.add_(3.0 if name.endswith(("gate_head", "gate_block")) else 0.4)
+        return gated
+
+    gated = model_off_target()
+    before = {k: p.detach().clone() for k, p in gated.gate_logits().items()}
+    result = settle_budget(gated, tolerance=0.02)
+    assert result["before"] > 0.55 and result["steps"] > 0
+    assert abs(result["after"] / 0.5 - 1) <= 0.01
+    assert result["after"] == hiap.count_macs(gated) / hiap.dense_macs(gated)
+    for name, logit in gated.gate_logits().items():
+        changed = not torch.equal(before[name], logit.detach())
+        assert changed == name.endswith(("gate_qk", "gate_v", "gate_neuron")), name
+    again = model_off_target()
+    settle_budget(again, tolerance=0.02)
+    assert all(torch.equal(a, b) for a, b in zip(gated.gate_logits().values(), again.gate_logits().values()))
+    assert settle_budget(gated, tolerance=0.02)["steps"] == 0
+    assert settle_budget(hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(budget="penalty"))) is None
