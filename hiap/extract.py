@@ -53,7 +53,7 @@ def _extract_attention(attn: GatedAttention) -> PrunedAttention:
     pruned = PrunedAttention(
         attn.qkv.in_features, attn.proj.out_features,
         qk_widths=[len(c) for c in q_cols], v_widths=[len(c) for c in v_cols], scale=attn.scale,
-        qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p,
+        qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
     ).to(device=device, dtype=attn.qkv.weight.dtype)
     _copy_into(pruned.qkv, *_rows(attn.qkv, qkv_index))
     proj_weight = attn.proj.weight.detach()[:, v_index].clone()

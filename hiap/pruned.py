@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hiap.modules import KernelBackendMixin
 from hiap_kernels.ragged_attention_reference import (
@@ -47,11 +48,12 @@ def _linear_gelu_triton(x, weight, bias, approximate):
 class PrunedAttention(KernelBackendMixin, nn.Module):
     """Attention over ragged per-head widths. Input ``[B, N, D]``, output ``[B, N, D_out]``.
 
-    With no head left the layer reduces to ``proj``'s bias (zeros without one).
+    With no head left the layer reduces to ``proj``'s bias (zeros without one). An inference module: no attention
+    dropout.
     """
 
     def __init__(self, embed_dim: int, out_dim: int, qk_widths: Sequence[int], v_widths: Sequence[int], scale: float,
-                 *, qkv_bias: bool, proj_bias: bool, attn_drop: float = 0.0):
+                 *, qkv_bias: bool, proj_bias: bool):
         super().__init__()
         qk_widths = [int(w) for w in qk_widths]
         v_widths = [int(w) for w in v_widths]
@@ -67,7 +69,6 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         packed = 2 * sum(qk_widths) + sum(v_widths)
         self.qkv = _linear(embed_dim, packed, qkv_bias)
         self.proj = _linear(sum(v_widths), out_dim, proj_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
         q_index, k_index, v_index, out_index = padded_gather_indices(qk_widths, v_widths)
         # Derived from the widths: rebuilt on load, so kept out of the state_dict.
         self.register_buffer("q_index", q_index, persistent=False)
@@ -75,6 +76,9 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         self.register_buffer("v_index", v_index, persistent=False)
         self.register_buffer("out_index", out_index, persistent=False)
         self.register_buffer("head_table", build_head_table(qk_widths, v_widths), persistent=False)
+        # Every head as wide as the others (a layer left whole, or pruned evenly) needs no padding: q, k and v are
+        # plain views of the packed qkv, and the gathers of the padded path would be pure overhead.
+        self.equal_widths = len(set(qk_widths)) == 1 and len(set(v_widths)) == 1 and qk_widths[0] > 0
 
     @property
     def max_qk_width(self) -> int:
@@ -96,9 +100,22 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         qkv = self.qkv(x)
         if self._triton_enabled(qkv):
             out = _ragged_attention_triton(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width)
+        elif self.equal_widths:
+            out = self._equal_width_attention(qkv)
         else:
             out = ragged_attention_padded(qkv, self.q_index, self.k_index, self.v_index, self.out_index, self.scale)
         return self.proj(out)
+
+    def _equal_width_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``[B, N, T] -> [B, N, H * v_w]`` when all heads share one q/k width and one v width."""
+        batch, tokens, _ = qkv.shape
+        heads, qk_width, v_width = self.num_heads, self.qk_widths[0], self.v_widths[0]
+        q, k, v = torch.split(qkv, [heads * qk_width, heads * qk_width, heads * v_width], dim=-1)
+        q = q.view(batch, tokens, heads, qk_width).transpose(1, 2)
+        k = k.view(batch, tokens, heads, qk_width).transpose(1, 2)
+        v = v.view(batch, tokens, heads, v_width).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return out.transpose(1, 2).reshape(batch, tokens, heads * v_width)
 
     def extra_repr(self) -> str:
         return f"qk_widths={self.qk_widths}, v_widths={self.v_widths}, scale={self.scale:.6g}"

@@ -68,6 +68,19 @@ def test_extracted_dense_model_matches_timm():
         assert torch.allclose(pruned(x), model(x), atol=1e-5)
 
 
+def test_equal_width_layers_take_the_unpadded_path_and_agree_with_the_padded_one():
+    from hiap_kernels.ragged_attention_reference import ragged_attention_padded
+
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(**NO_MINIMUMS))
+    with torch.no_grad():
+        gated.gate_logits()["blocks.0.attn.gate_qk"][:, :5] = -4.0  # every head keeps 11 q/k dims
+    attn = hiap.extract(gated).blocks[0].attn
+    assert attn.equal_widths and attn.qk_widths == [11, 11, 11] and attn.v_widths == [16, 16, 16]
+    qkv = torch.randn(2, 17, attn.qkv.out_features)
+    padded = ragged_attention_padded(qkv, attn.q_index, attn.k_index, attn.v_index, attn.out_index, attn.scale)
+    assert torch.allclose(attn._equal_width_attention(qkv), padded, atol=1e-6)
+
+
 def test_hard_minimums_keep_every_layer_alive():
     gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(min_heads=1, min_dim_fraction=0.25, min_neuron_fraction=0.1))
     with torch.no_grad():
