@@ -125,9 +125,9 @@ _GLOBAL_BACKEND: Backend = _backend_from_env()
 
 def _backend_modules(model: nn.Module) -> list[nn.Module]:
     """The HiAP modules of ``model`` that run through a kernel backend."""
-    from hiap.modules import HIAP_KERNEL_MODULES
+    from hiap.modules import KernelBackendMixin
 
-    return [m for m in model.modules() if isinstance(m, HIAP_KERNEL_MODULES)]
+    return [m for m in model.modules() if isinstance(m, KernelBackendMixin)]
 
 
 def _check_backend(name: str, modules: list[nn.Module] | None = None) -> None:

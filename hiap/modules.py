@@ -226,16 +226,3 @@ def triton_support(modules: list[nn.Module] | None = None) -> list[str]:
     }
     kinds = set(needs) if modules is None else {type(m) for m in modules}
     return sorted(kind.__name__ for kind in kinds if kind in needs and not _import_ok(needs[kind]))
-
-
-def _kernel_module_types() -> tuple[type, ...]:
-    from hiap.pruned import PrunedAttention, PrunedMlp
-
-    return (GatedAttention, GatedMlp, PrunedAttention, PrunedMlp)
-
-
-def __getattr__(name: str):
-    # HIAP_KERNEL_MODULES needs hiap.pruned, which imports this module: resolve it lazily.
-    if name == "HIAP_KERNEL_MODULES":
-        return _kernel_module_types()
-    raise AttributeError(name)
