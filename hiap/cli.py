@@ -355,7 +355,8 @@ def command_eval(args: argparse.Namespace) -> int:
                         latency_repeats=args.latency_repeats, show_progress=args.show_progress)
     latency = summary["latency"]
     print(f"{kind} model {args.path} on {data.description}")
-    print(f"  accuracy {100 * summary['accuracy']:.2f}%, {summary['macs'] / 1e6:.3f} M MACs, "
+    print(f"  accuracy {100 * summary['accuracy']:.2f}% (val loss {summary['loss']:.4f}), "
+          f"{summary['macs'] / 1e6:.3f} M MACs, "
           f"{summary['params'] / 1e3:.1f} K params, {latency['ms_per_batch']:.2f} ms per batch of {latency['batch']} "
           f"({latency['images_per_second']:.0f} images/s, {latency['threads']} threads, {latency['device']})")
     if args.json:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from hiap.cost import count_macs
@@ -17,17 +18,19 @@ from hiap.runtime import DistContext, autocast, progress
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool = False,
-                      ctx: DistContext | None = None, show_progress: bool = True, label: str = "eval") -> float:
-    """Top-1 accuracy in [0, 1] over ``loader`` (each rank's share, summed over ranks).
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool = False,
+                        ctx: DistContext | None = None, show_progress: bool = True, label: str = "eval") -> dict:
+    """``{"accuracy", "loss"}``: top-1 accuracy in [0, 1] and mean cross-entropy over ``loader`` (every rank's share).
 
-    The loader yields ``images [B, C, H, W]`` and ``labels [B]``; the model maps images to ``logits [B, classes]``.
-    The model is put in eval mode for the pass and restored to its previous mode afterwards.
+    The loss tells apart models whose accuracies tie on a small validation set (on the 360 digits images one image
+    is 0.28 points). The loader yields ``images [B, C, H, W]`` and ``labels [B]``; the model maps images to
+    ``logits [B, classes]``. The model is put in eval mode for the pass and restored to its previous mode afterwards.
     """
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     enabled = show_progress and (ctx is None or ctx.is_main)
     for images, labels in progress(loader, enabled=enabled, desc=label, unit="batch"):
         images = images.to(device, non_blocking=True)
@@ -36,11 +39,18 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device
             logits = model(images)
         correct += (logits.argmax(dim=-1) == labels).sum()
         seen += labels.numel()
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
     if ctx is not None and ctx.distributed:
-        dist.all_reduce(correct)
-        dist.all_reduce(seen)
+        for total in (correct, seen, loss_sum):
+            dist.all_reduce(total)
     model.train(was_training)
-    return float(correct) / max(int(seen), 1)
+    count = max(int(seen), 1)
+    return {"accuracy": float(correct) / count, "loss": float(loss_sum) / count}
+
+
+def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device, **kwargs) -> float:
+    """Top-1 accuracy in [0, 1] over ``loader``; keyword arguments as :func:`evaluate_classifier`."""
+    return evaluate_classifier(model, loader, device, **kwargs)["accuracy"]
 
 
 @dataclass
@@ -90,13 +100,13 @@ def model_input_shape(model: nn.Module) -> tuple[int, int, int]:
 def summarize(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool = False,
               ctx: DistContext | None = None, latency_batch: int = 64, latency_repeats: int = 10,
               show_progress: bool = True, label: str = "eval") -> dict:
-    """``{"accuracy", "macs", "params", "latency": {...}}`` of one model on one validation loader.
+    """``{"accuracy", "loss", "macs", "params", "latency": {...}}`` of one model on one validation loader.
 
     Latency is measured on rank 0 only (other ranks report None), with the threads torch uses now.
     """
-    accuracy = evaluate_accuracy(model, loader, device, amp=amp, ctx=ctx, show_progress=show_progress, label=label)
+    quality = evaluate_classifier(model, loader, device, amp=amp, ctx=ctx, show_progress=show_progress, label=label)
     latency = None
     if ctx is None or ctx.is_main:
         latency = asdict(measure_latency(model, model_input_shape(model), device, batch=latency_batch,
                                          repeats=latency_repeats, amp=amp))
-    return {"accuracy": accuracy, "macs": count_macs(model), "params": count_parameters(model), "latency": latency}
+    return {**quality, "macs": count_macs(model), "params": count_parameters(model), "latency": latency}

@@ -328,6 +328,7 @@ def compare(settings: PipelineSettings, seeds: list[int], targets: list[float], 
                     outcome = run_baseline(method, run_settings, session, folder, seed, dense_summary)
                 runs.append({k: v for k, v in outcome.items() if k not in ("history", "structure")})
     report = {"dense": dense_summary, "seeds": seeds, "targets": targets, "methods": methods, "runs": runs,
+              "val_size": len(session.data.val),
               "data": session.data.description, "model": settings.model, "settings": settings_record(settings)}
     if session.ctx.is_main:
         write_compare_report(output, report)

@@ -204,9 +204,9 @@ def summary_table(outcome: dict) -> str:
     """Dense vs pruned: accuracy, MACs, params, latency, as a fixed-width text table."""
     dense, pruned = outcome["dense"], outcome["pruned"]
     batch = (dense.get("latency") or {}).get("batch", "?")
-    rows = [("", "accuracy", "MACs (M)", "of dense", "params (K)", f"latency ms/{batch} img")]
+    rows = [("", "accuracy", "val loss", "MACs (M)", "of dense", "params (K)", f"latency ms/{batch} img")]
     for name, summary in (("dense", dense), ("pruned", pruned)):
-        rows.append((name, f"{100 * summary['accuracy']:.2f}%", f"{summary['macs'] / 1e6:.3f}",
+        rows.append((name, f"{100 * summary['accuracy']:.2f}%", f"{summary['loss']:.4f}", f"{summary['macs'] / 1e6:.3f}",
                      f"{summary['macs'] / dense['macs']:.4f}", f"{summary['params'] / 1e3:.1f}", _latency_ms(summary)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -281,17 +281,38 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate_runs(runs: list[dict]) -> list[dict]:
-    """Mean and standard deviation of accuracy and MAC fraction per (method, target) over seeds."""
+    """Mean and standard deviation of accuracy, validation loss and MAC fraction per (method, target) over seeds."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for run in runs:
         groups.setdefault((run["method"], run["target"]), []).append(run)
     rows = []
     for (method, target), members in groups.items():
         accuracy, accuracy_std = _mean_std([m["pruned"]["accuracy"] for m in members])
+        loss, loss_std = _mean_std([m["pruned"]["loss"] for m in members])
         fraction, _ = _mean_std([m["fraction"] for m in members])
         rows.append({"method": method, "target": target, "seeds": [m["seed"] for m in members],
-                     "accuracy_mean": accuracy, "accuracy_std": accuracy_std, "fraction_mean": fraction,
+                     "accuracy_mean": accuracy, "accuracy_std": accuracy_std, "loss_mean": loss, "loss_std": loss_std,
+                     "fraction_mean": fraction,
                      "params_mean": statistics.mean(m["pruned"]["params"] for m in members)})
+    return rows
+
+
+def paired_differences(runs: list[dict]) -> list[dict]:
+    """HiAP minus each baseline per target, paired by seed: mean accuracy and loss differences, seeds HiAP is at or
+    above the baseline on. Empty when HiAP or every baseline is missing."""
+    by_key = {(r["method"], r["target"], r["seed"]): r["pruned"] for r in runs}
+    rows = []
+    for method, target in dict.fromkeys((r["method"], r["target"]) for r in runs):
+        if method == "hiap":
+            continue
+        seeds = [seed for (m, t, seed) in by_key if m == method and t == target and ("hiap", t, seed) in by_key]
+        if not seeds:
+            continue
+        pairs = [(by_key[("hiap", target, seed)], by_key[(method, target, seed)]) for seed in seeds]
+        rows.append({"baseline": method, "target": target, "seeds": seeds,
+                     "accuracy_difference": statistics.mean(h["accuracy"] - b["accuracy"] for h, b in pairs),
+                     "loss_difference": statistics.mean(h["loss"] - b["loss"] for h, b in pairs),
+                     "hiap_at_or_above": sum(h["accuracy"] >= b["accuracy"] for h, b in pairs)})
     return rows
 
 
@@ -305,19 +326,34 @@ def write_compare_report(output: Path, report: dict) -> Path:
     points += [{"method": r["method"], "target": r["target"], **r["pruned"]} for r in report["runs"]]
     plot = plot_accuracy_vs_macs(points, output / "plots" / "accuracy_vs_macs.png",
                                  f"Accuracy vs MACs (seeds {report['seeds']})")
-    atomic_write_json({**report, "aggregates": aggregates, "plot": str(plot.relative_to(output))}, output / "compare.json")
+    paired = paired_differences(report["runs"])
+    atomic_write_json({**report, "aggregates": aggregates, "paired": paired, "plot": str(plot.relative_to(output))},
+                      output / "compare.json")
     rows = [[r["method"], f"{r['target']:.3f}", " ".join(map(str, r["seeds"])),
-             f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f}", f"{r['fraction_mean']:.4f}",
+             f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f}",
+             f"{r['loss_mean']:.4f} +- {r['loss_std']:.4f}", f"{r['fraction_mean']:.4f}",
              f"{r['params_mean'] / 1e3:.1f}"] for r in aggregates]
     runs = [[r["method"], f"{r['target']:.3f}", str(r["seed"]), f"{100 * r['pruned']['accuracy']:.2f}",
-             f"{r['fraction']:.4f}", _latency_ms(r["pruned"])] for r in report["runs"]]
+             f"{r['pruned']['loss']:.4f}", f"{r['fraction']:.4f}", _latency_ms(r["pruned"])] for r in report["runs"]]
+    val_size = report.get("val_size")
+    resolution = (f" One validation image is {100 / val_size:.2f} accuracy points; the validation loss (mean "
+                  "cross-entropy) separates methods whose accuracies tie." if val_size else "")
     lines = ["# HiAP vs baselines at the same MAC budget", "",
              f"Model `{report['model']}` on {report['data']}; dense accuracy {100 * dense['accuracy']:.2f}% at "
              f"{dense['macs'] / 1e6:.3f} M MACs. Seeds: {report['seeds']}. Each baseline gets the same number of KD "
-             "training steps as the HiAP run.", "",
-             _markdown_table(["method", "target", "seeds", "accuracy % (mean +- std)", "MACs / dense", "params (K)"], rows),
+             f"training steps as the HiAP run.{resolution}", "",
+             _markdown_table(["method", "target", "seeds", "accuracy % (mean +- std)", "val loss (mean +- std)",
+                              "MACs / dense", "params (K)"], rows),
+             "", "## HiAP against each baseline (paired by seed)", "",
+             _markdown_table(["target", "baseline", "seeds", "accuracy difference (points, mean)",
+                              "HiAP at or above on", "val loss difference (mean)"],
+                             [[f"{r['target']:.3f}", r["baseline"], " ".join(map(str, r["seeds"])),
+                               f"{100 * r['accuracy_difference']:+.2f}",
+                               f"{r['hiap_at_or_above']} of {len(r['seeds'])} seeds", f"{r['loss_difference']:+.4f}"]
+                              for r in paired]) if paired else "(HiAP or the baselines were not run.)",
              "", "## Every run", "",
-             _markdown_table(["method", "target", "seed", "accuracy %", "MACs / dense", "latency ms/batch"], runs),
+             _markdown_table(["method", "target", "seed", "accuracy %", "val loss", "MACs / dense", "latency ms/batch"],
+                             runs),
              "", f"![accuracy vs MACs]({plot.relative_to(output)})"]
     atomic_write_text("\n".join(lines) + "\n", output / "compare.md")
     return output / "compare.md"
@@ -325,11 +361,12 @@ def write_compare_report(output: Path, report: dict) -> Path:
 
 def compare_table(report: dict) -> str:
     """Console table of ``hiap compare``: one line per (method, target), means over seeds."""
-    rows = [("method", "target", "accuracy", "MACs/dense", "seeds")]
+    rows = [("method", "target", "accuracy", "val loss", "MACs/dense", "seeds")]
     dense = report["dense"]
-    rows.append(("dense", "-", f"{100 * dense['accuracy']:.2f}%", "1.0000", "-"))
+    rows.append(("dense", "-", f"{100 * dense['accuracy']:.2f}%", f"{dense['loss']:.4f}", "1.0000", "-"))
     for r in aggregate_runs(report["runs"]):
         rows.append((r["method"], f"{r['target']:.3f}", f"{100 * r['accuracy_mean']:.2f}% +- {100 * r['accuracy_std']:.2f}",
-                     f"{r['fraction_mean']:.4f}", ",".join(map(str, r["seeds"]))))
+                     f"{r['loss_mean']:.4f} +- {r['loss_std']:.4f}", f"{r['fraction_mean']:.4f}",
+                     ",".join(map(str, r["seeds"]))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)

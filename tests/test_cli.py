@@ -150,8 +150,17 @@ def test_compare_runs_hiap_and_both_baselines_at_one_budget(warm_run, tmp_path, 
         assert abs(run["fraction"] / report["targets"][0] - 1) < 0.02
     assert (output / "plots" / "accuracy_vs_macs.png").is_file() and (output / "compare.md").is_file()
     assert {p.name for p in output.iterdir()} >= {"hiap-t0.667-s0", "uniform-t0.667-s0", "l1-t0.667-s0"}
+    for aggregate in report["aggregates"]:
+        run = next(r for r in report["runs"] if r["method"] == aggregate["method"])
+        assert aggregate["loss_mean"] == run["pruned"]["loss"] > 0 and aggregate["loss_std"] == 0.0
+    assert "One validation image is" in (output / "compare.md").read_text()
+    hiap_run = report["runs"][0]["pruned"]
+    assert [p["baseline"] for p in report["paired"]] == ["uniform", "l1"]
+    for pair, run in zip(report["paired"], report["runs"][1:]):
+        assert pair["accuracy_difference"] == pytest.approx(hiap_run["accuracy"] - run["pruned"]["accuracy"])
+        assert pair["hiap_at_or_above"] == int(hiap_run["accuracy"] >= run["pruned"]["accuracy"])
     out = capsys.readouterr().out
-    assert "uniform" in out and "l1" in out
+    assert "uniform" in out and "l1" in out and "val loss" in out
 
 
 def test_dense_checkpoint_as_the_teacher(warm_run, tmp_path):
