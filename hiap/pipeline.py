@@ -27,8 +27,8 @@ from hiap.extract import extract, save_pruned
 from hiap.losses import HiAPObjective
 from hiap.models import create_dense_model, load_dense_weights
 from hiap.report import TOLERANCE, layer_structure, write_prune_report
-from hiap.runtime import (DistContext, InputError, atomic_path, atomic_write_json, configure_threads, gather_floats,
-                          init_distributed, log_line)
+from hiap.runtime import (DistContext, InputError, atomic_path, atomic_write_json, configure_threads,
+                          describe_machine, gather_floats, init_distributed, log_line)
 from hiap.checkpoint import JsonlLog
 from hiap.train import DenseJob, DistillJob, HiAPJob, LoopSettings, fit, settle_budget
 
@@ -328,7 +328,7 @@ def compare(settings: PipelineSettings, seeds: list[int], targets: list[float], 
                     outcome = run_baseline(method, run_settings, session, folder, seed, dense_summary)
                 runs.append({k: v for k, v in outcome.items() if k not in ("history", "structure")})
     report = {"dense": dense_summary, "seeds": seeds, "targets": targets, "methods": methods, "runs": runs,
-              "val_size": len(session.data.val),
+              "val_size": len(session.data.val), "machine": describe_machine(session.device),
               "data": session.data.description, "model": settings.model, "settings": settings_record(settings)}
     if session.ctx.is_main:
         write_compare_report(output, report)

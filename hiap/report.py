@@ -316,6 +316,13 @@ def paired_differences(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _machine_sentence(machine: dict | None) -> str:
+    if not machine:
+        return ""
+    return (f" Measured on {machine['name']} ({machine['device']}, {machine['threads']} threads, "
+            f"torch {machine['torch']}).")
+
+
 def write_compare_report(output: Path, report: dict) -> Path:
     """compare.json, compare.md and plots/accuracy_vs_macs.png for ``hiap compare``."""
     output = Path(output)
@@ -341,7 +348,7 @@ def write_compare_report(output: Path, report: dict) -> Path:
     lines = ["# HiAP vs baselines at the same MAC budget", "",
              f"Model `{report['model']}` on {report['data']}; dense accuracy {100 * dense['accuracy']:.2f}% at "
              f"{dense['macs'] / 1e6:.3f} M MACs. Seeds: {report['seeds']}. Each baseline gets the same number of KD "
-             f"training steps as the HiAP run.{resolution}", "",
+             f"training steps as the HiAP run.{resolution}{_machine_sentence(report.get('machine'))}", "",
              _markdown_table(["method", "target", "seeds", "accuracy % (mean +- std)", "val loss (mean +- std)",
                               "MACs / dense", "params (K)"], rows),
              "", "## HiAP against each baseline (paired by seed)", "",

@@ -43,6 +43,23 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 SMALL_MODEL_MACS = 50_000_000
 
 
+def describe_machine(device: torch.device) -> dict:
+    """Where a measurement was taken: device name, torch version and intra-op threads (for result records)."""
+    import platform
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:  # Linux names the CPU model here; platform.processor() is often empty
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"device": device.type, "name": name, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
 def configure_threads(requested: int, device: torch.device, macs_per_image: int) -> int:
     """Set torch's intra-op thread count: ``requested`` if > 0, else 1 for small CPU models and torch's default
     otherwise. Returns the count in force."""

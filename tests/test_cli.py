@@ -154,6 +154,7 @@ def test_compare_runs_hiap_and_both_baselines_at_one_budget(warm_run, tmp_path, 
         run = next(r for r in report["runs"] if r["method"] == aggregate["method"])
         assert aggregate["loss_mean"] == run["pruned"]["loss"] > 0 and aggregate["loss_std"] == 0.0
     assert "One validation image is" in (output / "compare.md").read_text()
+    assert report["machine"]["device"] == "cpu" and report["machine"]["name"] in (output / "compare.md").read_text()
     hiap_run = report["runs"][0]["pruned"]
     assert [p["baseline"] for p in report["paired"]] == ["uniform", "l1"]
     for pair, run in zip(report["paired"], report["runs"][1:]):
