@@ -437,15 +437,9 @@ def _device_description() -> dict:
         return {"kind": "cuda", "name": torch.cuda.get_device_name(DEVICE),
                 "memory_gb": round(props.total_memory / 2**30, 1),
                 "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"kind": "cpu", "name": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    from hiap.runtime import cpu_name
+
+    return {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def _versions() -> dict:
@@ -669,6 +663,17 @@ class CaseRun:
         reason = compile_skip_reason(cost, cpu_ok, cpu_why_not)
         if reason:
             self.skip(reason)
+
+    def require_provider(self, *, triton_modules: tuple[str, ...], compile_cost: str, cpu_ok: bool = True,
+                         cpu_why_not: str = "") -> None:
+        """Skip unless this case's provider can run here: its Triton kernels for a Triton provider, a compile within
+        the time budget for ``compiled``; eager providers always run. ``model/provider`` names count by their provider.
+        """
+        provider = self.provider.rsplit("/", 1)[-1]
+        if "triton" in provider:
+            self.require_triton(*triton_modules)
+        if provider == "compiled":
+            self.require_compile(compile_cost, cpu_ok=cpu_ok, cpu_why_not=cpu_why_not)
 
     def measure(self, call: Callable[[], object], *, prepare: Callable[[], None] | None = None,
                 work: Work | None = None, shapes: dict | None = None, heavy: bool = False,

@@ -47,10 +47,7 @@ def _pin_backend(module: torch.nn.Module, provider: str) -> None:
 
 
 def _module_case(run: CaseRun, provider: str, pick, batch: int, work, compile_cost: str) -> None:
-    if provider == "triton":
-        run.require_triton("hiap_kernels.gated_linear")
-    elif provider == "compiled":
-        run.require_compile(compile_cost, cpu_ok=True)
+    run.require_provider(triton_modules=("hiap_kernels.gated_linear",), compile_cost=compile_cost)
     run.require_time(30)
     model = gated_deit_s(depth=1).train()
     module = pick(model.vit.blocks[0])
@@ -97,12 +94,9 @@ def test_gated_block_fwd_bwd(benchmark, recorder, provider, batch):
 def test_training_step(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "training_step", provider, batch)
     run.note_cpu_reduction("batch 2 instead of 64/256 (whole DeiT-S, 12 blocks), fp32")
-    if provider == "triton":
-        run.require_triton("hiap_kernels.gated_linear")
-    elif provider == "compiled":
-        run.require_compile("training", cpu_ok=False,
-                            cpu_why_not="compiling the whole gated DeiT-S forward + backward takes minutes on two "
-                                        "cores; gated_block_fwd_bwd carries the compiled-vs-eager comparison there")
+    run.require_provider(triton_modules=("hiap_kernels.gated_linear",), compile_cost="training", cpu_ok=False,
+                         cpu_why_not="compiling the whole gated DeiT-S forward + backward takes minutes on two "
+                                     "cores; gated_block_fwd_bwd carries the compiled-vs-eager comparison there")
     run.require_time(45)
     model = gated_deit_s().train()
     _pin_backend(model, provider)

@@ -65,10 +65,7 @@ def _drop_gradients(*tensors: torch.Tensor):
 def test_gated_qkv_fwd_bwd(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "gated_qkv_fwd_bwd", provider, batch)
     run.note_cpu_reduction(CPU_REDUCTION)
-    if provider == "triton":
-        run.require_triton("hiap_kernels.gated_linear")
-    elif provider == "compiled":
-        run.require_compile("small", cpu_ok=True)
+    run.require_provider(triton_modules=("hiap_kernels.gated_linear",), compile_cost="small")
     run.require_time(30)
     if provider == "triton":
         from hiap_kernels.gated_linear import gated_qkv as op
@@ -101,10 +98,7 @@ def test_gated_qkv_fwd_bwd(benchmark, recorder, provider, batch):
 def test_gated_ffn_fwd_bwd(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "gated_ffn_fwd_bwd", provider, batch)
     run.note_cpu_reduction(CPU_REDUCTION)
-    if provider == "triton":
-        run.require_triton("hiap_kernels.gated_linear")
-    elif provider == "compiled":
-        run.require_compile("small", cpu_ok=True)
+    run.require_provider(triton_modules=("hiap_kernels.gated_linear",), compile_cost="small")
     run.require_time(30)
 
     _, block = _first_block()

@@ -60,11 +60,9 @@ def test_deit_s_inference(benchmark, recorder, variant, batch):
     uses_graph = provider.endswith("+cudagraph") or provider == "cudagraph"
     if uses_graph:
         run.require_gpu("CUDA graph capture")
-    if "triton" in provider:
-        run.require_triton("hiap_kernels.ragged_attention", "hiap_kernels.inference_ffn")
-    if provider == "compiled":
-        run.require_compile("model", cpu_ok=False,
-                            cpu_why_not="compiling a whole DeiT-S with inductor takes minutes on two cores")
+    run.require_provider(triton_modules=("hiap_kernels.ragged_attention", "hiap_kernels.inference_ffn"),
+                         compile_cost="model", cpu_ok=False,
+                         cpu_why_not="compiling a whole DeiT-S with inductor takes minutes on two cores")
     run.require_time(40 if batch > 1 else 20)
     run.note_cpu_reduction("full DeiT-S shapes at batch 1 and 32 (instead of 1 and 256), fp32 weights")
 

@@ -51,11 +51,9 @@ def test_ragged_attention(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "ragged_attention", provider, batch,
                   precision="bf16" if ON_GPU else "fp32")
     run.note_cpu_reduction("batch 2 instead of 64/256 (12 layers of the DeiT-S layout, 197 tokens), fp32")
+    run.require_provider(triton_modules=("hiap_kernels.ragged_attention",), compile_cost="small")
     if provider == "triton":
-        run.require_triton("hiap_kernels.ragged_attention")
         from hiap_kernels.ragged_attention import ragged_attention
-    elif provider == "compiled":
-        run.require_compile("small", cpu_ok=True)
     run.require_time(20)
 
     dtype = torch.bfloat16 if ON_GPU else torch.float32

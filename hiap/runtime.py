@@ -43,19 +43,21 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 SMALL_MODEL_MACS = 50_000_000
 
 
-def describe_machine(device: torch.device) -> dict:
-    """Where a measurement was taken: device name, torch version and intra-op threads (for result records)."""
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo`` on Linux, where ``platform.processor()`` is often empty)."""
     import platform
 
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:  # Linux names the CPU model here; platform.processor() is often empty
-            with open("/proc/cpuinfo") as cpuinfo:
-                name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
-        except OSError:
-            pass
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:
+        return name
+
+
+def describe_machine(device: torch.device) -> dict:
+    """Where a measurement was taken: device name, torch version and intra-op threads (for result records)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": device.type, "name": name, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
