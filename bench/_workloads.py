@@ -16,9 +16,10 @@ import timm
 import torch
 
 import hiap
-from hiap.cost import UnitCosts
+from hiap.method.cost import UnitCosts
 
-from _harness import DEVICE, Work
+from _settings import DEVICE
+from _timing import Work
 
 EMBED_DIM = 384
 NUM_HEADS = 6
@@ -30,8 +31,6 @@ NUM_CLASSES = 1000
 IMAGE_SIZE = 224
 EXTRACTED_TARGET_MACS = 3.1e9
 LAYOUT_SEED = 2603
-# A closed gate far from the decision boundary, so eval decisions and training samples agree almost always.
-OPEN_LOGIT, CLOSED_LOGIT = 3.0, -3.0
 
 PATCH_SIZE = 16
 # Patch embedding (a 16x16 stride-16 convolution) and classifier head: the MACs no gate touches.
@@ -39,6 +38,9 @@ STATIC_MACS = (IMAGE_SIZE // PATCH_SIZE) ** 2 * EMBED_DIM * 3 * PATCH_SIZE**2 + 
 
 DEIT_S_SHAPES = {"embed_dim": EMBED_DIM, "heads": NUM_HEADS, "head_dim": HEAD_DIM, "ffn_dim": FFN_DIM,
                  "tokens": TOKENS, "depth": DEPTH}
+# Gates of a gated DeiT-S at dim_group 1: per layer head [H], q/k and v dims [H, Dh] each, FFN block [1], neurons [F].
+GATES_PER_LAYER = NUM_HEADS + 2 * NUM_HEADS * HEAD_DIM + 1 + FFN_DIM
+DEIT_S_GATES = DEPTH * GATES_PER_LAYER
 
 
 def dense_deit_s(depth: int = DEPTH) -> torch.nn.Module:
@@ -94,33 +96,34 @@ def hiap_like_layout(seed: int = LAYOUT_SEED) -> tuple[LayerLayout, ...]:
     return tuple(LayerLayout(h, q, v, f) for (h, q, v), f in zip(attention, ffn))
 
 
-def _subset_logits(size: int, keep: int, generator: torch.Generator) -> torch.Tensor:
-    logits = torch.full((size,), CLOSED_LOGIT)
-    logits[torch.randperm(size, generator=generator)[:keep]] = OPEN_LOGIT
-    return logits
+def _subset(size: int, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """Bool ``[size]`` with ``keep`` entries True at random places."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[torch.randperm(size, generator=generator)[:keep]] = True
+    return mask
 
 
 def gated_deit_s(depth: int = DEPTH, layout: tuple[LayerLayout, ...] | None = None) -> hiap.HiAPViT:
-    """Gated DeiT-S whose gate logits (+-3) encode ``layout`` (the HiAP-like one by default); fp32, on DEVICE.
+    """Gated DeiT-S whose gates encode ``layout`` (the HiAP-like one by default); fp32, on DEVICE.
 
-    Kept columns are scattered at random inside each head and FFN, as a trained model's are. With ``depth`` < 12 the
-    first layers of the layout are used (the single-module cases take block 0).
+    Kept gates are fixed open and the others closed (``gates.assign``: logits +-8, far from the decision boundary, so
+    eval decisions and training samples agree almost always). Kept columns are scattered at random inside each head
+    and FFN, as a trained model's are. With ``depth`` < 12 the first layers of the layout are used (the single-module
+    cases take block 0).
     """
     layout = layout or hiap_like_layout()
     gated = hiap.gate_vit(dense_deit_s(depth), hiap.HiAPConfig())
     generator = torch.Generator().manual_seed(LAYOUT_SEED)
-    with torch.no_grad():
-        for block, layer in zip(gated.vit.blocks, layout):
-            attn, mlp = block.attn, block.mlp
-            attn.gate_head.fill_(CLOSED_LOGIT)
-            attn.gate_qk.fill_(CLOSED_LOGIT)
-            attn.gate_v.fill_(CLOSED_LOGIT)
-            for head, qk_width, v_width in zip(layer.heads, layer.qk_widths, layer.v_widths):
-                attn.gate_head[head] = OPEN_LOGIT
-                attn.gate_qk[head] = _subset_logits(HEAD_DIM, qk_width, generator)
-                attn.gate_v[head] = _subset_logits(HEAD_DIM, v_width, generator)
-            mlp.gate_block.fill_(OPEN_LOGIT)
-            mlp.gate_neuron.copy_(_subset_logits(FFN_DIM, layer.ffn_width, generator))
+    for block, layer in zip(gated.vit.blocks, layout):
+        keep_head = torch.zeros(NUM_HEADS, dtype=torch.bool)
+        keep_qk = torch.zeros(NUM_HEADS, HEAD_DIM, dtype=torch.bool)
+        keep_v = torch.zeros(NUM_HEADS, HEAD_DIM, dtype=torch.bool)
+        for head, qk_width, v_width in zip(layer.heads, layer.qk_widths, layer.v_widths):
+            keep_head[head] = True
+            keep_qk[head] = _subset(HEAD_DIM, qk_width, generator)
+            keep_v[head] = _subset(HEAD_DIM, v_width, generator)
+        block.attn.gates.assign(head=keep_head, qk=keep_qk, v=keep_v)
+        block.mlp.gates.assign(block=True, neuron=_subset(FFN_DIM, layer.ffn_width, generator))
     return gated.to(DEVICE)
 
 
@@ -132,6 +135,17 @@ def extracted_deit_s() -> torch.nn.Module:
 def images(batch: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     generator = torch.Generator().manual_seed(batch)
     return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(DEVICE, dtype)
+
+
+def activations(shape, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard-normal activations of ``shape`` on DEVICE, the same for every provider of a cell."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(DEVICE, dtype)
+
+
+def output_gradient(shape, seed: int) -> torch.Tensor:
+    """The upstream gradient of a training op's output, in the dtype autocast gives that output."""
+    return activations(shape, seed, torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,6 +167,23 @@ def linear_training_work(rows: int, in_features: int, out_features: int) -> Work
     flops = 3 * 2 * rows * in_features * out_features
     bytes_ = act * (2 * rows * in_features + 2 * rows * out_features) + PARAM_BYTES * 2 * in_features * out_features
     return Work(flops, bytes_)
+
+
+def linear_gelu_inference_work(rows: int, in_features: int, out_features: int) -> Work:
+    """y = GELU(x W^T + b), forward only, weights in the activation dtype: reads x, W, b; writes y."""
+    act = activation_bytes()
+    flops = 2 * rows * in_features * out_features
+    bytes_ = act * (rows * in_features + out_features * in_features + out_features + rows * out_features)
+    return Work(flops, bytes_)
+
+
+def gate_sampling_work(gates: int) -> Work:
+    """Values and straight-through slopes of ``gates`` gates: reads fp32 logits, writes fp32 values and slopes.
+
+    No FLOPs are counted: the Philox rounds are integer arithmetic with no matmul to bound them, so the floor is the
+    memory traffic (which at this size mostly shows how far launch latency sits above it).
+    """
+    return Work(0.0, 4 * 3 * gates)
 
 
 def ffn_training_work(rows: int) -> Work:

@@ -20,7 +20,9 @@ import torch
 
 import hiap
 
-from _harness import DEVICE, ON_GPU, PROVIDERS, CaseRun, autocast_context, batch_sizes, compile_reference
+from _harness import CaseRun
+from _providers import PROVIDERS, compile_reference
+from _settings import DEVICE, ON_GPU, autocast_context, batch_sizes
 from _workloads import (
     DEIT_S_SHAPES,
     EMBED_DIM,
@@ -37,6 +39,8 @@ MODULE_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 CPU_MODULE_REDUCTION = "batch 2 instead of 64/256 (per-image shapes are DeiT-S's), fp32"
 # CPU: one training step of DeiT-S at batch 2 is already ~55 GFLOP, seconds on two shared cores.
 STEP_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
+# What hiap.use_triton_kernels switches the gated modules to.
+TRITON_MODULES = ("hiap_kernels.gated_linear.qkv", "hiap_kernels.gated_linear.fc1")
 
 
 def _pin_backend(module: torch.nn.Module, provider: str) -> None:
@@ -47,7 +51,7 @@ def _pin_backend(module: torch.nn.Module, provider: str) -> None:
 
 
 def _module_case(run: CaseRun, provider: str, pick, batch: int, work, compile_cost: str) -> None:
-    run.require_provider(triton_modules=("hiap_kernels.gated_linear",), compile_cost=compile_cost)
+    run.require_provider(triton_modules=TRITON_MODULES, compile_cost=compile_cost)
     run.require_time(30)
     model = gated_deit_s(depth=1).train()
     module = pick(model.vit.blocks[0])
@@ -94,7 +98,7 @@ def test_gated_block_fwd_bwd(benchmark, recorder, provider, batch):
 def test_training_step(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "training_step", provider, batch)
     run.note_cpu_reduction("batch 2 instead of 64/256 (whole DeiT-S, 12 blocks), fp32")
-    run.require_provider(triton_modules=("hiap_kernels.gated_linear",), compile_cost="training", cpu_ok=False,
+    run.require_provider(triton_modules=TRITON_MODULES, compile_cost="training", cpu_ok=False,
                          cpu_why_not="compiling the whole gated DeiT-S forward + backward takes minutes on two "
                                      "cores; gated_block_fwd_bwd carries the compiled-vs-eager comparison there")
     run.require_time(45)

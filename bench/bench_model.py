@@ -22,7 +22,9 @@ import torch
 
 import hiap
 
-from _harness import DEVICE, ON_GPU, CaseRun, compile_reference
+from _harness import CaseRun
+from _providers import compile_reference
+from _settings import DEVICE, ON_GPU
 from _workloads import DEIT_S_SHAPES, dense_deit_s, extracted_deit_s, images, inference_work
 
 BATCHES = (1, 256) if ON_GPU else (1, 32)
@@ -60,7 +62,7 @@ def test_deit_s_inference(benchmark, recorder, variant, batch):
     uses_graph = provider.endswith("+cudagraph") or provider == "cudagraph"
     if uses_graph:
         run.require_gpu("CUDA graph capture")
-    run.require_provider(triton_modules=("hiap_kernels.ragged_attention", "hiap_kernels.inference_ffn"),
+    run.require_provider(triton_modules=("hiap_kernels.ragged_attn.kernel", "hiap_kernels.linear_gelu.kernel"),
                          compile_cost="model", cpu_ok=False,
                          cpu_why_not="compiling a whole DeiT-S with inductor takes minutes on two cores")
     run.require_time(40 if batch > 1 else 20)

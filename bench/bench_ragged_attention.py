@@ -5,7 +5,7 @@ packed output of its qkv GEMM ``[B, 197, T]`` and writes ``[B, 197, sum(v_w)]`` 
 
     reference       ``ragged_attention_padded``: pad every head to the layer's widest, one SDPA call per layer
     compiled        torch.compile of those 12 padded calls as one graph
-    triton          ``hiap_kernels.ragged_attention.ragged_attention``: one launch per layer, widths from a table
+    triton          ``hiap_kernels.ragged_attention``: one launch per layer, widths from a table
     per_head_loop   ``ragged_attention_naive``: one head at a time, explicit softmax in fp32
 
 The 12 layers are timed together so that one figure is not dominated by a single launch's latency.
@@ -16,14 +16,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hiap_kernels.ragged_attention_reference import (
+from hiap_kernels.ragged_attn.reference import (
     build_head_table,
     padded_gather_indices,
     ragged_attention_naive,
     ragged_attention_padded,
 )
 
-from _harness import DEVICE, ON_GPU, CaseRun, batch_sizes, compile_reference
+from _harness import CaseRun
+from _providers import compile_reference
+from _settings import DEVICE, ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, HEAD_DIM, TOKENS, hiap_like_layout, ragged_attention_work
 
 BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
@@ -51,9 +53,9 @@ def test_ragged_attention(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "ragged_attention", provider, batch,
                   precision="bf16" if ON_GPU else "fp32")
     run.note_cpu_reduction("batch 2 instead of 64/256 (12 layers of the DeiT-S layout, 197 tokens), fp32")
-    run.require_provider(triton_modules=("hiap_kernels.ragged_attention",), compile_cost="small")
+    run.require_provider(triton_modules=("hiap_kernels.ragged_attn.kernel",), compile_cost="small")
     if provider == "triton":
-        from hiap_kernels.ragged_attention import ragged_attention
+        from hiap_kernels import ragged_attention
     run.require_time(20)
 
     dtype = torch.bfloat16 if ON_GPU else torch.float32

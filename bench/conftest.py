@@ -6,9 +6,15 @@ collects ``test_*.py``; the hook below adds this folder's ``bench_*.py`` files w
 Environment variables (read at run time):
     HIAP_BENCH_RESULTS   folder for the JSON record (default bench/results), or "off"
     HIAP_BENCH_DEADLINE  unix time by which the suite must end; cases that would overrun are skipped with the reason
-    HIAP_BENCH_BATCHES   GPU batch sizes of every case but whole-model inference (default "64,256")
+    HIAP_BENCH_BATCHES   GPU batch sizes of every case but whole-model inference and sample_gates (which has no
+                         batch); default "64,256"
     HIAP_BENCH_COMPILE   "0" skips every torch.compile provider
-    HIAP_BENCH_THREADS   torch CPU threads (default 1 on a machine without a GPU: _harness.set_cpu_threads says why)
+    HIAP_BENCH_THREADS   torch CPU threads (default 1 on a machine without a GPU: _settings.set_cpu_threads says why)
+
+Modules: ``_harness.CaseRun`` is what every case goes through; its docstring maps the others (``_settings``,
+``_providers``, ``_timing``, ``_records``, ``_workloads``). One ``bench_<op>.py`` per public op of ``hiap_kernels``
+(gated_qkv, gated_fc1, ragged_attention, fused_linear_gelu, sample_gates), plus ``bench_block.py`` (gated modules
+and the training step) and ``bench_model.py`` (whole-model inference).
 """
 
 from __future__ import annotations
@@ -19,17 +25,19 @@ import gc
 import pytest
 import torch
 
-import _harness
+from _providers import allow_many_compiled_variants
+from _records import Recorder, current_recorder, session_recorder
+from _settings import BENCH_DIR, set_cpu_threads
 from render_table import ordered_rows
 
-_harness.allow_many_compiled_variants()
-_harness.set_cpu_threads()
+allow_many_compiled_variants()
+set_cpu_threads()
 
 
 def pytest_collect_file(file_path, parent):
     if file_path.suffix != ".py" or not fnmatch.fnmatch(file_path.name, "bench_*.py"):
         return None
-    if file_path.parent != _harness.BENCH_DIR:
+    if file_path.parent != BENCH_DIR:
         return None
     # Files named on the command line, or matched by the ini's python_files, are collected by pytest itself.
     if parent.session.isinitpath(file_path):
@@ -41,9 +49,9 @@ def pytest_collect_file(file_path, parent):
 
 # Compiled providers run after every other cell, cheapest compilations first, so that a run bounded by
 # HIAP_BENCH_DEADLINE loses the most expensive compilations, never the eager / Triton figures.
-_COMPILED_PRIORITY = ("test_gated_ffn_fwd_bwd", "test_gated_attention_fwd_bwd", "test_ragged_attention",
-                      "test_gated_qkv_fwd_bwd", "test_gated_block_fwd_bwd", "test_deit_s_inference",
-                      "test_training_step")
+_COMPILED_PRIORITY = ("test_sample_gates", "test_fused_linear_gelu", "test_gated_fc1_fwd_bwd",
+                      "test_gated_attention_fwd_bwd", "test_ragged_attention", "test_gated_qkv_fwd_bwd",
+                      "test_gated_block_fwd_bwd", "test_deit_s_inference", "test_training_step")
 
 
 def _run_order(item) -> tuple[int, int]:
@@ -57,16 +65,16 @@ def _run_order(item) -> tuple[int, int]:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    bench_items = [item for item in items if _harness.BENCH_DIR in item.path.parents]
+    bench_items = [item for item in items if BENCH_DIR in item.path.parents]
     if not bench_items:
         return
-    others = [item for item in items if _harness.BENCH_DIR not in item.path.parents]
+    others = [item for item in items if BENCH_DIR not in item.path.parents]
     items[:] = others + sorted(bench_items, key=_run_order)
 
 
 @pytest.fixture(scope="session")
-def recorder() -> _harness.Recorder:
-    rec = _harness.session_recorder()
+def recorder() -> Recorder:
+    rec = session_recorder()
     yield rec
     rec.write()
 
@@ -91,7 +99,7 @@ def _format_ms(value) -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    rec = _harness.current_recorder()
+    rec = current_recorder()
     if rec is None:
         return
     record = rec.as_dict()

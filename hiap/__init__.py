@@ -8,24 +8,33 @@ one run against an analytic MAC budget; the smaller physical network is then ext
     ...train with hiap.HiAPObjective...
     pruned = hiap.extract(gated)
     hiap.save_pruned(pruned, "deit_s_pruned.safetensors")
+
+Layout: ``hiap.method`` is the method (gates, gated modules, MAC model, losses, extraction, pruned modules);
+``hiap.app`` is the application around it (CLI, pipeline, training loop, data, reports, baselines);
+``hiap.config`` (HiAPConfig) and ``hiap.backend`` (the kernel switch) are leaves both use.
 """
 
-from hiap.architecture import UnsupportedModelError, build_vit, describe_vit
-from hiap.config import HiAPConfig, kernels_in_use, use_reference_kernels, use_triton_kernels
-from hiap.convert import HiAPViT, gate_vit
-from hiap.cost import count_macs, dense_macs, expected_cost, expected_macs
-from hiap.extract import extract, load_pruned, pruned_layout, read_layout, save_pruned
-from hiap.gates import temperature_at
-from hiap.losses import BudgetLoss, HiAPObjective, distillation_loss, feasibility_loss
-from hiap.modules import GatedAttention, GatedMlp
-from hiap.pruned import PrunedAttention, PrunedMlp
+from hiap.backend import kernels_in_use, use_reference_kernels, use_triton_kernels
+from hiap.config import HiAPConfig
+from hiap.method.architecture import UnsupportedModelError, build_vit, describe_vit
+from hiap.method.convert import HiAPViT, gate_vit
+from hiap.method.cost import count_macs, dense_macs, expected_cost, expected_macs
+from hiap.method.extract import extract, load_pruned, pruned_layout, read_layout, save_pruned
+from hiap.method.gated import GatedAttention, GatedMlp
+from hiap.method.gates import AttentionGates, FfnGates, GateDraw, GateSchedule, temperature_at
+from hiap.method.losses import BudgetLoss, HiAPObjective, distillation_loss, feasibility_loss
+from hiap.method.pruned import PrunedAttention, PrunedMlp
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionGates",
     "BudgetLoss",
     "GatedAttention",
     "GatedMlp",
+    "FfnGates",
+    "GateDraw",
+    "GateSchedule",
     "HiAPConfig",
     "HiAPObjective",
     "HiAPViT",

@@ -1,23 +1,14 @@
-"""HiAP hyperparameters (one validated dataclass) and the kernel-backend switch.
-
-The switch follows timm's ``layers/config.py``: a process-wide default read from the ``HIAP_KERNELS`` environment
-variable, a setter, a getter and context managers; on top of that a model instance can be pinned to a backend.
-"""
+"""HiAP hyperparameters: one validated dataclass (the kernel-backend switch lives in ``hiap.backend``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.nn as nn
 
 BudgetMode = Literal["penalty", "target"]
-Backend = Literal["reference", "triton"]
-BACKENDS = ("reference", "triton")
 
 
 @dataclass
@@ -106,94 +97,3 @@ class HiAPConfig:
         if unknown:
             raise ValueError(f"HiAPConfig: unknown fields {unknown}")
         return cls(**values)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Kernel backend switch
-# --------------------------------------------------------------------------------------------------------------------
-
-def _backend_from_env() -> Backend:
-    value = os.environ.get("HIAP_KERNELS", "reference").strip().lower()
-    if value not in BACKENDS:
-        warnings.warn(f"HIAP_KERNELS={value!r} is not one of {BACKENDS}; using 'reference'", stacklevel=2)
-        return "reference"
-    return value  # type: ignore[return-value]
-
-
-_GLOBAL_BACKEND: Backend = _backend_from_env()
-
-
-def _backend_modules(model: nn.Module) -> list[nn.Module]:
-    """The HiAP modules of ``model`` that run through a kernel backend."""
-    from hiap.modules import KernelBackendMixin
-
-    return [m for m in model.modules() if isinstance(m, KernelBackendMixin)]
-
-
-def _check_backend(name: str, modules: list[nn.Module] | None = None) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
-    if name != "triton":
-        return
-    from hiap.modules import triton_support
-
-    missing = triton_support(modules)
-    if missing:
-        raise RuntimeError(f"Triton kernels are not available for: {missing}")
-
-
-class _BackendSwitch:
-    """Applied at construction; as a context manager, restores what was in force before on exit."""
-
-    def __init__(self, name: Backend, model: nn.Module | None):
-        global _GLOBAL_BACKEND
-        self._model = model
-        if model is None:
-            _check_backend(name)
-            self._previous_global = _GLOBAL_BACKEND
-            _GLOBAL_BACKEND = name
-        else:
-            modules = _backend_modules(model)
-            if not modules:
-                raise ValueError(
-                    f"{type(model).__name__} holds no HiAP modules; pass a model from hiap.gate_vit or hiap.extract"
-                )
-            _check_backend(name, modules)
-            self._previous_modules = [(m, m.kernel_backend) for m in modules]
-            for module in modules:
-                module.kernel_backend = name
-
-    def __enter__(self) -> "_BackendSwitch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        global _GLOBAL_BACKEND
-        if self._model is None:
-            _GLOBAL_BACKEND = self._previous_global
-        else:
-            for module, previous in self._previous_modules:
-                module.kernel_backend = previous
-
-
-def use_triton_kernels(model: nn.Module | None = None) -> _BackendSwitch:
-    """Route HiAP modules through the Triton kernels: all models (``model=None``) or one model instance.
-
-    Takes effect at once; also usable as ``with hiap.use_triton_kernels(): ...`` to restore the previous backend on
-    exit. Parameters and state_dict keys do not change. Raises RuntimeError when the kernels are not available.
-    """
-    return _BackendSwitch("triton", model)
-
-
-def use_reference_kernels(model: nn.Module | None = None) -> _BackendSwitch:
-    """Route HiAP modules through the plain-PyTorch reference path (globally or for one model); see use_triton_kernels."""
-    return _BackendSwitch("reference", model)
-
-
-def kernels_in_use(model: nn.Module | None = None) -> Backend:
-    """``"triton"`` or ``"reference"``: the global backend, or the one a model's HiAP modules follow."""
-    if model is None:
-        return _GLOBAL_BACKEND
-    backends = {m.kernel_backend or _GLOBAL_BACKEND for m in _backend_modules(model)}
-    if len(backends) > 1:
-        raise ValueError(f"the modules of this model use different backends: {sorted(backends)}")
-    return backends.pop() if backends else _GLOBAL_BACKEND

@@ -1,43 +1,61 @@
 """Triton kernels for HiAP: fused gate sampling + gated matmuls for training, ragged attention for inference.
 
-One public function per op; each has a plain-PyTorch twin in a ``*_reference`` module beside it (no Triton import),
-which the tests compare against and ``hiap`` uses as its reference path. This package never imports ``hiap``.
+One package per op family, each with its plain-PyTorch reference beside the kernels (``reference.py``, no Triton
+import), which the tests compare against and ``hiap`` uses as its reference path:
 
-    gated_qkv          fused qkv GEMM + in-kernel gate sampling + q/v masks, writes [3, B, H, N, Dh]   (training)
-    gated_fc1          fused fc1 GEMM + bias + GELU + neuron mask                                    (training)
-    ragged_attention   attention over per-head q/k and v widths, straight from the packed qkv         (inference)
-    fused_linear_gelu  fc1 GEMM with bias + GELU in the epilogue                                      (inference)
+    gates/          sample_gates       the in-kernel Gumbel-Sigmoid sampler; reference: gumbel_sigmoid on a
+                                       bit-exact Philox twin (philox_uniform)
+    gated_linear/   gated_qkv          fused qkv GEMM + gate sampling + q/v masks -> [3, B, H, N, Dh]   (training)
+                    gated_fc1          fused fc1 GEMM + bias + GELU + neuron mask                         (training)
+    ragged_attn/    ragged_attention   attention over per-head q/k and v widths, packed in and out     (inference)
+    linear_gelu/    fused_linear_gelu  fc1 GEMM with bias + GELU in the epilogue                       (inference)
+    common/         what every kernel shares: tile order, k-loop, GELU, precision policy, allocation
 
-The Triton ops are imported on first use, so ``import hiap_kernels`` works where Triton does not.
+This package never imports ``hiap``. The Triton ops are imported on first use, so ``import hiap_kernels`` works where
+Triton does not; the references and layout helpers are plain imports.
 """
 
-from hiap_kernels._runtime import can_run_triton, interpreter_active, triton_available
-from hiap_kernels.sampling import gumbel_sigmoid, logistic_noise, philox_uniform
+import importlib
 
+from hiap_kernels.common.runtime import can_run_triton, interpreter_active, triton_available
+from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
+from hiap_kernels.gates.reference import gumbel_sigmoid, logistic_noise, philox_uniform
+from hiap_kernels.linear_gelu.reference import linear_gelu_reference
+from hiap_kernels.ragged_attn.reference import build_head_table, ragged_attention_padded
+
+# Public Triton op -> the module that defines it. No module of this package is named like an op, so importing one
+# never replaces the function that ``__getattr__`` handed out.
 _TRITON_OPS = {
-    "gated_qkv": "hiap_kernels.gated_linear",
-    "gated_fc1": "hiap_kernels.gated_linear",
-    "ragged_attention": "hiap_kernels.ragged_attention",
-    "fused_linear_gelu": "hiap_kernels.inference_ffn",
+    "sample_gates": "hiap_kernels.gates.kernel",
+    "gated_qkv": "hiap_kernels.gated_linear.qkv",
+    "gated_fc1": "hiap_kernels.gated_linear.fc1",
+    "ragged_attention": "hiap_kernels.ragged_attn.kernel",
+    "fused_linear_gelu": "hiap_kernels.linear_gelu.kernel",
 }
 
 __all__ = [
+    "build_head_table",
     "can_run_triton",
     "fused_linear_gelu",
     "gated_fc1",
+    "gated_fc1_reference",
     "gated_qkv",
+    "gated_qkv_reference",
     "gumbel_sigmoid",
     "interpreter_active",
+    "linear_gelu_reference",
     "logistic_noise",
     "philox_uniform",
     "ragged_attention",
+    "ragged_attention_padded",
+    "sample_gates",
     "triton_available",
 ]
 
 
 def __getattr__(name: str):
     if name in _TRITON_OPS:
-        import importlib
-
-        return getattr(importlib.import_module(_TRITON_OPS[name]), name)
+        op = getattr(importlib.import_module(_TRITON_OPS[name]), name)
+        globals()[name] = op
+        return op
     raise AttributeError(f"module 'hiap_kernels' has no attribute {name!r}")

@@ -15,7 +15,7 @@ TINY = ["--model-args", "depth=2", "embed_dim=32", "--teacher-epochs", "3", "--e
 
 
 def run_cli(*argv: str) -> int:
-    from hiap.cli import main
+    from hiap.app.cli import main
 
     return main([str(a) for a in argv])
 
@@ -28,7 +28,7 @@ def subprocess_env() -> dict:
 
 
 def cli_command(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "hiap.cli", *[str(a) for a in argv]]
+    return [sys.executable, "-m", "hiap.app.cli", *[str(a) for a in argv]]
 
 
 @dataclass

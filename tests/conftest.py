@@ -17,6 +17,8 @@ if os.environ.get("HIAP_TEST_NO_INTERPRETER") is None:
 
 import torch  # noqa: E402
 
+from tests.kernel_checks import poisoned  # noqa: E402,F401  (the NaN-poisoned allocation fixture of kernel tests)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")

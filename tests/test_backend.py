@@ -4,18 +4,23 @@ import pytest
 import torch
 
 import hiap
-import hiap.modules as hiap_modules
+import hiap.backend as backend
 from tests.helpers import images, tiny_vit
 
 
 @pytest.fixture
 def kernels_available(monkeypatch):
-    monkeypatch.setattr(hiap_modules, "_import_ok", lambda name: True)
+    real_can_run = backend.load_triton_op("can_run_triton")
+    fake_ops = {"can_run_triton": real_can_run}
+    monkeypatch.setattr(backend, "load_triton_op", lambda name: fake_ops.get(name, lambda *a, **k: None))
 
 
 @pytest.fixture
 def kernels_missing(monkeypatch):
-    monkeypatch.setattr(hiap_modules, "_import_ok", lambda name: False)
+    def missing(name):
+        raise ImportError(f"no module named triton (asked for {name})")
+
+    monkeypatch.setattr(backend, "load_triton_op", missing)
 
 
 def test_default_backend_is_the_reference():
@@ -63,7 +68,7 @@ def test_switch_needs_a_hiap_model():
 
 def test_cpu_tensors_without_the_interpreter_fall_back_with_one_warning(kernels_available, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(hiap_modules, "_warned_fallback", False)
+    monkeypatch.setattr(backend, "_warned_fallback", False)
     gated = hiap.gate_vit(tiny_vit()).eval()
     x = images(gated)
     reference = gated(x)
@@ -77,7 +82,29 @@ def test_cpu_tensors_without_the_interpreter_fall_back_with_one_warning(kernels_
 
 
 def test_bad_backend_names():
-    from hiap.config import _check_backend
-
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        _check_backend("cuda")
+        backend._check_backend("cuda")
+
+
+def test_every_module_with_a_triton_path_names_an_op_of_hiap_kernels():
+    import hiap_kernels
+
+    kinds = backend._known_kinds(backend.KernelBackendMixin)
+    assert {kind.__name__ for kind in kinds} == {"GatedAttention", "GatedMlp", "PrunedAttention", "PrunedMlp"}
+    assert all(kind.triton_op in hiap_kernels.__all__ for kind in kinds)
+
+
+def test_the_backend_switch_and_the_config_are_leaves():
+    import ast
+    import inspect
+
+    import hiap.config
+
+    for module in (backend, hiap.config):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert imported <= {"__future__", "torch", "contextlib", "dataclasses", "importlib", "math", "os",
+                            "typing", "warnings"}, (module.__name__, imported)

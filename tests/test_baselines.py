@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import hiap
-from hiap.baselines import apply_baseline, apply_l1_structured, apply_uniform
-from hiap.report import layer_structure
-from hiap.runtime import InputError
+from hiap.app.baselines import apply_baseline, apply_l1_structured, apply_uniform
+from hiap.app.report import layer_structure
+from hiap.app.runtime import InputError
 from tests.helpers import images, tiny_vit
 
 
@@ -26,7 +26,7 @@ def test_uniform_keeps_the_largest_weights_in_each_head():
         model.blocks[0].attn.qkv.weight[2 * 48 + 5].mul_(100.0)  # v column 5 of head 0: by far the largest
     gated = hiap.gate_vit(model, hiap.HiAPConfig())
     apply_uniform(gated, 0.5)
-    assert gated.vit.blocks[0].attn.gate_v[0, 5] > 0
+    assert gated.vit.blocks[0].attn.gates.v[0, 5] > 0
 
 
 def test_l1_structured_prunes_only_ffn_neurons_ranked_by_fc1_norm():
@@ -39,7 +39,7 @@ def test_l1_structured_prunes_only_ffn_neurons_ranked_by_fc1_norm():
     structure = layer_structure(gated)
     assert all(layer["qk_widths"] == [16, 16, 16] and layer["v_widths"] == [16, 16, 16] for layer in structure)
     assert sum(layer["ffn_width"] for layer in structure) < 3 * 192
-    assert gated.vit.blocks[1].mlp.gate_neuron[7] > 0
+    assert gated.vit.blocks[1].mlp.gates.neuron[7] > 0
     pruned = hiap.extract(gated)
     x = images(gated)
     with torch.no_grad():

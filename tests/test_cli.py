@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 import hiap
-from hiap.cli import build_parser, hiap_config_from_args
-from hiap.export import export_onnx
+from hiap.app.cli import build_parser, hiap_config_from_args
+from hiap.app.export import export_onnx
 from tests.cli_runs import TINY, run_cli, warm_run  # noqa: F401
 from tests.helpers import randomize_logits, tiny_vit
 
@@ -132,8 +132,8 @@ def test_onnx_export_handles_ragged_heads_and_removed_layers(tmp_path):
     gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(min_heads=0, min_dim_fraction=0.0, min_neuron_fraction=0.0))
     randomize_logits(gated, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        gated.gate_logits()["blocks.1.mlp.gate_block"].fill_(-5.0)
-        gated.gate_logits()["blocks.2.attn.gate_head"].fill_(-5.0)
+        gated.gate_logits()["blocks.1.mlp.gates.block"].fill_(-5.0)
+        gated.gate_logits()["blocks.2.attn.gates.head"].fill_(-5.0)
     pruned = hiap.extract(gated)
     assert pruned.blocks[1].mlp.hidden_features == 0 and pruned.blocks[2].attn.num_heads == 0
     assert len(set(pruned.blocks[0].attn.qk_widths + pruned.blocks[0].attn.v_widths)) > 1

@@ -43,10 +43,10 @@ def test_the_input_model_is_left_untouched_and_gates_are_named():
     gated = hiap.gate_vit(model, hiap.HiAPConfig(dim_group=8))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     names = set(gated.gate_logits())
-    assert {"blocks.0.attn.gate_head", "blocks.0.attn.gate_qk", "blocks.0.attn.gate_v",
-            "blocks.1.mlp.gate_block", "blocks.1.mlp.gate_neuron"} <= names
-    assert gated.gate_logits()["blocks.0.attn.gate_qk"].shape == (3, 2)
-    assert gated.gate_logits()["blocks.0.mlp.gate_neuron"].shape == (24,)
+    assert {"blocks.0.attn.gates.head", "blocks.0.attn.gates.qk", "blocks.0.attn.gates.v",
+            "blocks.1.mlp.gates.block", "blocks.1.mlp.gates.neuron"} <= names
+    assert gated.gate_logits()["blocks.0.attn.gates.qk"].shape == (3, 2)
+    assert gated.gate_logits()["blocks.0.mlp.gates.neuron"].shape == (24,)
     assert not set(gated.weight_parameters()) & {f"vit.{n}" for n in names}
 
 
@@ -70,7 +70,8 @@ def test_same_step_gives_the_same_gates():
 def test_set_temperature_reaches_every_module():
     gated = hiap.gate_vit(tiny_vit())
     gated.set_temperature(0.7)
-    assert all(m.gate_state.tau == 0.7 for m in gated.gated_modules())
+    assert all(gates.schedule.tau == 0.7 for gates in gated.gate_layers())
+    assert all(gates.schedule is gated.schedule for gates in gated.gate_layers())
     with pytest.raises(ValueError):
         gated.set_temperature(0.0)
 

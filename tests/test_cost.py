@@ -3,7 +3,7 @@ import timm
 import torch
 
 import hiap
-from hiap.cost import UnitCosts, static_macs, token_count
+from hiap.method.cost import UnitCosts, static_macs, token_count
 from tests.helpers import randomize_logits, tiny_vit
 
 

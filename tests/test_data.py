@@ -2,9 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hiap.data import ShardedBatchSampler, build_datasets, check_imagefolder, num_classes_of
-from hiap.models import create_dense_model
-from hiap.runtime import InputError
+from hiap.app.data import ShardedBatchSampler, build_datasets, check_imagefolder, num_classes_of
+from hiap.app.models import create_dense_model
+from hiap.app.runtime import InputError
 
 
 def test_digits_split_is_deterministic_stratified_and_shaped_for_the_model():

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from hiap.evaluation import evaluate_accuracy, evaluate_classifier
+from hiap.app.evaluation import evaluate_accuracy, evaluate_classifier
 
 
 def test_accuracy_and_loss_cover_every_sample_of_uneven_batches():

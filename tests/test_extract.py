@@ -1,11 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import hiap
-from hiap.pruned import PrunedAttention, PrunedMlp
+from hiap.method.pruned import PrunedAttention, PrunedMlp
 from tests.helpers import images, randomize_logits, tiny_vit
 
 NO_MINIMUMS = dict(min_heads=0, min_dim_fraction=0.0, min_neuron_fraction=0.0)
@@ -39,17 +40,17 @@ def test_edge_cases_zero_qk_dims_zero_v_dims_empty_ffn_and_empty_attention():
     gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(**NO_MINIMUMS))
     randomize_logits(gated, torch.Generator().manual_seed(0), scale=1.0)
     # layer 0: head 0 keeps v but no q/k (uniform attention); head 1 has no v dims (removed); head 2 closed by g.
-    _set(gated, "blocks.0.attn.gate_head", [5.0, 5.0, -5.0])
+    _set(gated, "blocks.0.attn.gates.head", [5.0, 5.0, -5.0])
     qk = torch.full((3, 16), 5.0)
     qk[0] = -5.0
-    _set(gated, "blocks.0.attn.gate_qk", qk)
+    _set(gated, "blocks.0.attn.gates.qk", qk)
     v = torch.full((3, 16), 5.0)
     v[1] = -5.0
-    _set(gated, "blocks.0.attn.gate_v", v)
+    _set(gated, "blocks.0.attn.gates.v", v)
     # layer 1: the FFN block is closed; layer 2: every head closed and every neuron closed in an open block.
-    _set(gated, "blocks.1.mlp.gate_block", [-5.0])
-    _set(gated, "blocks.2.attn.gate_head", [-5.0, -5.0, -5.0])
-    _set(gated, "blocks.2.mlp.gate_neuron", torch.full((192,), -5.0))
+    _set(gated, "blocks.1.mlp.gates.block", [-5.0])
+    _set(gated, "blocks.2.attn.gates.head", [-5.0, -5.0, -5.0])
+    _set(gated, "blocks.2.mlp.gates.neuron", torch.full((192,), -5.0))
     pruned = hiap.extract(gated)
     attn0 = pruned.blocks[0].attn
     assert attn0.qk_widths == [0] and attn0.v_widths == [16]
@@ -69,11 +70,11 @@ def test_extracted_dense_model_matches_timm():
 
 
 def test_equal_width_layers_take_the_unpadded_path_and_agree_with_the_padded_one():
-    from hiap_kernels.ragged_attention_reference import ragged_attention_padded
+    from hiap_kernels import ragged_attention_padded
 
     gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(**NO_MINIMUMS))
     with torch.no_grad():
-        gated.gate_logits()["blocks.0.attn.gate_qk"][:, :5] = -4.0  # every head keeps 11 q/k dims
+        gated.gate_logits()["blocks.0.attn.gates.qk"][:, :5] = -4.0  # every head keeps 11 q/k dims
     attn = hiap.extract(gated).blocks[0].attn
     assert attn.equal_widths and attn.qk_widths == [11, 11, 11] and attn.v_widths == [16, 16, 16]
     qkv = torch.randn(2, 17, attn.qkv.out_features)
@@ -86,7 +87,7 @@ def test_hard_minimums_keep_every_layer_alive():
     with torch.no_grad():
         for logit in gated.gate_logits().values():
             logit.fill_(-3.0)
-        gated.gate_logits()["blocks.0.mlp.gate_block"].fill_(3.0)
+        gated.gate_logits()["blocks.0.mlp.gates.block"].fill_(3.0)
     pruned = hiap.extract(gated)
     for block in pruned.blocks:
         assert block.attn.num_heads == 1 and block.attn.qk_widths == [4] and block.attn.v_widths == [4]
@@ -123,8 +124,8 @@ def test_extract_needs_a_gated_model_with_finite_logits():
         hiap.extract(tiny_vit())
     gated = hiap.gate_vit(tiny_vit())
     with torch.no_grad():
-        gated.gate_logits()["blocks.1.attn.gate_v"][0, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN.*blocks.1.attn.gate_v"):
+        gated.gate_logits()["blocks.1.attn.gates.v"][0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN.*blocks.1.attn.gates.v"):
         hiap.extract(gated)
 
 
@@ -159,3 +160,14 @@ def test_pruned_modules_types():
     pruned = hiap.extract(hiap.gate_vit(tiny_vit()))
     assert all(isinstance(b.attn, PrunedAttention) and isinstance(b.mlp, PrunedMlp) for b in pruned.blocks)
     assert not pruned.training
+
+
+def test_a_pruned_file_written_by_the_first_release_still_loads_and_gives_its_outputs():
+    from safetensors.torch import load_file
+
+    data = Path(__file__).parent / "data"
+    pruned = hiap.load_pruned(data / "pruned_v1.safetensors")
+    expected = load_file(str(data / "pruned_v1_expected.safetensors"))
+    assert [block.attn.qk_widths for block in pruned.blocks] == [[8, 12, 12], [8]]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(expected["images"]), expected["logits"], rtol=1e-5, atol=1e-5)

@@ -1,55 +1,30 @@
-import math
+"""The gate objects of ``hiap.method.gates``: decisions, draws, kept columns, assignment, schedule, offsets."""
 
 import pytest
 import torch
 
-from hiap.gates import (
-    attention_decisions,
-    ffn_decisions,
+import hiap
+from hiap.method.gates import (
+    CLOSED_LOGIT,
+    OPEN_LOGIT,
+    AttentionGates,
+    FfnGates,
+    GateSchedule,
     gate_offset,
     step_seed,
     top_k_mask,
 )
-from hiap_kernels.gated_linear_reference import attention_column_masks, attention_gate_values, gate_values
-from hiap_kernels.sampling import gumbel_sigmoid, philox_uniform
+from hiap_kernels.gated_linear.reference import attention_column_masks, attention_gate_values, gate_values
+from hiap_kernels.gates.reference import gumbel_sigmoid
+from tests.helpers import images, tiny_vit
 
 
-@pytest.mark.parametrize("logit", [-2.0, -0.3, 0.0, 1.1, 3.0])
-@pytest.mark.parametrize("tau", [0.5, 2.0])
-def test_open_frequency_matches_sigmoid_of_the_logit(logit, tau):
-    count = 40_000
-    logits = torch.full((count,), logit)
-    z = gumbel_sigmoid(logits, tau, seed=1234, offset=0, hard=True)
-    expected = 1 / (1 + math.exp(-logit))
-    # Binomial standard error; 5 sigma keeps the test deterministic-safe yet meaningful.
-    assert abs(z.mean().item() - expected) < 5 * math.sqrt(expected * (1 - expected) / count) + 1e-9
-
-
-def test_hard_gates_pass_the_soft_gradient_straight_through():
-    logits = torch.randn(64, requires_grad=True)
-    z = gumbel_sigmoid(logits, 0.7, seed=3, offset=10, hard=True)
-    assert set(z.detach().unique().tolist()) <= {0.0, 1.0}
-    z.sum().backward()
-    soft = gumbel_sigmoid(logits.detach(), 0.7, seed=3, offset=10, hard=False)
-    assert torch.allclose(logits.grad, soft * (1 - soft) / 0.7, atol=1e-6)
-
-
-def test_same_seed_and_offset_give_the_same_gates_and_other_offsets_differ():
-    logits = torch.zeros(256)
-    a = gumbel_sigmoid(logits, 1.0, seed=7, offset=0)
-    b = gumbel_sigmoid(logits, 1.0, seed=7, offset=0)
-    c = gumbel_sigmoid(logits, 1.0, seed=7, offset=256)
-    d = gumbel_sigmoid(logits, 1.0, seed=8, offset=0)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c) and not torch.equal(a, d)
-
-
-def test_uniforms_are_in_the_open_unit_interval_and_look_uniform():
-    u = philox_uniform(99, torch.arange(100_000))
-    assert u.min() >= 0 and u.max() < 1
-    assert abs(u.mean().item() - 0.5) < 0.005
-    with pytest.raises(ValueError):
-        philox_uniform(-1, torch.arange(3))
+def attention_gates(head, qk, v, *, min_heads=1, min_dim_fraction=0.125, group=1):
+    gates = AttentionGates(head.shape[0], qk.shape[1] * group, group=group, init_logit=0.0, offset=0,
+                           min_heads=min_heads, min_dim_fraction=min_dim_fraction)
+    with torch.no_grad():
+        gates.head.copy_(head), gates.qk.copy_(qk), gates.v.copy_(v)
+    return gates
 
 
 def test_eval_gates_are_the_sign_of_the_logit():
@@ -84,17 +59,20 @@ def test_decisions_open_positive_logits_and_enforce_the_minimums():
     qk = torch.full((3, 8), -1.0)
     qk[0, 3] = -0.1
     v = torch.full((3, 8), 1.0)
-    keep_head, keep_qk, keep_v = attention_decisions(head, qk, v, min_heads=1, min_dim_fraction=0.125)
+    keep_head, keep_qk, keep_v = attention_gates(head, qk, v, min_heads=1, min_dim_fraction=0.125).decisions()
     assert keep_head.tolist() == [False, False, True]  # top logit kept when all are negative
     assert keep_qk.sum(dim=1).tolist() == [1, 1, 1] and keep_qk[0, 3]
     assert keep_v.all()
-    keep_head, keep_qk, _ = attention_decisions(head, qk, v, min_heads=0, min_dim_fraction=0.0)
+    keep_head, keep_qk, _ = attention_gates(head, qk, v, min_heads=0, min_dim_fraction=0.0).decisions()
     assert not keep_head.any() and not keep_qk.any()
 
 
 def test_ffn_decision_keeps_a_minimum_of_neurons_but_may_drop_the_block():
-    keep_block, keep_neuron = ffn_decisions(torch.tensor([-1.0]), torch.full((20,), -3.0), min_neuron_fraction=0.1)
+    gates = FfnGates(20, group=1, init_logit=-3.0, offset=0, min_neuron_fraction=0.1)
+    gates.assign(block=False)
+    keep_block, keep_neuron = gates.decisions()
     assert not keep_block.item() and keep_neuron.sum() == 2
+    assert gates.kept_neurons().sum() == 0  # a closed block keeps nothing, whatever its neurons say
 
 
 def test_step_seeds_are_deterministic_distinct_and_in_range():
@@ -109,3 +87,69 @@ def test_gate_offsets_give_every_module_its_own_counter_window():
     offsets = [gate_offset(layer, kind) for layer in range(24) for kind in ("attention", "ffn")]
     assert offsets == sorted(set(offsets))
     assert offsets[1] - offsets[0] == 2**20
+
+
+def test_kept_columns_expand_groups_and_drop_the_q_k_columns_of_removed_heads():
+    head = torch.tensor([2.0, 2.0, -2.0])
+    qk = torch.tensor([[1.0, -1.0], [1.0, 1.0], [1.0, 1.0]])
+    v = torch.tensor([[-1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]])
+    gates = attention_gates(head, qk, v, min_heads=0, min_dim_fraction=0.0, group=4)
+    m_q, m_v = gates.kept_columns()
+    assert m_q.shape == m_v.shape == (3, 8)
+    # head 0: q/k group 0, v group 1; head 1 has no v column left, head 2 is closed: both removed with their q/k.
+    assert m_q.sum(dim=1).tolist() == [4, 0, 0] and m_q[0, :4].all()
+    assert m_v.sum(dim=1).tolist() == [4, 0, 0] and m_v[0, 4:].all()
+    assert gates.kept_widths() == ([4, 0, 0], [4, 0, 0])
+
+
+def test_assign_fixes_gates_and_refuses_unknown_kinds():
+    gates = FfnGates(8, group=2, init_logit=0.0, offset=0, min_neuron_fraction=0.0)
+    gates.assign(block=True, neuron=torch.tensor([True, False, True, False]))
+    assert gates.block.tolist() == [OPEN_LOGIT]
+    assert gates.neuron.tolist() == [OPEN_LOGIT, CLOSED_LOGIT, OPEN_LOGIT, CLOSED_LOGIT]
+    assert gates.kept_neurons().tolist() == [True, True, False, False, True, True, False, False]
+    with pytest.raises(ValueError, match="no gates"):
+        gates.assign(head=True)
+
+
+def test_a_draw_samples_in_training_and_decides_in_eval():
+    schedule = GateSchedule(tau=0.7, seed=11, hard=True)
+    gates = AttentionGates(2, 8, group=4, init_logit=0.0, offset=64, min_heads=1, min_dim_fraction=0.0,
+                           schedule=schedule)
+    with torch.no_grad():
+        gates.qk.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+    draw = gates.train().draw()
+    assert draw.sample and draw.logits[0] is gates.head and draw.options() == dict(
+        tau=0.7, seed=11, offset=64, hard=True, sample=True)
+    draw = gates.eval().draw()
+    assert not draw.sample
+    # +-1 stand-ins of the decision: the ops open exactly the gates with a > 0
+    assert draw.logits[1].tolist() == [[1.0, -1.0], [-1.0, 1.0]]
+    schedule.set_temperature(0.25)
+    assert gates.draw().tau == 0.25
+    with pytest.raises(ValueError):
+        schedule.set_temperature(float("nan"))
+
+
+def test_one_schedule_per_model_and_temperature_set_in_one_place():
+    gated = hiap.gate_vit(tiny_vit())
+    assert all(gates.schedule is gated.schedule for gates in gated.gate_layers())
+    gated.set_temperature(0.3)
+    assert {gates.draw().tau for gates in gated.gate_layers()} == {0.3}
+
+
+def test_state_dicts_written_before_gate_objects_existed_still_load():
+    gated = hiap.gate_vit(tiny_vit()).eval()
+    with torch.no_grad():
+        for logit in gated.gate_logits().values():
+            logit.normal_()
+    legacy = {}
+    for key, value in gated.state_dict().items():
+        for kind in ("head", "qk", "v", "block", "neuron"):
+            key = key.replace(f".gates.{kind}", f".gate_{kind}")
+        legacy[key] = value
+    assert "vit.blocks.0.attn.gate_head" in legacy
+    fresh = hiap.gate_vit(tiny_vit()).eval()
+    fresh.load_state_dict(legacy, strict=True)
+    x = images(gated)
+    assert torch.equal(fresh(x), gated(x))

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 import hiap
-from hiap.cost import expected_cost
-from hiap.losses import BudgetLoss, feasibility_loss
+from hiap.method.cost import expected_cost
+from hiap.method.losses import BudgetLoss, feasibility_loss
 from tests.helpers import images, tiny_vit
 
 
@@ -56,7 +56,7 @@ def test_feasibility_penalty_is_zero_when_layers_are_well_above_the_minimums_and
     penalty = feasibility_loss(gated)
     assert penalty.item() > 0.5
     penalty.backward()
-    assert (gated.vit.blocks[0].attn.gate_head.grad < 0).all()  # pushes heads back open
+    assert (gated.vit.blocks[0].attn.gates.head.grad < 0).all()  # pushes heads back open
 
 
 def test_objective_combines_every_term_and_rejects_unreachable_targets():

@@ -9,21 +9,18 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hiap_kernels.ragged_attention_reference import (
+from hiap_kernels.ragged_attn.reference import (
     build_head_table,
     packed_widths,
     padded_gather_indices,
     ragged_attention_naive,
     ragged_attention_padded,
 )
+from tests.kernel_checks import TOLERANCES as ALL_TOLERANCES
+from tests.kernel_checks import needs_triton
+from tests.kernel_checks import relative_error as rel_error
 
-# Relative error ||out - ref|| / ||ref|| allowed against the float64 reference computed from the same (rounded) inputs.
-TOLERANCES = {
-    torch.float64: 1e-12,
-    torch.float32: 2e-6,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.5e-2,
-}
+TOLERANCES = ALL_TOLERANCES["ragged_attention"]
 
 # name -> (q/k widths, v widths, original head dim Dh)
 LAYOUTS = {
@@ -37,10 +34,6 @@ LAYOUTS = {
 INTERPRETER_TOKENS = [1, 17, 65]
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
-
-
 def make_qkv(qk, v, batch, tokens, dtype, device="cpu"):
     total, _ = packed_widths(qk, v)
     return torch.randn(batch, tokens, total, dtype=torch.float32, device=device).to(dtype)
@@ -51,8 +44,7 @@ def fp64_reference(qkv, qk, v, head_dim):
 
 
 def triton_attention():
-    pytest.importorskip("triton")
-    from hiap_kernels.ragged_attention import ragged_attention
+    from hiap_kernels import ragged_attention
 
     return ragged_attention
 
@@ -156,6 +148,8 @@ def test_padded_reference_compiles_without_graph_breaks():
 # ----------------------------------------------------------------------------------------------- Triton kernel
 
 
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("tokens", INTERPRETER_TOKENS)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -175,6 +169,8 @@ def test_kernel_and_references_match_fp64(layout, tokens, dtype):
         assert rel_error(result, ref) < TOLERANCES[dtype], name
 
 
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
 def test_kernel_allocates_output_without_out_argument():
     qk, v, head_dim = [8, 3], [5, 16], 16
     qkv = make_qkv(qk, v, 1, 17, torch.float32)
@@ -183,6 +179,8 @@ def test_kernel_allocates_output_without_out_argument():
     assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float32]
 
 
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
 def test_kernel_reads_strided_qkv_in_place_and_copies_otherwise():
     qk, v, head_dim = [12, 0, 7], [9, 4, 16], 16
     total, _ = packed_widths(qk, v)
@@ -196,6 +194,8 @@ def test_kernel_reads_strided_qkv_in_place_and_copies_otherwise():
         assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float32]
 
 
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
 def test_kernel_accepts_larger_width_bounds():
     qk, v, head_dim = [5, 9], [3, 7], 16
     qkv = make_qkv(qk, v, 1, 17, torch.float32)
@@ -204,6 +204,8 @@ def test_kernel_accepts_larger_width_bounds():
     assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float32]
 
 
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
 def test_kernel_with_no_heads_returns_empty_output():
     qkv = torch.randn(2, 5, 0)
     out = triton_attention()(qkv, build_head_table([], []), 0.125, 0, 1)
@@ -215,6 +217,8 @@ def _valid_call():
     return make_qkv(qk, v, 1, 3, torch.float32), build_head_table(qk, v), 0.25, 4, 5
 
 
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
 @pytest.mark.parametrize(
     "change, error, message",
     [
@@ -244,6 +248,8 @@ def test_kernel_rejects_bad_inputs(change, error, message):
         )
 
 
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
 def test_table_edited_in_place_is_validated_again():
     ragged_attention = triton_attention()
     qkv, table, scale, max_qk, max_v = _valid_call()
@@ -309,3 +315,14 @@ def test_gpu_kernel_with_more_than_65535_batch_heads():
     qkv = make_qkv(qk, v, 6000, 3, torch.float16, device="cuda")  # B * Hk = 72000 programs per query block
     out = run_kernel(qkv, qk, v, head_dim)
     assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float16]
+
+
+@needs_triton
+def test_the_package_level_op_stays_callable_after_its_module_is_imported():
+    import hiap_kernels
+
+    table = build_head_table([4, 8], [8, 2])
+    qkv = torch.randn(2, 3, 34)
+    first = hiap_kernels.ragged_attention(qkv, table, 0.35, 8, 8)
+    again = hiap_kernels.ragged_attention(qkv, table, 0.35, 8, 8)
+    assert torch.equal(first, again)

@@ -1,6 +1,6 @@
 import pytest
 
-from hiap.report import aggregate_runs, paired_differences
+from hiap.app.report import aggregate_runs, paired_differences
 
 
 def _run(method, seed, accuracy, loss, target=0.5):

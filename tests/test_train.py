@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import hiap
-from hiap.runtime import InputError, atomic_torch_save
-from hiap.checkpoint import JsonlLog, config_difference, read_checkpoint
-from hiap.losses import budget_cost
+from hiap.app.runtime import InputError, atomic_torch_save
+from hiap.app.checkpoint import JsonlLog, config_difference, read_checkpoint
+from hiap.method.losses import budget_cost
 from tests.cli_runs import TINY, cli_command, run_cli, subprocess_env, warm_run  # noqa: F401
 from tests.helpers import randomize_logits, tiny_vit
 
@@ -105,7 +105,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(warm_run, tmp_path)
 
 def test_ddp_with_two_gloo_processes_keeps_gates_in_sync_and_only_rank0_writes(warm_run, tmp_path):
     output = tmp_path / "ddp"
-    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hiap.cli", "prune",
+    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hiap.app.cli", "prune",
                "-o", str(output), "--cache-dir", str(warm_run.cache), "--device", "cpu", *TINY]
     done = subprocess.run([cli_command()[0], *command], env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
@@ -125,7 +125,7 @@ def test_ddp_with_two_gloo_processes_keeps_gates_in_sync_and_only_rank0_writes(w
 
 
 def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
-    from hiap.train import DistillJob, HiAPJob
+    from hiap.app.train import DistillJob, HiAPJob
 
     teacher = tiny_vit().requires_grad_(False)
     gated = hiap.gate_vit(teacher, hiap.HiAPConfig())
@@ -133,7 +133,7 @@ def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
     assert [g["name"] for g in groups] == ["weights", "weights_no_decay", "gates", "lagrangian"]
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in gated.parameters()) + 2
     with torch.no_grad():
-        gated.gate_logits()["blocks.0.mlp.gate_block"].fill_(-5.0)
+        gated.gate_logits()["blocks.0.mlp.gates.block"].fill_(-5.0)
     pruned = hiap.extract(gated)
     groups = DistillJob(pruned, teacher, lr=1e-4, alpha=0.7, temperature=4.0).param_groups(0.05)
     trained = sum(p.numel() for g in groups for p in g["params"])
@@ -142,14 +142,14 @@ def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
 
 
 def test_budget_settling_moves_only_micro_logits_until_the_target_is_met():
-    from hiap.train import settle_budget
+    from hiap.app.train import settle_budget
 
     def model_off_target():
         gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(target=0.5)).eval()
         randomize_logits(gated, torch.Generator().manual_seed(4), scale=0.5)
         with torch.no_grad():
             for name, logit in gated.gate_logits().items():
-                logit.add_(3.0 if name.endswith(("gate_head", "gate_block")) else 0.4)
+                logit.add_(3.0 if name.endswith(("gates.head", "gates.block")) else 0.4)
         return gated
 
     gated = model_off_target()
@@ -160,7 +160,7 @@ def test_budget_settling_moves_only_micro_logits_until_the_target_is_met():
     assert result["after"] == hiap.count_macs(gated) / hiap.dense_macs(gated)
     for name, logit in gated.gate_logits().items():
         changed = not torch.equal(before[name], logit.detach())
-        assert changed == name.endswith(("gate_qk", "gate_v", "gate_neuron")), name
+        assert changed == name.endswith(("gates.qk", "gates.v", "gates.neuron")), name
     again = model_off_target()
     settle_budget(again, tolerance=0.02)
     assert all(torch.equal(a, b) for a, b in zip(gated.gate_logits().values(), again.gate_logits().values()))

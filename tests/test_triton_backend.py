@@ -5,7 +5,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import hiap
-from hiap_kernels._runtime import interpreter_active
+from hiap_kernels import interpreter_active
 from tests.helpers import randomize_logits
 
 pytestmark = pytest.mark.skipif(

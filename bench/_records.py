@@ -1,0 +1,228 @@
+"""The JSON record of a run: every figure and skip, the machine it ran on, and the project's performance targets.
+
+One ``Recorder`` per pytest session (``session_recorder``) rewrites ``<device>_<date>_<time>.json`` in
+``results_dir()`` after each result, so a run stopped by a time limit still leaves what it measured. Ratios are always
+``baseline median / provider median`` taken in the same run (baseline ``reference``, or ``dense/reference`` for whole
+models), so > 1 means faster. ``RECORD_SCHEMA`` is what ``render_table.py`` reads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from _settings import DEVICE, ON_GPU, REPO_DIR, precision_label, results_dir
+from _timing import CPU_TIMING, CPU_TIMING_HEAVY, GPU_TIMING, MachinePeaks, Work, measure_peaks
+
+RECORD_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """A performance goal of the project: ``provider`` against ``baseline`` on ``case`` (GPU, bf16)."""
+
+    name: str
+    case: str
+    provider: str
+    baseline: str
+    minimum_speedup: float
+    batch: int | None = None
+    maximum_memory_ratio: float | None = None
+
+
+# The gated FFN targets are judged on the op that gates the FFN, gated_fc1 (fc1 + bias + GELU + neuron mask); records
+# made before the op-level split measured the whole GatedMlp under the case name gated_ffn_fwd_bwd.
+TARGETS = (
+    Target("gated FFN fwd+bwd vs eager", "gated_fc1_fwd_bwd", "triton", "reference", 1.8),
+    Target("gated FFN fwd+bwd vs compiled", "gated_fc1_fwd_bwd", "triton", "compiled", 1.15),
+    Target("gated attention fwd+bwd vs eager", "gated_attention_fwd_bwd", "triton", "reference", 1.4),
+    Target("training step vs eager (and peak memory)", "training_step", "triton", "reference", 1.3,
+           maximum_memory_ratio=0.85),
+    Target("ragged attention vs padded SDPA", "ragged_attention", "triton", "reference", 1.5),
+    Target("extracted DeiT-S throughput vs dense timm", "deit_s_inference", "extracted/triton", "dense/reference", 1.48,
+           batch=256),
+)
+
+
+def _device_description() -> dict:
+    if ON_GPU:
+        props = torch.cuda.get_device_properties(DEVICE)
+        return {"kind": "cuda", "name": torch.cuda.get_device_name(DEVICE),
+                "memory_gb": round(props.total_memory / 2**30, 1),
+                "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    from hiap.app.runtime import cpu_name
+
+    return {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("triton", "timm", "hiap"):
+        try:
+            versions[module] = getattr(importlib.import_module(module), "__version__", "unknown")
+        except Exception:
+            versions[module] = None
+    return versions
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
+
+
+@dataclass
+class Recorder:
+    """Collects every figure and skip of one pytest session and keeps the JSON record on disk up to date.
+
+    The record is rewritten after each result, so a run stopped by a time limit still leaves what it measured.
+    """
+
+    started: _dt.datetime = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc))
+    results: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+    peaks: MachinePeaks | None = None
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.device = _device_description()
+        folder = results_dir()
+        if folder is not None:
+            stamp = self.started.strftime("%Y-%m-%d_%H%M%S")
+            self.path = folder / f"{_slug(self.device['kind'] + '-' + self.device['name'])}_{stamp}.json"
+
+    def machine_peaks(self) -> MachinePeaks:
+        if self.peaks is None:
+            self.peaks = measure_peaks()
+        return self.peaks
+
+    def note(self, case: str, text: str) -> None:
+        """A sentence about how a case was measured (reduced shapes, what a provider means there)."""
+        self.notes[case] = text
+
+    def add_result(self, *, case: str, provider: str, batch: int, shapes: dict, timing: dict, work: Work | None,
+                   baseline: str = "reference", precision: str | None = None) -> dict:
+        entry = {"case": case, "batch": batch, "provider": provider, "baseline": baseline,
+                 "precision": precision or precision_label(), "shapes": shapes, **timing}
+        if work is not None:
+            entry.update(work.floors(self.machine_peaks()))
+            if entry.get("median_ms"):
+                entry["floor_fraction"] = entry["floor_ms"] / entry["median_ms"]
+        self.results.append(entry)
+        self.write()
+        return entry
+
+    def add_skip(self, *, case: str, provider: str, batch: int | None, reason: str) -> None:
+        self.skipped.append({"case": case, "batch": batch, "provider": provider, "reason": reason})
+        self.write()
+
+    def _with_ratios(self) -> list[dict]:
+        by_key = {(r["case"], r["batch"], r["provider"]): r for r in self.results}
+        rows = []
+        for row in self.results:
+            row = dict(row)
+            base = by_key.get((row["case"], row["batch"], row["baseline"]))
+            if base and base.get("median_ms") and row.get("median_ms"):
+                row["speedup_vs_baseline"] = base["median_ms"] / row["median_ms"]
+            if base and base.get("peak_mb") and row.get("peak_mb"):
+                row["memory_vs_baseline"] = row["peak_mb"] / base["peak_mb"]
+            rows.append(row)
+        return rows
+
+    def target_status(self) -> list[dict]:
+        """Each target with its measured ratio per batch ("not measured" when a side is missing)."""
+        by_key = {(r["case"], r["batch"], r["provider"]): r for r in self.results}
+        statuses = []
+        for target in TARGETS:
+            batches = sorted({r["batch"] for r in self.results if r["case"] == target.case})
+            if target.batch is not None:
+                batches = [b for b in batches if b == target.batch]
+            for batch in batches or [target.batch]:
+                entry = {"target": target.name, "case": target.case, "batch": batch, "provider": target.provider,
+                         "baseline": target.baseline, "minimum_speedup": target.minimum_speedup,
+                         "maximum_memory_ratio": target.maximum_memory_ratio}
+                mine = by_key.get((target.case, batch, target.provider))
+                base = by_key.get((target.case, batch, target.baseline))
+                if not ON_GPU:
+                    entry["status"] = "not applicable (targets are stated for an H100 in bf16)"
+                elif not (mine and base and mine.get("median_ms") and base.get("median_ms")):
+                    entry["status"] = "not measured"
+                else:
+                    speedup = base["median_ms"] / mine["median_ms"]
+                    entry["speedup"] = speedup
+                    met = speedup >= target.minimum_speedup
+                    if target.maximum_memory_ratio is not None and mine.get("peak_mb") and base.get("peak_mb"):
+                        entry["memory_ratio"] = mine["peak_mb"] / base["peak_mb"]
+                        met = met and entry["memory_ratio"] <= target.maximum_memory_ratio
+                    entry["status"] = "met" if met else "missed"
+                statuses.append(entry)
+        return statuses
+
+    def as_dict(self) -> dict:
+        return {
+            "schema": RECORD_SCHEMA,
+            "created": self.started.isoformat(timespec="seconds"),
+            "device": self.device,
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+            "command": " ".join(sys.argv),
+            "precision": precision_label(),
+            "timing": {
+                "policy": ({"all": GPU_TIMING.__dict__} if ON_GPU
+                           else {"default": CPU_TIMING.__dict__, "heavy cases": CPU_TIMING_HEAVY.__dict__}),
+                "synchronised": ON_GPU,
+                "statistic": "median of timed rounds; first call and warm-up rounds excluded",
+                "ratio": "speedup_vs_baseline = baseline median / provider median (same run)",
+            },
+            "peaks": self.peaks.as_dict() if self.peaks else None,
+            # Set by run_gpu.sh: the summary line of the `pytest tests -m gpu` run that preceded the benchmarks.
+            "gpu_tests": os.environ.get("HIAP_BENCH_GPU_TESTS") or None,
+            "notes": self.notes,
+            "results": self._with_ratios(),
+            "skipped": self.skipped,
+            "targets": self.target_status(),
+        }
+
+    def write(self) -> None:
+        if self.path is None or not self.results:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(self.as_dict(), indent=1, sort_keys=False) + "\n")
+        os.replace(temporary, self.path)
+
+
+_SESSION_RECORDER: Recorder | None = None
+
+
+def session_recorder() -> Recorder:
+    global _SESSION_RECORDER
+    if _SESSION_RECORDER is None:
+        _SESSION_RECORDER = Recorder()
+    return _SESSION_RECORDER
+
+
+def current_recorder() -> Recorder | None:
+    return _SESSION_RECORDER

@@ -1,0 +1,106 @@
+"""Crash-safe training state: the JSONL run log and the training checkpoint (atomic writes, strict reading,
+config fingerprints that a resume must match)."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hiap.app.runtime import InputError, atomic_path
+
+CHECKPOINT_FORMAT = "hiap-train-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class JsonlLog:
+    """Append-only JSON-lines log; a no-op on ranks other than 0."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        """Every complete record; a line cut short by a kill is skipped."""
+        records = []
+        path = Path(path)
+        if not path.exists():
+            return records
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def truncate_after(self, phase: str, step: int) -> None:
+        """Drop ``phase`` records past ``step``: they came from steps a resumed run is about to redo."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in self.read(self.path) if r.get("phase") != phase or r.get("step", 0) <= step]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_checkpoint(path: str | Path, phase: str | None = None) -> dict:
+    """A training checkpoint written by ``fit``; InputError when it is missing, corrupt or of another phase."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a foreign pickle's protocol warning would split the one-line error
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file raises pickle, zip or runtime errors
+        raise InputError(f"checkpoint {path} is corrupt or not a hiap training checkpoint ({type(error).__name__})") from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"checkpoint {path} is not a hiap training checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"checkpoint {path} has format version {payload.get('version')}, expected {CHECKPOINT_VERSION}")
+    if phase is not None and payload.get("phase") != phase:
+        raise InputError(f"checkpoint {path} belongs to the {payload.get('phase')!r} phase, not {phase!r}")
+    return payload
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict):
+        flat: dict[str, Any] = {}
+        for key, value in values.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): values}
+
+
+def config_difference(saved: dict, current: dict) -> str | None:
+    """``"epochs: 25 -> 30"`` for the first setting that differs between two run fingerprints, None when equal."""
+    old, new = _flatten(saved), _flatten(current)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            return f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
+    return None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,356 @@
+"""The HiAP pipeline behind ``hiap prune`` and ``hiap compare``: dense teacher (cached), gating, one single-stage HiAP
+run, extraction, evaluation, report; and the baselines trained at the same budget.
+
+Every function here runs on every rank of a ``torchrun`` job (training and evaluation are collective); only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hiap.app.baselines import apply_baseline
+from hiap.backend import use_triton_kernels
+from hiap.config import HiAPConfig
+from hiap.method.convert import HiAPViT, gate_vit
+from hiap.method.cost import count_macs, dense_macs
+from hiap.app.data import DataBundle, build_datasets, describe_source, eval_loader, num_classes_of
+from hiap.app.evaluation import summarize
+from hiap.method.extract import extract, save_pruned
+from hiap.method.losses import HiAPObjective
+from hiap.app.models import create_dense_model, load_dense_weights
+from hiap.app.report import TOLERANCE, layer_structure, write_prune_report
+from hiap.app.runtime import (DistContext, InputError, atomic_path, atomic_write_json, configure_threads,
+                          describe_machine, gather_floats, init_distributed, log_line)
+from hiap.app.checkpoint import JsonlLog
+from hiap.app.train import DenseJob, DistillJob, HiAPJob, LoopSettings, fit, settle_budget
+
+DEFAULT_OUTPUT = "hiap-runs/prune"
+
+
+@dataclass
+class PipelineSettings:
+    """Everything ``hiap prune`` / ``hiap compare`` take, with the defaults of the default digits run."""
+
+    output: str = DEFAULT_OUTPUT
+    model: str = "digits_vit"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    pretrained: bool = False
+    data: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    workers: int = 0
+    hiap: HiAPConfig = field(default_factory=HiAPConfig)
+    epochs: int = 25
+    batch_size: int = 64
+    weight_decay: float = 0.05
+    teacher_epochs: int = 40
+    teacher_lr: float = 2e-3
+    teacher_seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    eval_batch_size: int = 256
+    device: str = "auto"
+    amp: bool = True
+    threads: int = 0
+    cache_dir: str = "~/.cache/hiap"
+    show_progress: bool = True
+    resume: bool = False
+    latency_batch: int = 64
+    latency_repeats: int = 10
+
+    def loop(self, epochs: int, seed: int, warmup_steps: int = 0) -> LoopSettings:
+        return LoopSettings(epochs=epochs, batch_size=self.batch_size, weight_decay=self.weight_decay,
+                            warmup_steps=warmup_steps, checkpoint_every=self.checkpoint_every,
+                            log_every=self.log_every, eval_batch_size=self.eval_batch_size, amp=self.amp,
+                            workers=self.workers, show_progress=self.show_progress, seed=seed)
+
+    def data_fingerprint(self) -> dict:
+        return {"data": describe_source(self.data), "val_fraction": self.val_fraction, "split_seed": self.split_seed,
+                "model": self.model, "model_args": self.model_args}
+
+
+@dataclass
+class Session:
+    """What every phase of one command shares: process placement, the dense teacher and the data."""
+
+    ctx: DistContext
+    device: torch.device
+    teacher: nn.Module
+    data: DataBundle
+    teacher_key: str
+    threads: int
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Teacher
+# --------------------------------------------------------------------------------------------------------------------
+
+def _file_identity(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    stat = resolved.stat()
+    return {"path": str(resolved), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+def teacher_fingerprint(settings: PipelineSettings) -> dict:
+    return {**settings.data_fingerprint(), "checkpoint": _file_identity(settings.checkpoint),
+            "pretrained": settings.pretrained, "teacher_epochs": settings.teacher_epochs,
+            "teacher_lr": settings.teacher_lr, "teacher_seed": settings.teacher_seed,
+            "batch_size": settings.batch_size, "weight_decay": settings.weight_decay}
+
+
+def _fingerprint_key(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"hiap_teacher": json.dumps(metadata)})
+
+
+def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session:
+    """Process group, dense model (fresh, pretrained or from --checkpoint), data, and the trained teacher.
+
+    The teacher is trained for ``teacher_epochs`` and cached under ``cache_dir`` keyed by everything that shapes it;
+    a later run with the same settings loads it instead. Its own checkpoint lets a killed teacher phase resume.
+    """
+    ctx, device = init_distributed(settings.device)
+    notes: list[str] = []
+    torch.manual_seed(settings.teacher_seed)
+    dense = create_dense_model(settings.model, num_classes_of(settings.data), model_args=settings.model_args,
+                               pretrained=settings.pretrained)
+    if settings.checkpoint is not None:
+        notes += load_dense_weights(dense, settings.checkpoint)
+    threads = configure_threads(settings.threads, device, count_macs(dense))
+    data = build_datasets(settings.data, dense, settings.val_fraction, settings.split_seed)
+    fingerprint = teacher_fingerprint(settings)
+    key = _fingerprint_key(fingerprint)
+    if settings.teacher_epochs == 0:
+        return Session(ctx, device, dense.to(device).eval(), data, key, threads, notes)
+    cache = Path(settings.cache_dir).expanduser()
+    weights_path = cache / f"teacher-{key}.safetensors"
+    ctx.barrier()
+    if weights_path.exists():
+        load_dense_weights(dense, weights_path)
+        log_line(f"[teacher] loaded from cache {weights_path}", ctx)
+    else:
+        job = DenseJob(dense, settings.teacher_lr)
+        steps_per_epoch = len(data.train) // settings.batch_size
+        loop = settings.loop(settings.teacher_epochs, settings.teacher_seed,
+                             warmup_steps=max(1, settings.teacher_epochs * steps_per_epoch // 10))
+        checkpoint = cache / f"teacher-{key}.checkpoint.pt"
+        # Always resumable: the cache key pins every setting, so a partial teacher of the same key is this teacher.
+        fit(job, data, loop, ctx=ctx, device=device, checkpoint_path=checkpoint, log=log,
+            fingerprint=fingerprint, resume=checkpoint.exists())
+        if ctx.is_main:
+            _save_weights(dense, weights_path, fingerprint)
+            checkpoint.unlink(missing_ok=True)
+        log_line(f"[teacher] trained and cached at {weights_path}", ctx)
+    return Session(ctx, device, dense.to(device).eval(), data, key, threads, notes)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HiAP and baselines
+# --------------------------------------------------------------------------------------------------------------------
+
+def _try_triton(model: nn.Module, session: Session) -> str:
+    if session.device.type != "cuda":
+        return "reference"
+    try:
+        use_triton_kernels(model)
+        return "triton"
+    except RuntimeError as error:
+        log_line(f"[kernels] Triton unavailable ({error}); using the PyTorch reference path", session.ctx)
+        return "reference"
+
+
+def gate_checksums(gated: HiAPViT) -> list[float]:
+    """Two numbers that differ when any gate logit differs: plain and position-weighted sums (float64)."""
+    flat = torch.cat([p.detach().double().flatten() for p in gated.gate_logits().values()])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    return [float(flat.sum()), float((flat * weights).sum())]
+
+
+def _summaries(session: Session, models: dict[str, nn.Module], settings: PipelineSettings) -> dict[str, dict]:
+    loader = eval_loader(session.data.val, settings.eval_batch_size, rank=session.ctx.rank,
+                         world_size=session.ctx.world_size, workers=settings.workers)
+    return {name: summarize(model, loader, session.device, amp=settings.amp, ctx=session.ctx,
+                            latency_batch=settings.latency_batch, latency_repeats=settings.latency_repeats,
+                            show_progress=settings.show_progress, label=name)
+            for name, model in models.items()}
+
+
+def run_fingerprint(settings: PipelineSettings, session: Session, method: str) -> dict:
+    """The settings that shape a run's training; a resume must match them."""
+    return {"method": method, "hiap": settings.hiap.to_dict(), "teacher": session.teacher_key,
+            "epochs": settings.epochs, "batch_size": settings.batch_size, "weight_decay": settings.weight_decay,
+            **settings.data_fingerprint()}
+
+
+def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: JsonlLog,
+             dense_summary: dict | None = None) -> dict:
+    """One single-stage HiAP run into ``output``: train (resumable), extract, evaluate, save, report.
+
+    ``dense_summary`` reuses the teacher's numbers (``hiap compare`` measures them once); None measures them here.
+    """
+    ctx = session.ctx
+    gated = gate_vit(session.teacher, settings.hiap)
+    try:
+        objective = HiAPObjective(gated)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+    kernels = _try_triton(gated, session)
+    job = HiAPJob(gated, session.teacher, objective)
+    result = fit(job, session.data, settings.loop(settings.epochs, settings.hiap.seed), ctx=ctx,
+                 device=session.device, checkpoint_path=output / "checkpoint.pt", log=log,
+                 fingerprint=run_fingerprint(settings, session, "hiap"), resume=settings.resume)
+    gated.eval()
+    settling = settle_budget(gated, TOLERANCE)
+    pruned = extract(gated)
+    pruned.pretrained_cfg = getattr(session.teacher, "pretrained_cfg", None)
+    if count_macs(pruned) != count_macs(gated):
+        raise RuntimeError("extracted MACs differ from the gated model's decision")
+    _try_triton(pruned, session)
+    models = {"pruned": pruned} if dense_summary is not None else {"dense": session.teacher, "pruned": pruned}
+    summaries = _summaries(session, models, settings)
+    summaries.setdefault("dense", dense_summary)
+    checksums = gather_floats(gate_checksums(gated), ctx, session.device)
+    target = settings.hiap.target if settings.hiap.budget == "target" else None
+    fraction = summaries["pruned"]["macs"] / dense_macs(gated)
+    if target is not None and abs(fraction / target - 1) > TOLERANCE:
+        log_line(f"[hiap] warning: extracted MACs are {fraction:.4f} of dense, {100 * (fraction / target - 1):+.1f}% "
+                 f"off the {target:.4f} target; more --epochs give the budget more time to settle", ctx)
+    elif settling and settling["steps"]:
+        log_line(f"[hiap] budget settling: decided MACs {settling['before']:.4f} -> {settling['after']:.4f} of dense "
+                 f"in {settling['steps']} logit-only steps", ctx)
+    outcome = {
+        "method": "hiap", "target": target, "seed": settings.hiap.seed, "dense": summaries["dense"],
+        "pruned": summaries["pruned"], "dense_macs": dense_macs(gated), "fraction": fraction,
+        "target_error": None if target is None else fraction / target - 1, "settling": settling,
+        "steps": result.steps, "resumed_from": result.resumed_from, "history": result.history,
+        "structure": layer_structure(gated), "kernels": kernels, "threads": session.threads,
+        "world_size": ctx.world_size, "gate_checksums": checksums,
+        "gates_in_sync": all(c == checksums[0] for c in checksums),
+        "data": session.data.description, "model": settings.model, "notes": session.notes,
+        "settings": settings_record(settings),
+    }
+    if ctx.is_main:
+        save_pruned(pruned, output / "pruned.safetensors")
+        write_prune_report(output, outcome, JsonlLog.read(output / "log.jsonl"))
+    ctx.barrier()
+    return outcome
+
+
+def run_baseline(method: str, settings: PipelineSettings, session: Session, output: Path, seed: int,
+                 dense_summary: dict) -> dict:
+    """Baseline ``method`` at ``settings.hiap.target``: fixed gates, extraction, then the HiAP run's KD budget."""
+    ctx = session.ctx
+    log = _run_log(output, settings, ctx)
+    gated = gate_vit(session.teacher, settings.hiap).eval()
+    choice = apply_baseline(method, gated, settings.hiap.target)
+    pruned = extract(gated)
+    pruned.pretrained_cfg = getattr(session.teacher, "pretrained_cfg", None)
+    cfg = settings.hiap
+    job = DistillJob(pruned.train(), session.teacher, lr=cfg.lr, alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
+                     phase=method)
+    fingerprint = {**run_fingerprint(settings, session, method), "seed": seed}
+    result = fit(job, session.data, settings.loop(settings.epochs, seed), ctx=ctx, device=session.device,
+                 checkpoint_path=output / "checkpoint.pt", log=log, fingerprint=fingerprint, resume=settings.resume)
+    pruned.eval()
+    _try_triton(pruned, session)
+    summary = _summaries(session, {"pruned": pruned}, settings)["pruned"]
+    outcome = {"method": method, "target": cfg.target, "seed": seed, "dense": dense_summary, "pruned": summary,
+               "dense_macs": dense_macs(gated), "fraction": summary["macs"] / dense_macs(gated), "choice": choice,
+               "steps": result.steps, "history": result.history, "structure": layer_structure(gated)}
+    if ctx.is_main:
+        save_pruned(pruned, output / "pruned.safetensors")
+        atomic_write_json(outcome, output / "result.json")
+    ctx.barrier()
+    return outcome
+
+
+def settings_record(settings: PipelineSettings) -> dict:
+    record = asdict(settings)
+    record["hiap"] = settings.hiap.to_dict()
+    return record
+
+
+def _run_log(output: Path, settings: PipelineSettings, ctx: DistContext | None = None) -> JsonlLog:
+    """The run's JSONL log. A fresh (not resumed) run starts with an empty log and no checkpoint, so a later
+    ``--resume`` can never pick up what an older run into the same folder left behind."""
+    log = JsonlLog(output / "log.jsonl", enabled=ctx.is_main if ctx is not None else _is_rank0())
+    if not settings.resume and log.enabled:
+        log.path.unlink(missing_ok=True)
+        (output / "checkpoint.pt").unlink(missing_ok=True)
+    return log
+
+
+def prune(settings: PipelineSettings) -> dict:
+    """``hiap prune``: the whole pipeline into ``settings.output``; returns the report's content."""
+    output = Path(settings.output)
+    log = _run_log(output, settings)
+    session = prepare_session(settings, log)
+    return run_hiap(settings, session, output, log)
+
+
+def compare(settings: PipelineSettings, seeds: list[int], targets: list[float], methods: list[str]) -> dict:
+    """``hiap compare``: HiAP and the baselines at every target and seed, each in ``output/<method>-t<target>-s<seed>``."""
+    from hiap.app.report import write_compare_report
+
+    output = Path(settings.output)
+    session = prepare_session(settings, _run_log(output, settings))
+    dense_summary = _summaries(session, {"dense": session.teacher}, settings)["dense"]
+    runs = []
+    for target in targets:
+        for seed in seeds:
+            run_settings = replace(settings, hiap=replace(settings.hiap, target=target, seed=seed))
+            for method in methods:
+                folder = output / f"{method}-t{target:.3f}-s{seed}"
+                log_line(f"[compare] {method} at {target:.3f} of dense MACs, seed {seed}", session.ctx)
+                if method == "hiap":
+                    outcome = run_hiap(run_settings, session, folder, _run_log(folder, settings, session.ctx),
+                                       dense_summary)
+                else:
+                    outcome = run_baseline(method, run_settings, session, folder, seed, dense_summary)
+                runs.append({k: v for k, v in outcome.items() if k not in ("history", "structure")})
+    report = {"dense": dense_summary, "seeds": seeds, "targets": targets, "methods": methods, "runs": runs,
+              "val_size": len(session.data.val), "machine": describe_machine(session.device),
+              "data": session.data.description, "model": settings.model, "settings": settings_record(settings)}
+    if session.ctx.is_main:
+        write_compare_report(output, report)
+    return report
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def rebuild_gated(payload: dict) -> HiAPViT:
+    """The gated model of a HiAP training checkpoint (architecture, config, weights) as ``hiap prune`` extracts it:
+    in eval mode, with the same budget settling applied."""
+    from hiap.method.architecture import build_vit
+
+    try:
+        cfg = HiAPConfig.from_dict(payload["hiap_config"])
+        gated = gate_vit(build_vit(payload["architecture"]), cfg)
+        gated.load_state_dict(payload["model"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise InputError(f"the checkpoint does not describe a gated model: {error}") from error
+    gated.eval()
+    settle_budget(gated, TOLERANCE)
+    return gated

@@ -1,0 +1,112 @@
+"""``gate_vit``: a gated copy of a timm VisionTransformer, wrapped so it carries its config and gate schedule."""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from hiap.config import HiAPConfig
+from hiap.method.architecture import describe_vit
+from hiap.method.gated import GatedAttention, GatedMlp
+from hiap.method.gates import GateSchedule, LayerGates, step_seed
+
+
+class HiAPViT(nn.Module):
+    """A timm ``VisionTransformer`` (``.vit``) whose blocks use ``GatedAttention`` / ``GatedMlp``.
+
+    ``forward(images [B, C, H, W]) -> logits [B, num_classes]``. Each training-mode forward draws the gates with the
+    seed of the current step (``step_seed(cfg.seed, gate_step)``) and advances ``gate_step``, a buffer saved in the
+    state_dict, so a resumed run (and every DDP rank) samples the same gates for the same step.
+    """
+
+    def __init__(self, vit: nn.Module, cfg: HiAPConfig, architecture: dict, schedule: GateSchedule):
+        super().__init__()
+        self.vit = vit
+        self.cfg = cfg
+        self.architecture = architecture
+        # The one GateSchedule every gate of this model reads (set_temperature and forward write it).
+        self.schedule = schedule
+        self.register_buffer("gate_step", torch.zeros((), dtype=torch.int64))
+
+    def gated_modules(self) -> Iterator[nn.Module]:
+        for module in self.vit.modules():
+            if isinstance(module, (GatedAttention, GatedMlp)):
+                yield module
+
+    def attention_layers(self) -> list[GatedAttention]:
+        return [block.attn for block in self.vit.blocks]
+
+    def ffn_layers(self) -> list[GatedMlp]:
+        return [block.mlp for block in self.vit.blocks]
+
+    def gate_layers(self) -> list[LayerGates]:
+        """Every layer's gates, block by block (attention, then FFN)."""
+        return [module.gates for module in self.gated_modules()]
+
+    @property
+    def temperature(self) -> float:
+        return self.schedule.tau
+
+    def set_temperature(self, tau: float) -> None:
+        """Set the Gumbel-Sigmoid temperature used by every gate from the next forward on."""
+        self.schedule.set_temperature(tau)
+
+    def gate_logits(self) -> dict[str, nn.Parameter]:
+        """The gate logits by name (``blocks.3.attn.gates.head`` ...), for an optimizer group of their own."""
+        return {
+            f"{name[len('vit.'):]}.{kind}": logit
+            for name, gates in self.named_modules() if isinstance(gates, LayerGates)
+            for kind, logit in gates.logits().items()
+        }
+
+    def micro_gate_logits(self) -> list[nn.Parameter]:
+        """The micro-gate logits of every layer (head dims, neurons)."""
+        return [logit for gates in self.gate_layers() for logit in gates.micro_logits()]
+
+    def weight_parameters(self) -> dict[str, nn.Parameter]:
+        """Every trainable parameter that is not a gate logit."""
+        gates = {id(p) for p in self.gate_logits().values()}
+        return {name: p for name, p in self.named_parameters() if id(p) not in gates}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.schedule.seed = step_seed(self.cfg.seed, int(self.gate_step))
+            self.gate_step += 1
+        return self.vit(images)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.schedule.tau:.4g}, budget={self.cfg.budget}, target={self.cfg.target:.4g}"
+
+
+def gate_vit(model: nn.Module, cfg: HiAPConfig | None = None) -> HiAPViT:
+    """A gated copy of a timm ``VisionTransformer``; the input model is left untouched.
+
+    Every attention layer gets head gates ``[H]`` and q/k- and v-dim gates ``[H, Dh / dim_group]``; every FFN a block
+    gate ``[1]`` and neuron gates ``[F / dim_group]``, all starting at ``cfg.init_logit``. In eval mode with every gate
+    open the gated model computes exactly what the timm model does.
+
+    Raises:
+        UnsupportedModelError: the model is not a timm VisionTransformer made of standard Attention / Mlp layers.
+        ValueError: ``cfg.dim_group`` does not divide the head dim or the FFN width.
+    """
+    cfg = HiAPConfig() if cfg is None else cfg.validate()
+    if isinstance(model, HiAPViT):
+        raise ValueError("the model is gated already")
+    architecture = describe_vit(model)
+    vit = copy.deepcopy(model)
+    schedule = GateSchedule(tau=cfg.tau0, seed=step_seed(cfg.seed, 0), hard=cfg.hard)
+    for index, block in enumerate(vit.blocks):
+        block.attn = GatedAttention(
+            block.attn, index, schedule, init_logit=cfg.init_logit, dim_group=cfg.dim_group,
+            min_heads=cfg.min_heads, min_dim_fraction=cfg.min_dim_fraction,
+        )
+        block.mlp = GatedMlp(
+            block.mlp, index, schedule, init_logit=cfg.init_logit, dim_group=cfg.dim_group,
+            min_neuron_fraction=cfg.min_neuron_fraction,
+        )
+    gated = HiAPViT(vit, cfg, architecture, schedule)
+    gated.train(model.training)
+    return gated

@@ -1,0 +1,202 @@
+"""Exact extraction of the physical pruned network, and its safetensors + JSON-layout file format."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from hiap.method.architecture import build_vit
+from hiap.method.convert import HiAPViT
+from hiap.method.gated import GatedAttention, GatedMlp
+from hiap.method.pruned import PrunedAttention, PrunedMlp
+
+FORMAT_NAME = "hiap-pruned"
+FORMAT_VERSION = 1
+
+
+def _rows(linear: nn.Linear, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = linear.weight.detach()[index].clone()
+    bias = None if linear.bias is None else linear.bias.detach()[index].clone()
+    return weight, bias
+
+
+def _copy_into(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+
+
+@torch.no_grad()
+def _extract_attention(attn: GatedAttention) -> PrunedAttention:
+    head_dim, heads = attn.head_dim, attn.num_heads
+    m_q, m_v = attn.gates.kept_columns()  # [H, Dh] each; a removed head has neither
+    kept_heads = [h for h in range(heads) if bool(m_v[h].any())]
+    q_cols = [h * head_dim + torch.nonzero(m_q[h]).flatten() for h in kept_heads]
+    v_cols = [h * head_dim + torch.nonzero(m_v[h]).flatten() for h in kept_heads]
+    width = heads * head_dim
+    device = attn.qkv.weight.device
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    q_index = torch.cat(q_cols) if q_cols else empty
+    v_index = torch.cat(v_cols) if v_cols else empty
+    qkv_index = torch.cat([q_index, q_index + width, v_index + 2 * width])
+    pruned = PrunedAttention(
+        attn.qkv.in_features, attn.proj.out_features,
+        qk_widths=[len(c) for c in q_cols], v_widths=[len(c) for c in v_cols], scale=attn.scale,
+        qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+    ).to(device=device, dtype=attn.qkv.weight.dtype)
+    _copy_into(pruned.qkv, *_rows(attn.qkv, qkv_index))
+    proj_weight = attn.proj.weight.detach()[:, v_index].clone()
+    proj_bias = None if attn.proj.bias is None else attn.proj.bias.detach().clone()
+    _copy_into(pruned.proj, proj_weight, proj_bias)
+    return pruned
+
+
+@torch.no_grad()
+def _extract_mlp(mlp: GatedMlp) -> PrunedMlp:
+    index = torch.nonzero(mlp.gates.kept_neurons()).flatten()
+    pruned = PrunedMlp(
+        mlp.fc1.in_features, len(index), mlp.fc2.out_features, copy.deepcopy(mlp.act),
+        fc1_bias=mlp.fc1.bias is not None, fc2_bias=mlp.fc2.bias is not None,
+    ).to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
+    _copy_into(pruned.fc1, *_rows(mlp.fc1, index))
+    fc2_bias = None if mlp.fc2.bias is None else mlp.fc2.bias.detach().clone()
+    _copy_into(pruned.fc2, mlp.fc2.weight.detach()[:, index].clone(), fc2_bias)
+    return pruned
+
+
+def extract(model: HiAPViT) -> nn.Module:
+    """The physical pruned network: a timm ``VisionTransformer`` with ragged ``PrunedAttention`` / ``PrunedMlp``.
+
+    Gates are decided by the same deterministic function as eval mode (``a > 0`` plus the hard minimums), so the
+    pruned model's output equals ``model.eval()``'s to float rounding. No fine-tuning. The result is in eval mode and
+    carries ``hiap_architecture`` (the skeleton description used by ``save_pruned``).
+
+    Raises:
+        TypeError: ``model`` is not a gated model from ``hiap.gate_vit`` (its gates were never created).
+        ValueError: a gate logit is NaN or infinite (a diverged run).
+    """
+    if not isinstance(model, HiAPViT):
+        raise TypeError(
+            f"extract needs a gated model from hiap.gate_vit(...); got {type(model).__name__}, which has no gates"
+        )
+    broken = [name for name, logit in model.gate_logits().items() if not torch.isfinite(logit).all()]
+    if broken:
+        raise ValueError(f"extract: gate logits contain NaN or inf in {broken[:4]}{' ...' if len(broken) > 4 else ''}")
+    gated_blocks = list(model.vit.blocks)
+    if not all(isinstance(b.attn, GatedAttention) and isinstance(b.mlp, GatedMlp) for b in gated_blocks):
+        raise TypeError("extract: some blocks of this model have no gates")
+    pruned = copy.deepcopy(model.vit)
+    for block, gated_block in zip(pruned.blocks, gated_blocks):
+        block.attn = _extract_attention(gated_block.attn)
+        block.mlp = _extract_mlp(gated_block.mlp)
+    pruned.hiap_architecture = copy.deepcopy(model.architecture)
+    return pruned.eval()
+
+
+def pruned_layout(pruned: nn.Module) -> dict:
+    """JSON-serialisable description of a pruned model: skeleton arguments and per-layer widths."""
+    architecture = getattr(pruned, "hiap_architecture", None)
+    if architecture is None:
+        raise TypeError("not a pruned model from hiap.extract / hiap.load_pruned (no hiap_architecture)")
+    layers = []
+    for block in pruned.blocks:
+        attn, mlp = block.attn, block.mlp
+        if not isinstance(attn, PrunedAttention) or not isinstance(mlp, PrunedMlp):
+            raise TypeError("not a pruned model: its blocks hold no PrunedAttention / PrunedMlp")
+        layers.append({"qk_widths": attn.qk_widths, "v_widths": attn.v_widths, "scale": attn.scale,
+                       "ffn_width": mlp.hidden_features})
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "architecture": architecture, "layers": layers}
+
+
+def save_pruned(pruned: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``pruned`` to one ``.safetensors`` file: the weights, with the JSON layout in the header metadata.
+
+    The file is written to a temporary name and renamed, so an interrupted save never leaves a half-written file.
+    """
+    path = Path(path)
+    layout = pruned_layout(pruned)
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in pruned.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, tmp_name, metadata={"hiap_layout": json.dumps(layout)})
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
+
+def read_layout(path: str | os.PathLike) -> dict:
+    """The JSON layout stored in a pruned-model file (no weights read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pruned model at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    if "hiap_layout" not in metadata:
+        raise ValueError(f"{path} is a safetensors file but not a HiAP pruned model (no layout metadata)")
+    try:
+        layout = json.loads(metadata["hiap_layout"])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: the layout metadata is not valid JSON: {error}") from error
+    if layout.get("format") != FORMAT_NAME or layout.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported layout format {layout.get('format')!r} v{layout.get('version')!r}")
+    return layout
+
+
+def build_pruned_skeleton(layout: dict) -> nn.Module:
+    """An uninitialised pruned model with the structure ``layout`` describes."""
+    try:
+        architecture = layout["architecture"]
+        layers = layout["layers"]
+        vit = build_vit(architecture)
+        if len(layers) != len(vit.blocks):
+            raise ValueError(f"the layout has {len(layers)} layers but the architecture {len(vit.blocks)} blocks")
+        for block, layer in zip(vit.blocks, layers):
+            dense_attn, dense_mlp = block.attn, block.mlp
+            block.attn = PrunedAttention(
+                dense_attn.qkv.in_features, dense_attn.proj.out_features, layer["qk_widths"], layer["v_widths"],
+                layer["scale"], qkv_bias=dense_attn.qkv.bias is not None, proj_bias=dense_attn.proj.bias is not None,
+            )
+            block.mlp = PrunedMlp(
+                dense_mlp.fc1.in_features, layer["ffn_width"], dense_mlp.fc2.out_features, dense_mlp.act,
+                fc1_bias=dense_mlp.fc1.bias is not None, fc2_bias=dense_mlp.fc2.bias is not None,
+            )
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"malformed pruned-model layout: {error!r}") from error
+    vit.hiap_architecture = architecture
+    return vit
+
+
+def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model written by ``save_pruned`` (eval mode, on ``device``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is corrupt, not a HiAP pruned model, or its weights do not match its layout.
+    """
+    layout = read_layout(path)
+    model = build_pruned_skeleton(layout)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: cannot read the weights: {error}") from error
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: the weights do not match the stored layout: {error}") from error
+    return model.to(device).eval()

@@ -1,0 +1,114 @@
+"""Gated attention and FFN modules that wrap timm's Attention and Mlp; reference or Triton path per ``hiap.backend``.
+
+Each gated module keeps the timm sub-modules it wraps (``qkv``, ``proj``, ``fc1``, ``fc2``...) under the same names and
+holds its gates in ``.gates`` (an :class:`AttentionGates` / :class:`FfnGates`). A forward asks the gates for one
+:class:`GateDraw` and hands it to the reference op or to the Triton op, which draw the very same gates from it.
+Training mode samples; eval mode applies the deterministic decision, so the eval-mode model, its MAC count and the
+extracted model agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hiap.backend import KernelBackendMixin
+from hiap.method.gates import AttentionGates, FfnGates, GateSchedule, gate_offset
+from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
+
+
+def _rename_legacy_gate_keys(names: dict[str, str]):
+    """A load_state_dict pre-hook that maps the logit names of files written before ``.gates`` existed."""
+
+    def hook(module, state_dict, prefix, *args):
+        for old, new in names.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+    return hook
+
+
+class GatedAttention(KernelBackendMixin, nn.Module):
+    """timm ``Attention`` with head gates ``g [H]``, q/k-dim gates ``dqk [H, Dh/G]`` and v-dim gates ``dv [H, Dh/G]``.
+
+    Masks: q columns times ``dqk``, v columns times ``g * dv`` (k unmasked). Input and output ``[B, N, D]``.
+    """
+
+    triton_op = "gated_qkv"
+
+    def __init__(self, attn: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
+                 init_logit: float, dim_group: int, min_heads: int, min_dim_fraction: float):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = attn.num_heads * attn.head_dim
+        self.scale = attn.scale
+        self.layer_index = layer_index
+        self.qkv = attn.qkv
+        self.attn_drop = attn.attn_drop
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        self.gates = AttentionGates(
+            attn.num_heads, attn.head_dim, group=dim_group, init_logit=init_logit,
+            offset=gate_offset(layer_index, "attention"), min_heads=min_heads, min_dim_fraction=min_dim_fraction,
+            schedule=schedule, device=attn.qkv.weight.device,
+        )
+        self._register_load_state_dict_pre_hook(
+            _rename_legacy_gate_keys({"gate_head": "gates.head", "gate_qk": "gates.qk", "gate_v": "gates.v"}),
+            with_module=True,
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        draw = self.gates.draw()
+        gated_qkv = self.triton_kernel(x, self.qkv.weight) or gated_qkv_reference
+        q, k, v = gated_qkv(x, self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
+        )
+        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, layer={self.layer_index}"
+
+
+class GatedMlp(KernelBackendMixin, nn.Module):
+    """timm ``Mlp`` with an FFN block gate ``b [1]`` and neuron gates ``c [F/G]``; mask ``b * c`` after the GELU.
+
+    Input and output ``[..., D]``.
+    """
+
+    triton_op = "gated_fc1"
+
+    def __init__(self, mlp: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
+                 init_logit: float, dim_group: int, min_neuron_fraction: float):
+        super().__init__()
+        if type(mlp.act) is not nn.GELU:
+            raise TypeError(f"GatedMlp needs nn.GELU as the activation, got {type(mlp.act).__name__}")
+        self.hidden_features = mlp.fc1.out_features
+        self.layer_index = layer_index
+        self.fc1 = mlp.fc1
+        self.act = mlp.act
+        self.drop1 = mlp.drop1
+        self.fc2 = mlp.fc2
+        self.drop2 = mlp.drop2
+        self.gates = FfnGates(
+            self.hidden_features, group=dim_group, init_logit=init_logit, offset=gate_offset(layer_index, "ffn"),
+            min_neuron_fraction=min_neuron_fraction, schedule=schedule, device=mlp.fc1.weight.device,
+        )
+        self._register_load_state_dict_pre_hook(
+            _rename_legacy_gate_keys({"gate_block": "gates.block", "gate_neuron": "gates.neuron"}), with_module=True
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        draw = self.gates.draw()
+        gated_fc1 = self.triton_kernel(x, self.fc1.weight) or gated_fc1_reference
+        hidden = gated_fc1(x, self.fc1.weight, self.fc1.bias, *draw.logits, approximate=self.act.approximate,
+                           **draw.options())
+        return self.drop2(self.fc2(self.drop1(hidden)))
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden_features}, layer={self.layer_index}"

@@ -1,0 +1,271 @@
+"""The one home of the gates: per-layer gate objects, the model's gate schedule, the draw record, the decision.
+
+* :class:`GateSchedule` holds what every gate of a model reads at forward time: the temperature, the step seed and the
+  hard/soft choice. A gated model owns one; :meth:`HiAPViT.set_temperature` and its forward are the only writers.
+* :class:`AttentionGates` and :class:`FfnGates` own one layer's logits (``nn.Parameter``), its deterministic decision,
+  its keep probabilities and its counter window in the Philox stream. Each forward asks them for one :class:`GateDraw`,
+  the record that the reference path and the Triton kernels both consume: the same record gives the same gates.
+* Sampling itself (Philox noise, Gumbel-Sigmoid with the straight-through estimator) lives in ``hiap_kernels.gates``
+  so the kernels and the reference share it bit for bit; this module decides which stream a layer uses and what is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from hiap_kernels.gates import MAX_SEED
+
+__all__ = [
+    "CLOSED_LOGIT",
+    "OPEN_LOGIT",
+    "AttentionGates",
+    "FfnGates",
+    "GateDraw",
+    "GateSchedule",
+    "LayerGates",
+    "gate_offset",
+    "minimum_count",
+    "step_seed",
+    "temperature_at",
+    "top_k_mask",
+]
+
+# Each gated module owns a window of this many Philox counters; one layer has far fewer gates than this.
+GATES_PER_MODULE = 2**20
+# Logits that fix a gate open or closed for good (sigmoid(8) = 0.9997), used by baselines and tests.
+OPEN_LOGIT, CLOSED_LOGIT = 8.0, -8.0
+
+
+def gate_offset(layer_index: int, kind: str) -> int:
+    """First Philox counter of a module's gates: attention of layer l at 2l * 2^20, its FFN at (2l + 1) * 2^20."""
+    slot = 2 * layer_index + (0 if kind == "attention" else 1)
+    offset = slot * GATES_PER_MODULE
+    if offset + GATES_PER_MODULE > MAX_SEED:
+        raise ValueError(f"layer index {layer_index} is too large for the gate counter space")
+    return offset
+
+
+def step_seed(base_seed: int, step: int) -> int:
+    """Seed of training step ``step``: a splitmix64 hash of (base seed, step), reduced to [0, 2^31 - 1).
+
+    Deterministic, so a resumed run and every DDP rank draw the same gates for the same step.
+    """
+    z = (base_seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return z % MAX_SEED
+
+
+def temperature_at(step: int, total_steps: int, tau0: float = 2.0, tau_min: float = 0.5) -> float:
+    """``tau(t) = max(tau_min, tau0 * (tau_min / tau0) ** (t / T))``: exponential anneal from tau0 to tau_min."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    progress = min(max(step, 0), total_steps) / total_steps
+    return max(tau_min, tau0 * (tau_min / tau0) ** progress)
+
+
+def top_k_mask(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries along the last dim (ties broken by index; ``k`` may be 0).
+
+    ``k`` is an int or a tensor broadcastable to ``logits.shape[:-1]``.
+    """
+    order = torch.argsort(logits, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(logits.shape[-1], device=logits.device).expand_as(order))
+    k = torch.as_tensor(k, device=logits.device)
+    return rank < (k[..., None] if k.dim() > 0 else k)
+
+
+def minimum_count(fraction: float, total: int) -> int:
+    """``ceil(fraction * total)``, guarded against float noise (0.125 * 64 must give 8, not 9)."""
+    return min(total, math.ceil(fraction * total - 1e-9))
+
+
+@dataclass
+class GateSchedule:
+    """Temperature, step seed and hard/soft choice shared by every gate of one model (its owner writes them)."""
+
+    tau: float = 2.0
+    seed: int = 0
+    hard: bool = True
+
+    def set_temperature(self, tau: float) -> None:
+        tau = float(tau)
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"temperature must be a finite number > 0, got {tau}")
+        self.tau = tau
+
+
+class GateDraw(NamedTuple):
+    """How one layer's gates are drawn for one forward: what the reference and the Triton op both receive.
+
+    ``logits`` are the layer's live logits when sampling (training), or +-1 stand-ins for the decision in eval mode
+    (``sample`` False: both paths then open exactly the gates with a > 0).
+    """
+
+    logits: tuple[torch.Tensor, ...]
+    tau: float
+    seed: int
+    offset: int
+    hard: bool
+    sample: bool
+
+    def options(self) -> dict:
+        """The keyword arguments of the gated ops: ``tau, seed, offset, hard, sample``."""
+        return {"tau": self.tau, "seed": self.seed, "offset": self.offset, "hard": self.hard, "sample": self.sample}
+
+
+def _as_logits(keep: torch.Tensor | bool, like: torch.Tensor) -> torch.Tensor:
+    keep = torch.as_tensor(keep, device=like.device).expand_as(like)
+    return torch.where(keep, torch.full_like(like, OPEN_LOGIT), torch.full_like(like, CLOSED_LOGIT))
+
+
+class LayerGates(nn.Module):
+    """One layer's gates. Subclasses register their logits in ``KINDS`` order (the order of their Philox counters)."""
+
+    KINDS: tuple[str, ...] = ()
+    MACRO: tuple[str, ...] = ()
+
+    def __init__(self, offset: int, schedule: GateSchedule | None):
+        super().__init__()
+        self.offset = offset
+        self.schedule = schedule if schedule is not None else GateSchedule()
+
+    def logits(self) -> dict[str, nn.Parameter]:
+        """The logits by kind, in counter order."""
+        return {kind: getattr(self, kind) for kind in self.KINDS}
+
+    def micro_logits(self) -> list[nn.Parameter]:
+        """The micro-gate logits (head dims, neurons): the ones budget settling may move."""
+        return [getattr(self, kind) for kind in self.KINDS if kind not in self.MACRO]
+
+    @torch.no_grad()
+    def assign(self, **keep: torch.Tensor | bool) -> None:
+        """Fix gates open or closed: ``assign(head=True, qk=mask)`` sets OPEN_LOGIT where True, CLOSED_LOGIT elsewhere."""
+        unknown = sorted(set(keep) - set(self.KINDS))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no gates {unknown}; kinds: {self.KINDS}")
+        for kind, value in keep.items():
+            logit = getattr(self, kind)
+            logit.copy_(_as_logits(value, logit))
+
+    def decisions(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def keep_probabilities(self) -> tuple[torch.Tensor, ...]:
+        """P(open) = sigmoid(a) of each kind, in ``KINDS`` order (differentiable)."""
+        return tuple(torch.sigmoid(getattr(self, kind)) for kind in self.KINDS)
+
+    def draw(self) -> GateDraw:
+        """The draw of this forward: sampled from the logits in training mode, the decision in eval mode."""
+        schedule = self.schedule
+        if self.training:
+            logits, sample = tuple(self.logits().values()), True
+        else:
+            anchor = getattr(self, self.KINDS[0])
+            logits = tuple(keep.to(anchor.dtype) * 2 - 1 for keep in self.decisions())
+            sample = False
+        return GateDraw(logits, schedule.tau, schedule.seed, self.offset, schedule.hard, sample)
+
+
+class AttentionGates(LayerGates):
+    """Head gates ``head [H]``, q/k-dim gates ``qk [H, Dh/G]`` and v-dim gates ``v [H, Dh/G]`` of one attention layer.
+
+    Effective column masks: ``m_q = qk``, ``m_v = head * v`` (each micro gate covering ``G = group`` columns).
+    """
+
+    KINDS = ("head", "qk", "v")
+    MACRO = ("head",)
+
+    def __init__(self, num_heads: int, head_dim: int, *, group: int, init_logit: float, offset: int,
+                 min_heads: int, min_dim_fraction: float, schedule: GateSchedule | None = None,
+                 device: torch.device | None = None):
+        super().__init__(offset, schedule)
+        if head_dim % group:
+            raise ValueError(f"dim_group={group} does not divide the head dim {head_dim}")
+        self.num_heads, self.head_dim, self.group = num_heads, head_dim, group
+        self.min_heads, self.min_dim_fraction = min_heads, min_dim_fraction
+        groups = head_dim // group
+        self.head = nn.Parameter(torch.full((num_heads,), float(init_logit), device=device))
+        self.qk = nn.Parameter(torch.full((num_heads, groups), float(init_logit), device=device))
+        self.v = nn.Parameter(torch.full((num_heads, groups), float(init_logit), device=device))
+
+    @torch.no_grad()
+    def decisions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The deterministic keep decision (eval mode, MAC count and extraction all use it): bool ``[H]``, ``[H, G]``, ``[H, G]``.
+
+        ``z = 1[a > 0]``, then the hard feasibility minimums: the ``min_heads`` highest head logits are kept, and in
+        every head the top ``ceil(min_dim_fraction * groups)`` q/k groups and v groups. Branch-free: where enough gates
+        are open the top-k are among them already.
+        """
+        groups = self.qk.shape[1]
+        keep_head = (self.head > 0) | top_k_mask(self.head, min(self.min_heads, self.num_heads))
+        dims_min = minimum_count(self.min_dim_fraction, groups)
+        keep_qk = (self.qk > 0) | top_k_mask(self.qk, dims_min)
+        keep_v = (self.v > 0) | top_k_mask(self.v, dims_min)
+        return keep_head, keep_qk, keep_v
+
+    @torch.no_grad()
+    def kept_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What extraction keeps, per head column: bool ``m_q [H, Dh]`` and ``m_v [H, Dh]``.
+
+        A head whose v columns are all closed is gone, and its q/k columns with it.
+        """
+        keep_head, keep_qk, keep_v = self.decisions()
+        m_v = (keep_v & keep_head[:, None]).repeat_interleave(self.group, dim=1)
+        alive = m_v.any(dim=1)
+        m_q = keep_qk.repeat_interleave(self.group, dim=1) & alive[:, None]
+        return m_q, m_v
+
+    def kept_widths(self) -> tuple[list[int], list[int]]:
+        """Per original head, the kept q/k width and v width (0 and 0 for a removed head)."""
+        m_q, m_v = self.kept_columns()
+        return m_q.sum(dim=1).tolist(), m_v.sum(dim=1).tolist()
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, group={self.group}, offset={self.offset}"
+
+
+class FfnGates(LayerGates):
+    """FFN block gate ``block [1]`` and neuron gates ``neuron [F/G]`` of one layer; mask ``block * neuron``."""
+
+    KINDS = ("block", "neuron")
+    MACRO = ("block",)
+
+    def __init__(self, hidden_features: int, *, group: int, init_logit: float, offset: int,
+                 min_neuron_fraction: float, schedule: GateSchedule | None = None,
+                 device: torch.device | None = None):
+        super().__init__(offset, schedule)
+        if hidden_features % group:
+            raise ValueError(f"dim_group={group} does not divide the FFN width {hidden_features}")
+        self.hidden_features, self.group = hidden_features, group
+        self.min_neuron_fraction = min_neuron_fraction
+        self.block = nn.Parameter(torch.full((1,), float(init_logit), device=device))
+        self.neuron = nn.Parameter(torch.full((hidden_features // group,), float(init_logit), device=device))
+
+    @torch.no_grad()
+    def decisions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deterministic keep decision: block ``[1]`` and neuron groups ``[F / G]`` (bool).
+
+        A kept block keeps at least ``ceil(min_neuron_fraction * groups)`` neuron groups; blocks themselves have no
+        minimum (a whole FFN may go).
+        """
+        keep_block = self.block > 0
+        minimum = minimum_count(self.min_neuron_fraction, self.neuron.numel())
+        keep_neuron = (self.neuron > 0) | top_k_mask(self.neuron, minimum)
+        return keep_block, keep_neuron
+
+    @torch.no_grad()
+    def kept_neurons(self) -> torch.Tensor:
+        """What extraction keeps: bool ``[F]`` over the hidden neurons."""
+        keep_block, keep_neuron = self.decisions()
+        return keep_neuron.repeat_interleave(self.group) & keep_block
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden_features}, group={self.group}, offset={self.offset}"

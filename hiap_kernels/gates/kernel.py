@@ -1,0 +1,104 @@
+"""In-kernel Gumbel-Sigmoid gates: the Triton twin of :func:`hiap_kernels.gates.reference.gumbel_sigmoid`.
+
+Gate ``i`` of a layer draws its uniform from Philox counter ``offset + i`` of stream ``seed`` (``tl.rand``), which
+:func:`hiap_kernels.gates.reference.philox_uniform` reproduces bit for bit. Every expression below is the reference's,
+evaluated in fp32 in the same order, so the hard decisions ``1[s > 0.5]`` agree with the reference exactly and the
+soft values to float rounding.
+
+The fused kernels in ``hiap_kernels.gated_linear`` call :func:`gate_value_and_slope` in their epilogues; :func:`sample_gates`
+runs the same helper over a flat logit vector (the backward passes need the gate values and slopes per gate).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hiap_kernels.common import runtime
+from hiap_kernels.common.runtime import check_tensor
+from hiap_kernels.gates.reference import check_gate_arguments
+
+
+@triton.jit
+def gumbel_sigmoid_soft(logit, seed, counter, tau):
+    """Soft sample ``s = sigmoid((a + eps) / tau)`` of each gate; ``logit`` fp32, ``counter`` int32, same shape."""
+    u = tl.rand(seed, counter)
+    # Same clamp as the reference: eps = log(u) - log(1 - u) stays finite.
+    u = tl.minimum(tl.maximum(u, 1e-6), 1.0 - 1e-6)
+    noise = tl.log(u) - tl.log(1.0 - u)
+    # IEEE division: a plain `/` lowers to an approximate divide on NVIDIA GPUs, the reference divides exactly.
+    return tl.sigmoid(tl.math.div_rn(logit + noise, tau))
+
+
+@triton.jit
+def gate_value_and_slope(logit, seed, counter, tau, HARD: tl.constexpr, SAMPLE: tl.constexpr):
+    """Forward value ``z`` and straight-through slope ``dz/da`` of each gate (fp32, shape of ``logit``).
+
+    SAMPLE and HARD: z = 1[s > 0.5], slope ds/da = s (1 - s) / tau (straight-through estimator).
+    SAMPLE, soft:    z = s, same slope.
+    not SAMPLE:      the deterministic eval decision z = 1[a > 0]; no gradient reaches the logits (slope 0).
+    """
+    if SAMPLE:
+        soft = gumbel_sigmoid_soft(logit, seed, counter, tau)
+        slope = tl.math.div_rn(soft * (1.0 - soft), tau)
+        if HARD:
+            value = (soft > 0.5).to(tl.float32)
+        else:
+            value = soft
+    else:
+        value = (logit > 0.0).to(tl.float32)
+        slope = tl.zeros_like(value)
+    return value, slope
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _sample_gates_kernel(
+    logits_ptr,
+    values_ptr,
+    slopes_ptr,
+    num_gates,
+    seed,
+    offset,
+    tau,
+    HARD: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    gate = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = gate < num_gates
+    # [BLOCK]
+    logit = tl.load(logits_ptr + gate, mask=valid, other=0.0).to(tl.float32)
+    value, slope = gate_value_and_slope(logit, seed, offset + gate, tau, HARD, SAMPLE)
+    tl.store(values_ptr + gate, value, mask=valid)
+    tl.store(slopes_ptr + gate, slope, mask=valid)
+
+
+def sample_gates(
+    logits: torch.Tensor, *, tau: float, seed: int, offset: int, hard: bool = True, sample: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate values and straight-through slopes for a logit tensor, computed by the in-kernel sampler.
+
+    Args:
+        logits: float tensor of any shape (gate ``i`` is ``logits.flatten()[i]`` and uses counter ``offset + i``).
+        tau: temperature > 0. seed: Philox stream in [0, 2**31 - 1]. offset: first counter.
+        hard: hard 0/1 values (straight-through) or soft values. sample: False gives the eval decision ``1[a > 0]``.
+
+    Returns:
+        values, slopes: fp32 ``[logits.numel()]``; ``values`` equals :func:`hiap_kernels.gates.reference.gumbel_sigmoid`
+        (``1[a > 0]`` when not sampling) and ``slopes`` its derivative w.r.t. the logit (zeros when not sampling).
+    """
+    check_tensor("logits", logits)
+    check_gate_arguments(tau, seed, offset, logits.numel())
+    runtime.require_triton_device("sample_gates", logits, "hiap_kernels.gumbel_sigmoid")
+    flat = logits.detach().reshape(-1).contiguous()
+    values = runtime.empty(flat.numel(), torch.float32, flat.device)
+    slopes = runtime.empty(flat.numel(), torch.float32, flat.device)
+    if flat.numel() == 0:
+        return values, slopes
+    block = 128
+    grid = (triton.cdiv(flat.numel(), block),)
+    _sample_gates_kernel[grid](
+        flat, values, slopes, flat.numel(), seed, offset, float(tau), HARD=bool(hard), SAMPLE=bool(sample), BLOCK=block
+    )
+    return values, slopes

@@ -1,0 +1,146 @@
+"""Reference of the in-kernel gate sampler: a plain-PyTorch twin of Triton's counter-based generator (``tl.rand``)
+and the Gumbel-Sigmoid sample built on it.
+
+Gate sampling happens inside the Triton kernels with ``tl.rand(seed, offset)`` (``kernel.py``). The reference path must draw the very
+same uniforms for the same ``(seed, offset)`` so that both paths can be compared in training mode, and so that a run
+keeps its gates when it switches backend. This module reproduces Philox-4x32-10 and Triton's uint32 -> float
+conversion bit for bit with int64 tensor arithmetic (no triton import, runs on any device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_ROUNDS = 10
+# Largest float32 scale such that (2**31 - 1) * scale < 1.0 after rounding; Triton's own constant.
+_UNIFORM_SCALE = 4.6566127342e-10
+MAX_SEED = 2**31 - 1
+# Highest counter a layer may use: offset + gate index must stay a non-negative int32 (tl.rand's counter).
+MAX_COUNTER = 2**31 - 1
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * b`` for a 32-bit constant ``a`` and a uint32-valued int64 tensor ``b``.
+
+    The full product needs 64 unsigned bits, which int64 cannot hold, so ``b`` is split into 16-bit halves.
+    """
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    prod_lo = a * b_lo  # < 2**48
+    prod_hi = a * b_hi  # < 2**48
+    hi = (prod_hi + (prod_lo >> 16)) >> 16
+    lo = (((prod_hi & 0xFFFF) << 16) + prod_lo) & _MASK32
+    return hi & _MASK32, lo
+
+
+def _philox_uniform_eager(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) equal to ``tl.rand(seed, offsets)`` in a Triton kernel.
+
+    Args:
+        seed: integer in [0, 2**31 - 1].
+        offsets: integer tensor of any shape with values in [0, 2**31 - 1] (the Philox counters).
+
+    Returns:
+        float32 tensor of ``offsets.shape`` on ``offsets.device``.
+    """
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed must lie in [0, {MAX_SEED}], got {seed}")
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
+    c0 = offsets.to(torch.int64) & _MASK32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0 = int(seed) & _MASK32
+    k1 = (int(seed) >> 32) & _MASK32
+    for _ in range(_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=offsets.device)
+
+
+# Opaque to torch.compile: the ten unrolled rounds reuse every intermediate several times, and inductor's lowering
+# re-walks such chains once per use, which is exponential in the rounds (compiling one gated layer did not finish in
+# 5 minutes). As a custom op the sampler stays in the graph, without a graph break, and runs eagerly inside it.
+@torch.library.custom_op("hiap_kernels::philox_uniform", mutates_args=())
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) equal to ``tl.rand(seed, offsets)`` in a Triton kernel.
+
+    Args:
+        seed: integer in [0, 2**31 - 1].
+        offsets: integer tensor of any shape with values in [0, 2**31 - 1] (the Philox counters).
+
+    Returns:
+        float32 tensor of ``offsets.shape`` on ``offsets.device``.
+    """
+    return _philox_uniform_eager(seed, offsets)
+
+
+@philox_uniform.register_fake
+def _philox_uniform_fake(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(offsets, dtype=torch.float32)
+
+
+# Uniforms are clamped away from 0 and 1 so that the logistic noise log(u) - log(1 - u) stays finite in fp32.
+UNIFORM_EPS = 1e-6
+
+
+def logistic_noise(seed: int, offset: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logistic noise ``log(u) - log(1 - u)`` for gates ``offset .. offset + count - 1`` of the Philox stream ``seed``.
+
+    Returns:
+        float32 tensor ``[count]``. Gate ``i`` of a layer always uses counter ``offset + i``, in Triton and here.
+    """
+    counters = torch.arange(offset, offset + count, device=device, dtype=torch.int64)
+    u = philox_uniform(seed, counters).clamp(UNIFORM_EPS, 1.0 - UNIFORM_EPS)
+    # log(1 - u) rather than log1p(-u): the Triton kernels evaluate exactly this expression.
+    return torch.log(u) - torch.log(1.0 - u)
+
+
+def gumbel_sigmoid(
+    logits: torch.Tensor, tau: float, seed: int, offset: int, hard: bool = True
+) -> torch.Tensor:
+    """Binary-concrete gate sample with the straight-through estimator (plain-PyTorch reference).
+
+    ``s = sigmoid((a + eps) / tau)`` with ``eps`` from :func:`logistic_noise` over ``logits.flatten()``;
+    returns the hard value ``1[s > 0.5]`` with the gradient of ``s`` when ``hard`` (P(open) = sigmoid(a) for every
+    tau), else ``s``.
+
+    Args:
+        logits: float tensor of any shape (gate ``i`` is ``logits.flatten()[i]``).
+        tau: temperature > 0.
+        seed, offset: Philox stream and first counter.
+
+    Returns:
+        tensor of ``logits.shape`` and dtype.
+    """
+    noise = logistic_noise(seed, offset, logits.numel(), logits.device).view_as(logits)
+    soft = torch.sigmoid((logits.float() + noise) / tau)
+    if not hard:
+        return soft.to(logits.dtype)
+    hard_value = (soft > 0.5).to(soft.dtype)
+    # This association is exact in floating point ((1 - s) + s == 1 and (0 - s) + s == 0 for s on the matching side
+    # of 0.5), so the forward value is exactly 0 or 1 as in the kernels; hard + s - s would leave 0.99999994.
+    return ((hard_value - soft.detach()) + soft).to(logits.dtype)
+
+
+def check_gate_arguments(tau: float, seed: int, offset: int, num_gates: int) -> None:
+    """ValueError unless tau > 0, seed in [0, 2**31 - 1] and counters up to ``offset + num_gates - 1`` fit int32."""
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0 or tau == float("inf"):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if offset + num_gates - 1 > MAX_COUNTER:
+        raise ValueError(f"offset {offset} + {num_gates} gates passes the int32 Philox counter range (2**31 - 1)")
