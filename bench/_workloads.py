@@ -1,14 +1,15 @@
 """The models, layouts and inputs the benchmarks run on, and the minimum work (FLOPs, bytes) of each case.
 
 Everything is DeiT-S shaped (D=384, H=6, Dh=64, F=1536, N=197, 12 blocks) with random weights: timing does not
-depend on trained values, and no download is needed. The "HiAP-like" pruning layout keeps 2-4 heads per layer with
-q/k and v widths drawn from 16..64, and FFN widths chosen so the extracted network lands at about 3.1 GMACs, roughly
-the two thirds of DeiT-S's 4.60 G that the paper's DeiT-S result keeps.
+depend on trained values, and no download is needed. The pruned layout is what the default configuration produces:
+``hiap.gate_vit`` with ``HiAPConfig()`` (hardware-aligned gate groups), gate logits drawn the way a trained model's
+spread (per-layer offsets, heads more often kept than dims, FFN blocks open), shifted until the decided network sits
+at two thirds of DeiT-S's 4.60 GMACs, then ``hiap.extract``. ``dim_group=1`` gives the paper's per-dim layout at the
+same budget, for the side-by-side that justifies the alignment.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,7 +30,7 @@ TOKENS = 197
 DEPTH = 12
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224
-EXTRACTED_TARGET_MACS = 3.1e9
+MAC_FRACTION = 2 / 3
 LAYOUT_SEED = 2603
 
 PATCH_SIZE = 16
@@ -43,93 +44,85 @@ GATES_PER_LAYER = NUM_HEADS + 2 * NUM_HEADS * HEAD_DIM + 1 + FFN_DIM
 DEIT_S_GATES = DEPTH * GATES_PER_LAYER
 
 
-def dense_deit_s(depth: int = DEPTH) -> torch.nn.Module:
-    """timm's DeiT-S (``depth`` blocks) with random weights, eval mode, fp32, on the CPU."""
+def dense_deit_s(depth: int = DEPTH, mlp_ratio: float = 4.0) -> torch.nn.Module:
+    """timm's DeiT-S (``depth`` blocks, FFN ``mlp_ratio`` x 384) with random weights, eval mode, fp32, on the CPU."""
     torch.manual_seed(0)
-    return timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=NUM_CLASSES, depth=depth).eval()
+    return timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=NUM_CLASSES, depth=depth,
+                             mlp_ratio=mlp_ratio).eval()
 
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """What one pruned layer keeps: heads (indices into the dense heads) with their widths, and the FFN width."""
+    """What one pruned layer keeps: its heads' q/k and v widths (in extraction order) and the FFN width."""
 
-    heads: tuple[int, ...]
     qk_widths: tuple[int, ...]
     v_widths: tuple[int, ...]
     ffn_width: int
 
 
-def _ffn_widths(rng: random.Random, neurons_needed: float) -> list[int]:
-    """Per-layer FFN widths summing to about ``neurons_needed``, uneven across layers like a trained HiAP model."""
-    spread = [rng.uniform(0.5, 1.5) for _ in range(DEPTH)]
-    minimum = max(1, round(0.05 * FFN_DIM))
-
-    def widths(cut: float) -> list[int]:
-        return [min(FFN_DIM, max(minimum, round(FFN_DIM * (1.0 - cut * s)))) for s in spread]
-
-    low, high = 0.0, 2.0  # bisection on how much is cut: more cut, fewer neurons
-    for _ in range(60):
-        middle = (low + high) / 2
-        if sum(widths(middle)) > neurons_needed:
-            low = middle
-        else:
-            high = middle
-    return widths(high)
+def _draw_logits(gated: hiap.HiAPViT, shift: float, seed: int) -> None:
+    """Logits spread like a trained model's: a random offset per layer, heads 1.5 above dims, FFN blocks open."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for attn, mlp in zip(gated.attention_layers(), gated.ffn_layers()):
+            layer = shift + float(torch.empty(()).uniform_(-1.0, 1.0, generator=generator))
+            for logit, centre in ((attn.gates.head, layer + 1.5), (attn.gates.qk, layer), (attn.gates.v, layer),
+                                  (mlp.gates.neuron, layer)):
+                logit.copy_(centre + 1.5 * torch.randn(logit.shape, generator=generator))
+            mlp.gates.block.fill_(3.0)
 
 
 @lru_cache(maxsize=None)
-def hiap_like_layout(seed: int = LAYOUT_SEED) -> tuple[LayerLayout, ...]:
-    """The pruning layout used by every inference benchmark (deterministic for a seed)."""
-    rng = random.Random(seed)
-    units = UnitCosts.at(TOKENS, EMBED_DIM)
-    attention = []
-    attention_macs = 0
-    head_counts = [2, 3, 4] * (DEPTH // 3) + [3] * (DEPTH % 3)
-    rng.shuffle(head_counts)
-    for count in head_counts:
-        heads = tuple(sorted(rng.sample(range(NUM_HEADS), count)))
-        qk = tuple(rng.randint(16, HEAD_DIM) for _ in heads)
-        v = tuple(rng.randint(16, HEAD_DIM) for _ in heads)
-        attention.append((heads, qk, v))
-        attention_macs += sum(qk) * units.qk_dim + sum(v) * units.v_dim
-    ffn = _ffn_widths(rng, (EXTRACTED_TARGET_MACS - STATIC_MACS - attention_macs) / units.neuron)
-    return tuple(LayerLayout(h, q, v, f) for (h, q, v), f in zip(attention, ffn))
+def _default_logits(depth: int, dim_group: int, neuron_group: int) -> dict[str, torch.Tensor]:
+    """Gate logits of a DeiT-S whose decision keeps MAC_FRACTION of the dense MACs (bisection on the shift)."""
+    gated = hiap.gate_vit(dense_deit_s(depth), hiap.HiAPConfig(dim_group=dim_group, neuron_group=neuron_group))
+    goal = MAC_FRACTION * hiap.dense_macs(gated)
+
+    def miss(shift: float) -> float:
+        _draw_logits(gated, shift, LAYOUT_SEED)
+        return hiap.count_macs(gated) - goal
+
+    low, high = -4.0, 4.0  # the decided MACs grow with the shift
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (low, middle) if miss(middle) > 0 else (middle, high)
+    miss(min((low, high), key=lambda shift: abs(miss(shift))))
+    return {name: logit.detach().clone() for name, logit in gated.gate_logits().items()}
 
 
-def _subset(size: int, keep: int, generator: torch.Generator) -> torch.Tensor:
-    """Bool ``[size]`` with ``keep`` entries True at random places."""
-    mask = torch.zeros(size, dtype=torch.bool)
-    mask[torch.randperm(size, generator=generator)[:keep]] = True
-    return mask
+def gated_deit_s(depth: int = DEPTH, dim_group: int = 0, neuron_group: int = 0) -> hiap.HiAPViT:
+    """Gated DeiT-S (``HiAPConfig(dim_group, neuron_group)``) with the default layout's logits; fp32, on DEVICE.
 
-
-def gated_deit_s(depth: int = DEPTH, layout: tuple[LayerLayout, ...] | None = None) -> hiap.HiAPViT:
-    """Gated DeiT-S whose gates encode ``layout`` (the HiAP-like one by default); fp32, on DEVICE.
-
-    Kept gates are fixed open and the others closed (``gates.assign``: logits +-8, far from the decision boundary, so
-    eval decisions and training samples agree almost always). Kept columns are scattered at random inside each head
-    and FFN, as a trained model's are. With ``depth`` < 12 the first layers of the layout are used (the single-module
-    cases take block 0).
+    With ``depth`` < 12 the layout is drawn for that depth (the single-module cases take block 0).
     """
-    layout = layout or hiap_like_layout()
-    gated = hiap.gate_vit(dense_deit_s(depth), hiap.HiAPConfig())
-    generator = torch.Generator().manual_seed(LAYOUT_SEED)
-    for block, layer in zip(gated.vit.blocks, layout):
-        keep_head = torch.zeros(NUM_HEADS, dtype=torch.bool)
-        keep_qk = torch.zeros(NUM_HEADS, HEAD_DIM, dtype=torch.bool)
-        keep_v = torch.zeros(NUM_HEADS, HEAD_DIM, dtype=torch.bool)
-        for head, qk_width, v_width in zip(layer.heads, layer.qk_widths, layer.v_widths):
-            keep_head[head] = True
-            keep_qk[head] = _subset(HEAD_DIM, qk_width, generator)
-            keep_v[head] = _subset(HEAD_DIM, v_width, generator)
-        block.attn.gates.assign(head=keep_head, qk=keep_qk, v=keep_v)
-        block.mlp.gates.assign(block=True, neuron=_subset(FFN_DIM, layer.ffn_width, generator))
+    gated = hiap.gate_vit(dense_deit_s(depth), hiap.HiAPConfig(dim_group=dim_group, neuron_group=neuron_group))
+    logits = _default_logits(depth, dim_group, neuron_group)
+    with torch.no_grad():
+        for name, logit in gated.gate_logits().items():
+            logit.copy_(logits[name])
     return gated.to(DEVICE)
 
 
-def extracted_deit_s() -> torch.nn.Module:
-    """The physical pruned DeiT-S of the HiAP-like layout (eval mode, fp32, on DEVICE)."""
-    return hiap.extract(gated_deit_s().eval())
+def extracted_deit_s(dim_group: int = 0, neuron_group: int = 0) -> torch.nn.Module:
+    """The physical pruned DeiT-S of the default layout (eval mode, fp32, on DEVICE)."""
+    return hiap.extract(gated_deit_s(dim_group=dim_group, neuron_group=neuron_group).eval())
+
+
+@lru_cache(maxsize=None)
+def default_layout(dim_group: int = 0, neuron_group: int = 0) -> tuple[LayerLayout, ...]:
+    """Per layer, the widths ``extracted_deit_s`` keeps."""
+    pruned = extracted_deit_s(dim_group, neuron_group)
+    return tuple(LayerLayout(tuple(b.attn.qk_widths), tuple(b.attn.v_widths), b.mlp.hidden_features)
+                 for b in pruned.blocks)
+
+
+def regular_deit_s_at(macs: int) -> torch.nn.Module:
+    """A regular timm DeiT-S (6 full heads everywhere) whose one FFN width, a multiple of 64, comes closest to
+    ``macs``: what a user could train instead of pruning, at the same MACs."""
+    units = UnitCosts.at(TOKENS, EMBED_DIM)
+    attention = DEPTH * EMBED_DIM * (units.qk_dim + units.v_dim)
+    width = round((macs - STATIC_MACS - attention) / (DEPTH * units.neuron) / 64) * 64
+    return dense_deit_s(mlp_ratio=max(64, min(FFN_DIM, width)) / EMBED_DIM)
 
 
 def images(batch: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -22,6 +22,7 @@ from hiap.method.cost import count_macs, dense_macs, expected_cost, expected_mac
 from hiap.method.extract import extract, load_pruned, pruned_layout, read_layout, save_pruned
 from hiap.method.gated import GatedAttention, GatedMlp
 from hiap.method.gates import AttentionGates, FfnGates, GateDraw, GateSchedule, temperature_at
+from hiap.method.inference import optimize
 from hiap.method.losses import BudgetLoss, HiAPObjective, distillation_loss, feasibility_loss
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 
@@ -53,6 +54,7 @@ __all__ = [
     "gate_vit",
     "kernels_in_use",
     "load_pruned",
+    "optimize",
     "pruned_layout",
     "read_layout",
     "save_pruned",

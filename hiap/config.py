@@ -17,7 +17,10 @@ class HiAPConfig:
 
     Gates:
         init_logit: starting logit of every gate (open: sigmoid(3) = 0.95).
-        dim_group: micro-gate group size for head dims and FFN neurons (1, or 8/16 for tensor-core aligned widths).
+        dim_group: micro-gate group size: 0 aligns to the hardware (q/k and v widths in multiples of 16, FFN widths in
+            multiples of 64, smaller for small models), 1 is the paper's per-dim gates, any other divisor of the head
+            dim and FFN width groups that many dims or neurons per gate.
+        neuron_group: FFN neuron group size when it should differ from dim_group (0 follows dim_group).
         hard: straight-through hard gates (the paper); False uses the soft relaxation in the forward pass.
         tau0, tau_min: Gumbel-Sigmoid temperature annealed exponentially from tau0 to tau_min.
         seed: base seed of the gate-noise stream (combined with the step counter of the gated model).
@@ -39,7 +42,8 @@ class HiAPConfig:
     """
 
     init_logit: float = 3.0
-    dim_group: int = 1
+    dim_group: int = 0
+    neuron_group: int = 0
     hard: bool = True
     tau0: float = 2.0
     tau_min: float = 0.5
@@ -73,7 +77,10 @@ class HiAPConfig:
                      "kd_temperature", "lr", "gate_lr"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
-        need(isinstance(self.dim_group, int) and self.dim_group >= 1, f"dim_group must be an integer >= 1, got {self.dim_group!r}")
+        for name in ("dim_group", "neuron_group"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{name} must be an integer >= 0 (0 = hardware-aligned), got {value!r}")
         need(self.tau0 > 0 and self.tau_min > 0, f"temperatures must be > 0, got tau0={self.tau0}, tau_min={self.tau_min}")
         need(self.tau_min <= self.tau0, f"tau_min ({self.tau_min}) must not exceed tau0 ({self.tau0})")
         need(self.budget in ("penalty", "target"), f"budget must be 'penalty' or 'target', got {self.budget!r}")

@@ -7,7 +7,8 @@ import), which the tests compare against and ``hiap`` uses as its reference path
                                        bit-exact Philox twin (philox_uniform)
     gated_linear/   gated_qkv          fused qkv GEMM + gate sampling + q/v masks -> [3, B, H, N, Dh]   (training)
                     gated_fc1          fused fc1 GEMM + bias + GELU + neuron mask                         (training)
-    ragged_attn/    ragged_attention   attention over per-head q/k and v widths, packed in and out     (inference)
+    ragged_attn/    ragged_attention   attention over per-head q/k and v widths, packed in and out     (inference);
+                                       its PyTorch path ragged_attention_sdpa: one SDPA call per run of equal heads
     linear_gelu/    fused_linear_gelu  fc1 GEMM with bias + GELU in the epilogue                       (inference)
     common/         what every kernel shares: tile order, k-loop, GELU, precision policy, allocation
 
@@ -22,6 +23,7 @@ from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_r
 from hiap_kernels.gates.reference import gumbel_sigmoid, logistic_noise, philox_uniform
 from hiap_kernels.linear_gelu.reference import linear_gelu_reference
 from hiap_kernels.ragged_attn.reference import build_head_table, ragged_attention_padded
+from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
 
 # Public Triton op -> the module that defines it. No module of this package is named like an op, so importing one
 # never replaces the function that ``__getattr__`` handed out.
@@ -42,12 +44,14 @@ __all__ = [
     "gated_qkv",
     "gated_qkv_reference",
     "gumbel_sigmoid",
+    "head_runs",
     "interpreter_active",
     "linear_gelu_reference",
     "logistic_noise",
     "philox_uniform",
     "ragged_attention",
     "ragged_attention_padded",
+    "ragged_attention_sdpa",
     "sample_gates",
     "triton_available",
 ]

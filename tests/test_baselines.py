@@ -10,7 +10,7 @@ from tests.helpers import images, tiny_vit
 
 @pytest.mark.parametrize("target", [0.4, 2 / 3, 0.9])
 def test_uniform_ratio_meets_the_budget_with_the_same_widths_in_every_layer(target):
-    gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig())
+    gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(dim_group=1))
     choice = apply_uniform(gated, target)
     assert abs(choice["fraction"] / target - 1) < 0.02
     structure = layer_structure(gated)
@@ -24,7 +24,7 @@ def test_uniform_keeps_the_largest_weights_in_each_head():
     model = tiny_vit()
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight[2 * 48 + 5].mul_(100.0)  # v column 5 of head 0: by far the largest
-    gated = hiap.gate_vit(model, hiap.HiAPConfig())
+    gated = hiap.gate_vit(model, hiap.HiAPConfig(dim_group=1))
     apply_uniform(gated, 0.5)
     assert gated.vit.blocks[0].attn.gates.v[0, 5] > 0
 
@@ -33,7 +33,7 @@ def test_l1_structured_prunes_only_ffn_neurons_ranked_by_fc1_norm():
     model = tiny_vit(depth=3)
     with torch.no_grad():
         model.blocks[1].mlp.fc1.weight[7].mul_(100.0)
-    gated = hiap.gate_vit(model, hiap.HiAPConfig())
+    gated = hiap.gate_vit(model, hiap.HiAPConfig(dim_group=1))
     choice = apply_l1_structured(gated, 0.7)
     assert abs(choice["fraction"] / 0.7 - 1) < 0.02
     structure = layer_structure(gated)
@@ -52,3 +52,14 @@ def test_l1_structured_refuses_a_budget_below_what_ffn_pruning_can_reach():
         apply_l1_structured(gated, 0.1)
     with pytest.raises(InputError, match="unknown baseline"):
         apply_baseline("random", gated, 0.5)
+
+
+def test_baselines_keep_the_hardware_alignment_of_the_default_config():
+    gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig())
+    apply_uniform(gated, 0.6)
+    pruned = hiap.extract(gated)
+    head, ffn = pruned.hiap_alignment["head"], pruned.hiap_alignment["ffn"]
+    assert (head, ffn) == (4, 8)
+    for block in pruned.blocks:
+        assert all(w % head == 0 for w in block.attn.qk_widths + block.attn.v_widths)
+        assert block.mlp.hidden_features % ffn == 0

@@ -37,7 +37,7 @@ def _set(gated, name, values):
 
 
 def test_edge_cases_zero_qk_dims_zero_v_dims_empty_ffn_and_empty_attention():
-    gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(**NO_MINIMUMS))
+    gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(dim_group=1, **NO_MINIMUMS))
     randomize_logits(gated, torch.Generator().manual_seed(0), scale=1.0)
     # layer 0: head 0 keeps v but no q/k (uniform attention); head 1 has no v dims (removed); head 2 closed by g.
     _set(gated, "blocks.0.attn.gates.head", [5.0, 5.0, -5.0])
@@ -69,17 +69,32 @@ def test_extracted_dense_model_matches_timm():
         assert torch.allclose(pruned(x), model(x), atol=1e-5)
 
 
-def test_equal_width_layers_take_the_unpadded_path_and_agree_with_the_padded_one():
+def test_equal_width_layers_are_one_sdpa_call_and_agree_with_the_padded_reference():
     from hiap_kernels import ragged_attention_padded
+    from hiap_kernels.ragged_attn.reference import padded_gather_indices
 
-    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(**NO_MINIMUMS))
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(dim_group=1, **NO_MINIMUMS))
     with torch.no_grad():
         gated.gate_logits()["blocks.0.attn.gates.qk"][:, :5] = -4.0  # every head keeps 11 q/k dims
     attn = hiap.extract(gated).blocks[0].attn
-    assert attn.equal_widths and attn.qk_widths == [11, 11, 11] and attn.v_widths == [16, 16, 16]
-    qkv = torch.randn(2, 17, attn.qkv.out_features)
-    padded = ragged_attention_padded(qkv, attn.q_index, attn.k_index, attn.v_index, attn.out_index, attn.scale)
-    assert torch.allclose(attn._equal_width_attention(qkv), padded, atol=1e-6)
+    assert not attn.ragged and attn.qk_widths == [11, 11, 11] and attn.v_widths == [16, 16, 16]
+    x = torch.randn(2, 17, 48)
+    qkv = attn.qkv(x)
+    padded = ragged_attention_padded(qkv, *padded_gather_indices(attn.qk_widths, attn.v_widths), attn.scale)
+    with torch.no_grad():
+        assert torch.allclose(attn(x), attn.proj(padded), atol=1e-6)
+
+
+def test_extraction_puts_heads_of_equal_widths_next_to_each_other():
+    gated = hiap.gate_vit(tiny_vit(num_heads=6, embed_dim=96), hiap.HiAPConfig(**NO_MINIMUMS))
+    with torch.no_grad():
+        gates = gated.vit.blocks[0].attn.gates  # 6 heads of 16 dims, groups of 4
+        gates.assign(head=True, qk=True, v=True)
+        for head, kept in enumerate([1, 4, 2, 4, 1, 2]):
+            gates.qk[head, kept:] = -8.0
+    attn = hiap.extract(gated).blocks[0].attn
+    assert attn.qk_widths == [16, 16, 8, 8, 4, 4] and len(attn.runs) == 3
+    _assert_exact(gated, hiap.extract(gated), images(gated))
 
 
 def test_hard_minimums_keep_every_layer_alive():
@@ -91,7 +106,8 @@ def test_hard_minimums_keep_every_layer_alive():
     pruned = hiap.extract(gated)
     for block in pruned.blocks:
         assert block.attn.num_heads == 1 and block.attn.qk_widths == [4] and block.attn.v_widths == [4]
-    assert pruned.blocks[0].mlp.hidden_features == 20 and pruned.blocks[1].mlp.hidden_features == 0
+    # 24 neuron groups of 8 (the tiny model's hardware-aligned group): the top ceil(0.1 * 24) = 3 stay
+    assert pruned.blocks[0].mlp.hidden_features == 24 and pruned.blocks[1].mlp.hidden_features == 0
     _assert_exact(gated, pruned, images(gated))
 
 
@@ -144,12 +160,17 @@ def test_loading_a_missing_corrupt_or_mismatched_file_fails_clearly(tmp_path):
     pruned = hiap.extract(hiap.gate_vit(tiny_vit()))
     good = hiap.save_pruned(pruned, tmp_path / "good.safetensors")
     layout = hiap.read_layout(good)
-    layout["layers"][0]["ffn_width"] = 100
+    layout["layers"][0]["ffn_width"] = 104
     state = {k: v.contiguous() for k, v in pruned.state_dict().items()}
     mismatched = tmp_path / "mismatched.safetensors"
     save_file(state, str(mismatched), metadata={"hiap_layout": json.dumps(layout)})
     with pytest.raises(ValueError, match="do not match"):
         hiap.load_pruned(mismatched)
+    layout["layers"][0]["ffn_width"] = 100  # not a multiple of the FFN alignment (8) the layout declares
+    misaligned = tmp_path / "misaligned.safetensors"
+    save_file(state, str(misaligned), metadata={"hiap_layout": json.dumps(layout)})
+    with pytest.raises(ValueError, match="not a multiple of the declared FFN alignment 8"):
+        hiap.load_pruned(misaligned)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(ValueError):

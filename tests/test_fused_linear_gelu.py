@@ -140,3 +140,14 @@ def test_gpu_kernel_matches_fp64(leading, in_features, features, approximate, dt
     out = fused()(x, weight, bias, approximate)
     assert out.dtype == dtype and not out.isnan().any()
     assert rel_error(out, fp64_reference(x, weight, bias, approximate)) < TOLERANCES[dtype]
+
+
+@needs_triton
+def test_the_custom_op_passes_opcheck_and_compiles_without_graph_breaks():
+    from hiap_kernels.linear_gelu.kernel import _linear_gelu
+
+    x, weight, bias = make_inputs((6,), 16, 20, torch.float32)
+    torch.library.opcheck(_linear_gelu, (x, weight, bias, "none"))
+    torch.library.opcheck(_linear_gelu, (x, weight, None, "tanh"))
+    explanation = torch._dynamo.explain(lambda t: fused()(t, weight, bias))(x.reshape(2, 3, 16))
+    assert explanation.graph_break_count == 0

@@ -208,3 +208,18 @@ def test_fc1_deit_small_gpu(dtype, group, mode):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_small_odd_shapes_gpu(dtype):
     check_fc1(make_fc1_inputs((65,), 48, 120, 8, True, dtype, True), dtype, approximate="tanh")
+
+
+@pytest.mark.parametrize("sample", [True, False], ids=["train", "eval"])
+def test_custom_ops_pass_opcheck(sample):
+    """Fake and real outputs agree in shape, strides and storage offset; the autograd registration is sound."""
+    from hiap_kernels.gated_linear.fc1 import _fc1_backward_op, _fc1_forward_op
+
+    inputs = make_fc1_inputs((5,), 48, 64, 8, True, torch.float32, True)
+    tensors = [t.detach().clone().requires_grad_() for t in inputs.values()]
+    gate_args = (0.7, 3, 0, True, sample)
+    torch.library.opcheck(_fc1_forward_op, (*tensors, *gate_args, "tanh", True))
+    plain = [t.detach() for t in tensors]
+    _, pre = _fc1_forward_op(*plain, *gate_args, "tanh", True)
+    grad = torch.randn(5, 64)
+    torch.library.opcheck(_fc1_backward_op, (grad, *plain, pre, *gate_args, "tanh", [True, True, True, sample]))

@@ -305,3 +305,17 @@ def test_cuda_autocast_bf16_gpu():
         assert_close_rel("out", out, ref, torch.bfloat16, base)
     for name in inputs:
         assert_close_rel(f"grad {name}", grads[name], ref_grads[name], torch.bfloat16, base_grads[name])
+
+
+@pytest.mark.parametrize("sample", [True, False], ids=["train", "eval"])
+def test_custom_ops_pass_opcheck(sample):
+    """Fake and real outputs agree in shape, strides and storage offset; the autograd registration is sound."""
+    from hiap_kernels.gated_linear.qkv import _qkv_backward_op, _qkv_forward_op
+
+    inputs = make_qkv_inputs(1, 5, 2, 16, 8, True, torch.float32, True)
+    tensors = [t.detach().clone().requires_grad_() for t in inputs.values()]
+    gate_args = (0.7, 3, 0, True, sample)
+    torch.library.opcheck(_qkv_forward_op, (*tensors, *gate_args))
+    grads = [torch.randn(1, 2, 5, 16) for _ in range(3)]
+    plain = [t.detach() for t in tensors]
+    torch.library.opcheck(_qkv_backward_op, (*grads, *plain, *gate_args, [True, True, True, sample]))

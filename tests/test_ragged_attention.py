@@ -326,3 +326,58 @@ def test_the_package_level_op_stays_callable_after_its_module_is_imported():
     first = hiap_kernels.ragged_attention(qkv, table, 0.35, 8, 8)
     again = hiap_kernels.ragged_attention(qkv, table, 0.35, 8, 8)
     assert torch.equal(first, again)
+
+
+@needs_triton
+def test_the_custom_op_passes_opcheck():
+    from hiap_kernels.ragged_attn.kernel import packed_ragged_attention
+
+    qk, v = [8, 0, 3], [5, 16, 2]
+    qkv = make_qkv(qk, v, 2, 5, torch.float32)
+    torch.library.opcheck(packed_ragged_attention, (qkv, build_head_table(qk, v), 0.25, 8, 16, 23))
+    strided = torch.randn(2, 5, qkv.shape[-1] + 4)[..., 2:-2]
+    torch.library.opcheck(packed_ragged_attention, (strided, build_head_table(qk, v), 0.25, 8, 16, 23))
+
+
+@needs_triton
+def test_a_vouched_for_table_is_not_read_on_the_host(monkeypatch):
+    import hiap_kernels.ragged_attn.kernel as kernel
+
+    qk, v, head_dim = [8, 3], [5, 16], 16
+    qkv = make_qkv(qk, v, 1, 9, torch.float32)
+    monkeypatch.setattr(kernel, "validate_head_table", lambda *a: pytest.fail("the table was read on the host"))
+    out = triton_attention()(qkv, build_head_table(qk, v), head_dim**-0.5, 8, 16, out_width=21)
+    assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[torch.float32]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("tokens", INTERPRETER_TOKENS)
+def test_sdpa_runs_match_fp64(layout, tokens):
+    from hiap_kernels import head_runs, ragged_attention_sdpa
+
+    qk, v, head_dim = LAYOUTS[layout]
+    for dtype in (torch.float64, torch.float32):
+        qkv = make_qkv(qk, v, 2, tokens, dtype)
+        out = ragged_attention_sdpa(qkv, head_runs(qk, v), head_dim**-0.5)
+        assert out.shape == (2, tokens, sum(v)) and out.dtype == dtype
+        assert rel_error(out, fp64_reference(qkv, qk, v, head_dim)) < TOLERANCES[dtype]
+
+
+def test_runs_group_neighbouring_heads_of_equal_widths():
+    from hiap_kernels import head_runs
+
+    runs = head_runs([16, 16, 8, 8, 0], [16, 16, 16, 8, 8])
+    assert [(r.heads, r.qk_width, r.v_width) for r in runs] == [(2, 16, 16), (1, 8, 16), (1, 8, 8), (1, 0, 8)]
+    assert [(r.q_start, r.k_start, r.v_start) for r in runs] == [(0, 48, 96), (32, 80, 128), (40, 88, 144),
+                                                                  (48, 96, 152)]
+    assert head_runs([], []) == ()
+
+
+def test_sdpa_runs_compile_without_graph_breaks():
+    from hiap_kernels import head_runs, ragged_attention_sdpa
+
+    qk, v, head_dim = LAYOUTS["mixed"]
+    qkv = make_qkv(qk, v, 1, 5, torch.float32)
+    runs = head_runs(qk, v)
+    explanation = torch._dynamo.explain(lambda t: ragged_attention_sdpa(t, runs, head_dim**-0.5))(qkv)
+    assert explanation.graph_break_count == 0

@@ -162,3 +162,8 @@ def test_bad_arguments_raise(kwargs, error):
 def test_integer_logits_raise():
     with pytest.raises(TypeError):
         sample_gates(torch.zeros(10, dtype=torch.int32, device=DEVICE), tau=1.0, seed=0, offset=0)
+
+
+def test_the_philox_custom_op_passes_opcheck():
+    torch.library.opcheck(philox_uniform, (1234, torch.arange(7, 40)))
+    torch.library.opcheck(philox_uniform, (5, torch.arange(12).view(3, 4)))

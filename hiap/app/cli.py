@@ -126,7 +126,10 @@ def _add_runtime_flags(parser: argparse.ArgumentParser, defaults) -> None:
     group.add_argument("--latency-batch", type=int, default=defaults.latency_batch,
                        help="batch size of the latency measurement (default: %(default)s)")
     group.add_argument("--latency-repeats", type=int, default=defaults.latency_repeats,
-                       help="timed forwards per latency measurement (median reported) (default: %(default)s)")
+                       help="timed rounds of the latency measurement, after 5 warm-up rounds; the median and the "
+                            "quartiles are reported (default: %(default)s)")
+    group.add_argument("--compile", action="store_true",
+                       help="measure latency on torch.compile'd models (hiap.optimize(model, compile=True))")
     group.add_argument("--no-progress", dest="show_progress", action="store_false", help="hide progress bars")
 
 
@@ -237,7 +240,7 @@ def settings_from_args(args: argparse.Namespace):
         teacher_lr=args.teacher_lr, teacher_seed=args.teacher_seed, checkpoint_every=args.checkpoint_every,
         log_every=max(1, args.log_every), eval_batch_size=args.eval_batch_size, device=args.device, amp=args.amp,
         threads=args.threads, cache_dir=args.cache_dir, show_progress=args.show_progress, resume=args.resume,
-        latency_batch=args.latency_batch, latency_repeats=args.latency_repeats,
+        latency_batch=args.latency_batch, latency_repeats=args.latency_repeats, compile=args.compile,
     )
 
 
@@ -351,14 +354,19 @@ def command_eval(args: argparse.Namespace) -> int:
     configure_threads(args.threads, device, count_macs(model))
     data = build_datasets(args.data, model, args.val_fraction, args.split_seed)
     loader = eval_loader(data.val, args.eval_batch_size, workers=args.workers)
-    summary = summarize(model.to(device), loader, device, amp=args.amp, latency_batch=args.latency_batch,
-                        latency_repeats=args.latency_repeats, show_progress=args.show_progress)
+    _check_positive(args, "latency_batch", "latency_repeats", "eval_batch_size")
+    summary = summarize({kind: model.to(device)}, loader, device, amp=args.amp, latency_batch=args.latency_batch,
+                        latency_rounds=args.latency_repeats, compile=args.compile,
+                        show_progress=args.show_progress)[kind]
     latency = summary["latency"]
     print(f"{kind} model {args.path} on {data.description}")
     print(f"  accuracy {100 * summary['accuracy']:.2f}% (val loss {summary['loss']:.4f}), "
-          f"{summary['macs'] / 1e6:.3f} M MACs, "
-          f"{summary['params'] / 1e3:.1f} K params, {latency['ms_per_batch']:.2f} ms per batch of {latency['batch']} "
-          f"({latency['images_per_second']:.0f} images/s, {latency['threads']} threads, {latency['device']})")
+          f"{summary['macs'] / 1e6:.3f} M MACs, {summary['params'] / 1e3:.1f} K params")
+    print(f"  latency {latency['ms_per_batch']:.2f} ms per batch of {latency['batch']} (quartiles "
+          f"{latency['q1_ms']:.2f}-{latency['q3_ms']:.2f} ms over {latency['rounds']} rounds; "
+          f"{latency['images_per_second']:.0f} images/s; {latency['threads']} thread"
+          f"{'s' if latency['threads'] != 1 else ''}, {latency['device']}{', compiled' if latency['compiled'] else ''}; "
+          f"{latency['paths']})")
     if args.json:
         from hiap.app.runtime import atomic_write_json
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -55,40 +56,69 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device
 
 @dataclass
 class Latency:
-    """Median wall time of one forward of ``batch`` images, and the throughput it implies."""
+    """Wall time of one forward of ``batch`` images on ``device``: the median of ``rounds`` timed forwards and their
+    spread (quartiles, extremes), after warm-up; ``paths`` says what ran (``hiap.optimize``'s choices)."""
 
     batch: int
     ms_per_batch: float
     images_per_second: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    rounds: int
+    warmup: int
     threads: int
     device: str
+    compiled: bool
+    paths: str
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 @torch.inference_mode()
-def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device, *, batch: int = 64,
-                    warmup: int = 3, repeats: int = 10, amp: bool = False) -> Latency:
-    """Median over ``repeats`` timed forwards of a random ``[batch, *input_shape]`` input after ``warmup`` untimed ones.
+def measure_latencies(models: dict[str, nn.Module], input_shape: tuple[int, int, int], device: torch.device, *,
+                      batch: int = 64, warmup: int = 5, rounds: int = 30, amp: bool = False,
+                      compile: bool = False) -> dict[str, Latency]:
+    """Latency of each model as users run it: a copy prepared by ``hiap.optimize`` (compiled with ``compile``).
 
-    CUDA work is synchronised around every timed forward so the figure is the kernel time, not the launch time.
+    The models are timed in interleaved rounds (each round times every model once, in a rotating order), so a machine
+    whose speed drifts (a shared CPU, a GPU warming up) affects them alike and their ratio stays meaningful. CUDA is
+    synchronised around every timed forward; the first ``warmup`` rounds (compilation, autotuning, caches) are dropped.
     """
-    was_training = model.training
-    model.eval()
+    from hiap.method.inference import describe_paths, optimize
+
+    prepared = {name: optimize(copy.deepcopy(model), device=device, batch_size=batch, compile=compile)
+                for name, model in models.items()}
     images = torch.randn(batch, *input_shape, device=device)
-    timings = []
-    for index in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with autocast(device, amp):
-            model(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= warmup:
-            timings.append(time.perf_counter() - start)
-    model.train(was_training)
-    median = statistics.median(timings)
-    return Latency(batch=batch, ms_per_batch=median * 1e3, images_per_second=batch / median,
-                   threads=torch.get_num_threads(), device=str(device))
+    timings: dict[str, list[float]] = {name: [] for name in prepared}
+    names = list(prepared)
+    for index in range(warmup + rounds):
+        order = names[index % len(names):] + names[: index % len(names)]
+        for name in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, amp):
+                prepared[name](images)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index >= warmup:
+                timings[name].append((time.perf_counter() - start) * 1e3)
+    results = {}
+    for name, values in timings.items():
+        median = statistics.median(values)
+        q1, q3 = _quartiles(values)
+        results[name] = Latency(batch=batch, ms_per_batch=median, images_per_second=batch / median * 1e3, q1_ms=q1,
+                                q3_ms=q3, min_ms=min(values), max_ms=max(values), rounds=rounds, warmup=warmup,
+                                threads=torch.get_num_threads(), device=str(device), compiled=compile,
+                                paths=describe_paths(prepared[name]))
+    return results
 
 
 def model_input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -97,16 +127,22 @@ def model_input_shape(model: nn.Module) -> tuple[int, int, int]:
     return (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
 
 
-def summarize(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool = False,
-              ctx: DistContext | None = None, latency_batch: int = 64, latency_repeats: int = 10,
-              show_progress: bool = True, label: str = "eval") -> dict:
-    """``{"accuracy", "loss", "macs", "params", "latency": {...}}`` of one model on one validation loader.
+def summarize(models: dict[str, nn.Module], loader: DataLoader, device: torch.device, *, amp: bool = False,
+              ctx: DistContext | None = None, latency_batch: int = 64, latency_rounds: int = 30,
+              compile: bool = False, show_progress: bool = True) -> dict[str, dict]:
+    """Per model ``{"accuracy", "loss", "macs", "params", "latency": {...}}`` on one validation loader.
 
-    Latency is measured on rank 0 only (other ranks report None), with the threads torch uses now.
+    Latency is measured on rank 0 only (other ranks report None), with the threads torch uses now, all models
+    interleaved (``measure_latencies``) so that their ratio holds on a machine whose speed drifts.
     """
-    quality = evaluate_classifier(model, loader, device, amp=amp, ctx=ctx, show_progress=show_progress, label=label)
-    latency = None
+    summaries = {}
+    for name, model in models.items():
+        quality = evaluate_classifier(model, loader, device, amp=amp, ctx=ctx, show_progress=show_progress, label=name)
+        summaries[name] = {**quality, "macs": count_macs(model), "params": count_parameters(model), "latency": None}
     if ctx is None or ctx.is_main:
-        latency = asdict(measure_latency(model, model_input_shape(model), device, batch=latency_batch,
-                                         repeats=latency_repeats, amp=amp))
-    return {**quality, "macs": count_macs(model), "params": count_parameters(model), "latency": latency}
+        shape = model_input_shape(next(iter(models.values())))
+        latencies = measure_latencies(models, shape, device, batch=latency_batch, rounds=latency_rounds, amp=amp,
+                                      compile=compile)
+        for name, latency in latencies.items():
+            summaries[name]["latency"] = asdict(latency)
+    return summaries

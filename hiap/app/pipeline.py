@@ -66,7 +66,8 @@ class PipelineSettings:
     show_progress: bool = True
     resume: bool = False
     latency_batch: int = 64
-    latency_repeats: int = 10
+    latency_repeats: int = 30
+    compile: bool = False
 
     def loop(self, epochs: int, seed: int, warmup_steps: int = 0) -> LoopSettings:
         return LoopSettings(epochs=epochs, batch_size=self.batch_size, weight_decay=self.weight_decay,
@@ -189,10 +190,9 @@ def gate_checksums(gated: HiAPViT) -> list[float]:
 def _summaries(session: Session, models: dict[str, nn.Module], settings: PipelineSettings) -> dict[str, dict]:
     loader = eval_loader(session.data.val, settings.eval_batch_size, rank=session.ctx.rank,
                          world_size=session.ctx.world_size, workers=settings.workers)
-    return {name: summarize(model, loader, session.device, amp=settings.amp, ctx=session.ctx,
-                            latency_batch=settings.latency_batch, latency_repeats=settings.latency_repeats,
-                            show_progress=settings.show_progress, label=name)
-            for name, model in models.items()}
+    return summarize(models, loader, session.device, amp=settings.amp, ctx=session.ctx,
+                     latency_batch=settings.latency_batch, latency_rounds=settings.latency_repeats,
+                     compile=settings.compile, show_progress=settings.show_progress)
 
 
 def run_fingerprint(settings: PipelineSettings, session: Session, method: str) -> dict:

@@ -192,15 +192,33 @@ def plot_accuracy_vs_macs(points: list[dict], path: Path, title: str = "Accuracy
 # --------------------------------------------------------------------------------------------------------------------
 
 def _latency_ms(summary: dict) -> str:
+    """Median ms per batch with the quartiles of the timed rounds, e.g. ``10.83 (10.61-11.05)``."""
     latency = summary.get("latency")
-    return f"{latency['ms_per_batch']:.2f}" if latency else "-"
+    if not latency:
+        return "-"
+    if "q1_ms" not in latency:  # reports written before the spread was measured
+        return f"{latency['ms_per_batch']:.2f}"
+    return f"{latency['ms_per_batch']:.2f} ({latency['q1_ms']:.2f}-{latency['q3_ms']:.2f})"
+
+
+def latency_sentence(dense: dict, pruned: dict) -> str:
+    """How latency was measured, and the pruned model's speedup over dense (ratio of medians)."""
+    latency, base = pruned.get("latency"), dense.get("latency")
+    if not latency or not base or "rounds" not in latency:
+        return "Latency was not measured on this process."
+    threads = latency["threads"]
+    return (f"Latency: median (quartiles) of {latency['rounds']} timed forwards of a batch of {latency['batch']} per "
+            f"model after {latency['warmup']} warm-up rounds, dense and pruned interleaved, on {latency['device']} "
+            f"({threads} thread{'s' if threads != 1 else ''}{', torch.compile' if latency['compiled'] else ''}, "
+            f"device synchronised); pruned paths: {latency['paths']}. Pruned vs dense: "
+            f"{base['ms_per_batch'] / latency['ms_per_batch']:.2f}x.")
 
 
 def summary_table(outcome: dict) -> str:
     """Dense vs pruned: accuracy, MACs, params, latency, as a fixed-width text table."""
     dense, pruned = outcome["dense"], outcome["pruned"]
     batch = (dense.get("latency") or {}).get("batch", "?")
-    rows = [("", "accuracy", "val loss", "MACs (M)", "of dense", "params (K)", f"latency ms/{batch} img")]
+    rows = [("", "accuracy", "val loss", "MACs (M)", "of dense", "params (K)", f"latency ms/{batch} img (quartiles)")]
     for name, summary in (("dense", dense), ("pruned", pruned)):
         rows.append((name, f"{100 * summary['accuracy']:.2f}%", f"{summary['loss']:.4f}", f"{summary['macs'] / 1e6:.3f}",
                      f"{summary['macs'] / dense['macs']:.4f}", f"{summary['params'] / 1e3:.1f}", _latency_ms(summary)))
@@ -211,6 +229,7 @@ def summary_table(outcome: dict) -> str:
         error = outcome["fraction"] / target - 1
         lines.append(f"target {target:.4f} of dense MACs; extracted {outcome['fraction']:.4f} ({100 * error:+.2f}%)")
     lines.append(f"accuracy change {100 * (pruned['accuracy'] - dense['accuracy']):+.2f} points")
+    lines.append(latency_sentence(dense, pruned))
     return "\n".join(lines)
 
 
@@ -247,7 +266,7 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
         f"Model `{outcome.get('model')}` on {outcome.get('data')}; {outcome['steps']} training steps, "
         f"{outcome.get('world_size', 1)} process(es), kernels: {outcome.get('kernels')}, threads: {outcome.get('threads')}.",
         "", "## Dense vs pruned", "", "```", summary_table(outcome), "```", "",
-        _markdown_table(["model", "accuracy", "MACs", "params", "latency (ms/batch)"],
+        _markdown_table(["model", "accuracy", "MACs", "params", "latency (ms/batch, quartiles)"],
                         [[name, f"{100 * s['accuracy']:.2f}%", f"{s['macs']:,}", f"{s['params']:,}", _latency_ms(s)]
                          for name, s in (("dense", dense), ("pruned", pruned))]),
         "", "## Pruned structure (per original head; 0 = removed)", "",

@@ -11,7 +11,7 @@ import torch.nn as nn
 from hiap.config import HiAPConfig
 from hiap.method.architecture import describe_vit
 from hiap.method.gated import GatedAttention, GatedMlp
-from hiap.method.gates import GateSchedule, LayerGates, step_seed
+from hiap.method.gates import GateSchedule, LayerGates, resolve_groups, step_seed
 
 
 class HiAPViT(nn.Module):
@@ -84,13 +84,14 @@ class HiAPViT(nn.Module):
 def gate_vit(model: nn.Module, cfg: HiAPConfig | None = None) -> HiAPViT:
     """A gated copy of a timm ``VisionTransformer``; the input model is left untouched.
 
-    Every attention layer gets head gates ``[H]`` and q/k- and v-dim gates ``[H, Dh / dim_group]``; every FFN a block
-    gate ``[1]`` and neuron gates ``[F / dim_group]``, all starting at ``cfg.init_logit``. In eval mode with every gate
+    Every attention layer gets head gates ``[H]`` and q/k- and v-dim gates ``[H, Dh / G]``; every FFN a block gate
+    ``[1]`` and neuron gates ``[F / G']``, all starting at ``cfg.init_logit``; the group sizes ``G, G'`` come from
+    ``cfg.dim_group`` / ``cfg.neuron_group`` (0: aligned to the hardware, see ``resolve_groups``). In eval mode with every gate
     open the gated model computes exactly what the timm model does.
 
     Raises:
         UnsupportedModelError: the model is not a timm VisionTransformer made of standard Attention / Mlp layers.
-        ValueError: ``cfg.dim_group`` does not divide the head dim or the FFN width.
+        ValueError: a group size does not divide the head dim or the FFN width.
     """
     cfg = HiAPConfig() if cfg is None else cfg.validate()
     if isinstance(model, HiAPViT):
@@ -99,12 +100,15 @@ def gate_vit(model: nn.Module, cfg: HiAPConfig | None = None) -> HiAPViT:
     vit = copy.deepcopy(model)
     schedule = GateSchedule(tau=cfg.tau0, seed=step_seed(cfg.seed, 0), hard=cfg.hard)
     for index, block in enumerate(vit.blocks):
+        head_group, neuron_group = resolve_groups(
+            cfg.dim_group, cfg.neuron_group, block.attn.head_dim, block.mlp.fc1.out_features
+        )
         block.attn = GatedAttention(
-            block.attn, index, schedule, init_logit=cfg.init_logit, dim_group=cfg.dim_group,
+            block.attn, index, schedule, init_logit=cfg.init_logit, dim_group=head_group,
             min_heads=cfg.min_heads, min_dim_fraction=cfg.min_dim_fraction,
         )
         block.mlp = GatedMlp(
-            block.mlp, index, schedule, init_logit=cfg.init_logit, dim_group=cfg.dim_group,
+            block.mlp, index, schedule, init_logit=cfg.init_logit, dim_group=neuron_group,
             min_neuron_fraction=cfg.min_neuron_fraction,
         )
     gated = HiAPViT(vit, cfg, architecture, schedule)

@@ -39,7 +39,9 @@ def _copy_into(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | Non
 def _extract_attention(attn: GatedAttention) -> PrunedAttention:
     head_dim, heads = attn.head_dim, attn.num_heads
     m_q, m_v = attn.gates.kept_columns()  # [H, Dh] each; a removed head has neither
-    kept_heads = [h for h in range(heads) if bool(m_v[h].any())]
+    qk_widths, v_widths = m_q.sum(dim=1).tolist(), m_v.sum(dim=1).tolist()
+    # Heads of equal widths next to each other: each run of them is one SDPA call in the pruned model.
+    kept_heads = sorted((h for h in range(heads) if v_widths[h] > 0), key=lambda h: (-qk_widths[h], -v_widths[h]))
     q_cols = [h * head_dim + torch.nonzero(m_q[h]).flatten() for h in kept_heads]
     v_cols = [h * head_dim + torch.nonzero(m_v[h]).flatten() for h in kept_heads]
     width = heads * head_dim
@@ -99,6 +101,7 @@ def extract(model: HiAPViT) -> nn.Module:
         block.attn = _extract_attention(gated_block.attn)
         block.mlp = _extract_mlp(gated_block.mlp)
     pruned.hiap_architecture = copy.deepcopy(model.architecture)
+    pruned.hiap_alignment = {"head": gated_blocks[0].attn.gates.group, "ffn": gated_blocks[0].mlp.gates.group}
     return pruned.eval()
 
 
@@ -114,7 +117,11 @@ def pruned_layout(pruned: nn.Module) -> dict:
             raise TypeError("not a pruned model: its blocks hold no PrunedAttention / PrunedMlp")
         layers.append({"qk_widths": attn.qk_widths, "v_widths": attn.v_widths, "scale": attn.scale,
                        "ffn_width": mlp.hidden_features})
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "architecture": architecture, "layers": layers}
+    layout = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "architecture": architecture, "layers": layers}
+    alignment = getattr(pruned, "hiap_alignment", None)
+    if alignment is not None:
+        layout["alignment"] = dict(alignment)
+    return layout
 
 
 def save_pruned(pruned: nn.Module, path: str | os.PathLike) -> Path:
@@ -166,6 +173,9 @@ def build_pruned_skeleton(layout: dict) -> nn.Module:
         vit = build_vit(architecture)
         if len(layers) != len(vit.blocks):
             raise ValueError(f"the layout has {len(layers)} layers but the architecture {len(vit.blocks)} blocks")
+        alignment = layout.get("alignment")
+        if alignment is not None:
+            _check_alignment(layers, int(alignment["head"]), int(alignment["ffn"]))
         for block, layer in zip(vit.blocks, layers):
             dense_attn, dense_mlp = block.attn, block.mlp
             block.attn = PrunedAttention(
@@ -179,7 +189,23 @@ def build_pruned_skeleton(layout: dict) -> nn.Module:
     except (KeyError, TypeError) as error:
         raise ValueError(f"malformed pruned-model layout: {error!r}") from error
     vit.hiap_architecture = architecture
+    if alignment is not None:
+        vit.hiap_alignment = {"head": int(alignment["head"]), "ffn": int(alignment["ffn"])}
     return vit
+
+
+def _check_alignment(layers: list, head: int, ffn: int) -> None:
+    """ValueError naming the first width that is not a multiple of the alignment the layout declares."""
+    if head < 1 or ffn < 1:
+        raise ValueError(f"the layout declares an alignment of head={head}, ffn={ffn}; both must be >= 1")
+    for index, layer in enumerate(layers):
+        for kind in ("qk_widths", "v_widths"):
+            odd = [w for w in layer[kind] if int(w) % head]
+            if odd:
+                raise ValueError(f"layer {index}: {kind} {odd} are not multiples of the declared head alignment {head}")
+        if int(layer["ffn_width"]) % ffn:
+            raise ValueError(f"layer {index}: ffn_width {layer['ffn_width']} is not a multiple of the declared "
+                             f"FFN alignment {ffn}")
 
 
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:

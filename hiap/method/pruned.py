@@ -3,6 +3,11 @@
 A ``PrunedAttention`` keeps ``Hk`` heads, head ``h`` with its own q/k width ``qk_w[h]`` (0 = uniform attention) and v
 width ``v_w[h]`` (>= 1). Its single qkv Linear produces the packed columns ``[Q_0..Q_Hk | K_0..K_Hk | V_0..V_Hk]`` and
 attention writes ``[B, N, sum(v_w)]`` packed for ``proj``. The softmax keeps the original scale ``1/sqrt(Dh)``.
+
+Every per-layer decision is taken when a module is built, never per call: the runs of equal-width heads that SDPA
+takes one call each, the validated table of the Triton kernel, and which of the two a layer uses. The forward has
+no host synchronisation and no data-dependent control flow, so a pruned model compiles into one graph
+(``torch.compile(fullgraph=True)``) and replays from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hiap.backend import KernelBackendMixin
-from hiap_kernels.ragged_attn.reference import build_head_table, padded_gather_indices, ragged_attention_padded
+from hiap_kernels.ragged_attn.reference import build_head_table
+from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
+
+ATTENTION_PATHS = ("sdpa", "triton")
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -25,18 +32,22 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
         return nn.Linear(in_features, out_features, bias=bias)
 
 
-@torch.compiler.disable
-def _run_eagerly(op, *args, **kwargs):
-    # The launchers validate on the host (the head table once per table), which dynamo cannot trace; the reference
-    # path is the one that compiles into a single graph.
-    return op(*args, **kwargs)
+def _without_autograd(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when nothing asks for gradients: the inference kernels have no backward."""
+    if not torch.is_grad_enabled():
+        return True
+    return not x.requires_grad and not any(p.requires_grad for p in module.parameters())
 
 
 class PrunedAttention(KernelBackendMixin, nn.Module):
     """Attention over ragged per-head widths. Input ``[B, N, D]``, output ``[B, N, D_out]``.
 
-    With no head left the layer reduces to ``proj``'s bias (zeros without one). An inference module: no attention
-    dropout.
+    Two paths, both exact: ``sdpa`` (one ``F.scaled_dot_product_attention`` per run of equal-width heads; the only
+    one on a CPU and the one a layer of equal heads uses) and ``triton`` (the ragged kernel, one launch for the whole
+    layer, on the Triton backend). ``attention_path`` holds the choice: None takes the construction-time default
+    (the kernel for a layer with several head widths when the Triton backend is on), ``hiap.optimize`` sets it from
+    a measurement. With no head left the layer reduces to ``proj``'s bias (zeros without one). An inference module:
+    no attention dropout; with gradients enabled it runs the differentiable ``sdpa`` path.
     """
 
     triton_op = "ragged_attention"
@@ -55,27 +66,24 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         self.scale = float(scale)
         self.num_heads = len(v_widths)
         self.out_dim = out_dim
-        packed = 2 * sum(qk_widths) + sum(v_widths)
-        self.qkv = _linear(embed_dim, packed, qkv_bias)
-        self.proj = _linear(sum(v_widths), out_dim, proj_bias)
-        q_index, k_index, v_index, out_index = padded_gather_indices(qk_widths, v_widths)
-        # Derived from the widths: rebuilt on load, so kept out of the state_dict.
-        self.register_buffer("q_index", q_index, persistent=False)
-        self.register_buffer("k_index", k_index, persistent=False)
-        self.register_buffer("v_index", v_index, persistent=False)
-        self.register_buffer("out_index", out_index, persistent=False)
+        self.out_width = sum(v_widths)
+        self.max_qk_width = max(qk_widths, default=0)
+        self.max_v_width = max(v_widths, default=0)
+        self.qkv = _linear(embed_dim, 2 * sum(qk_widths) + self.out_width, qkv_bias)
+        self.proj = _linear(self.out_width, out_dim, proj_bias)
+        self.runs = head_runs(qk_widths, v_widths)
+        # The kernel's layout table, valid by construction (built from the widths): derived, so not in the state_dict.
         self.register_buffer("head_table", build_head_table(qk_widths, v_widths), persistent=False)
-        # Every head as wide as the others (a layer left whole, or pruned evenly) needs no padding: q, k and v are
-        # plain views of the packed qkv, and the gathers of the padded path would be pure overhead.
-        self.equal_widths = len(set(qk_widths)) == 1 and len(set(v_widths)) == 1 and qk_widths[0] > 0
+        self.attention_path: str | None = None
 
     @property
-    def max_qk_width(self) -> int:
-        return max(self.qk_widths, default=0)
+    def ragged(self) -> bool:
+        """Whether the heads have more than one width pair (SDPA then needs one call per run)."""
+        return len(self.runs) > 1
 
-    @property
-    def max_v_width(self) -> int:
-        return max(self.v_widths, default=0)
+    def uses_triton(self, qkv: torch.Tensor) -> bool:
+        path = self.attention_path or ("triton" if self.ragged else "sdpa")
+        return path == "triton" and _without_autograd(self, qkv) and self.triton_kernel(qkv) is not None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -87,25 +95,13 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
                 return x.new_zeros(batch, tokens, self.out_dim)
             return bias.to(x.dtype).expand(batch, tokens, self.out_dim)
         qkv = self.qkv(x)
-        ragged_attention = self.triton_kernel(qkv)
-        if ragged_attention is not None:
-            out = _run_eagerly(ragged_attention, qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width)
-        elif self.equal_widths:
-            out = self._equal_width_attention(qkv)
+        if self.uses_triton(qkv):
+            ragged_attention = self.triton_kernel(qkv)
+            out = ragged_attention(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width,
+                                   out_width=self.out_width)
         else:
-            out = ragged_attention_padded(qkv, self.q_index, self.k_index, self.v_index, self.out_index, self.scale)
+            out = ragged_attention_sdpa(qkv, self.runs, self.scale)
         return self.proj(out)
-
-    def _equal_width_attention(self, qkv: torch.Tensor) -> torch.Tensor:
-        """``[B, N, T] -> [B, N, H * v_w]`` when all heads share one q/k width and one v width."""
-        batch, tokens, _ = qkv.shape
-        heads, qk_width, v_width = self.num_heads, self.qk_widths[0], self.v_widths[0]
-        q, k, v = torch.split(qkv, [heads * qk_width, heads * qk_width, heads * v_width], dim=-1)
-        q = q.view(batch, tokens, heads, qk_width).transpose(1, 2)
-        k = k.view(batch, tokens, heads, qk_width).transpose(1, 2)
-        v = v.view(batch, tokens, heads, v_width).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return out.transpose(1, 2).reshape(batch, tokens, heads * v_width)
 
     def extra_repr(self) -> str:
         return f"qk_widths={self.qk_widths}, v_widths={self.v_widths}, scale={self.scale:.6g}"
@@ -114,6 +110,8 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
 class PrunedMlp(KernelBackendMixin, nn.Module):
     """FFN at the kept width ``F'``: ``fc2(act(fc1(x)))``; with ``F' = 0`` only ``fc2``'s bias remains.
 
+    Paths: ``linear`` (``nn.Linear`` then GELU) or ``triton`` (fc1 + bias + GELU in one kernel, on the Triton backend,
+    without gradients); ``ffn_path`` None takes the backend's, ``hiap.optimize`` sets it from a measurement.
     Input ``[..., D]``, output ``[..., D_out]``.
     """
 
@@ -127,6 +125,12 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
         self.fc1 = _linear(in_features, self.hidden_features, fc1_bias)
         self.act = act
         self.fc2 = _linear(self.hidden_features, out_features, fc2_bias)
+        self.ffn_path: str | None = None
+
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        if type(self.act) is not nn.GELU or (self.ffn_path or "triton") != "triton":
+            return False
+        return _without_autograd(self, x) and self.triton_kernel(x, self.fc1.weight) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_features == 0:
@@ -134,9 +138,8 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
             if self.fc2.bias is None:
                 return x.new_zeros(shape)
             return self.fc2.bias.to(x.dtype).expand(shape)
-        approximate = self.act.approximate if type(self.act) is nn.GELU else None
-        fused_linear_gelu = self.triton_kernel(x, self.fc1.weight) if approximate is not None else None
-        if fused_linear_gelu is not None:
+        if self.uses_triton(x):
+            fused_linear_gelu = self.triton_kernel(x, self.fc1.weight)
             weight, bias = self.fc1.weight, self.fc1.bias
             if torch.is_autocast_enabled(x.device.type):
                 # The kernel takes one dtype, as F.linear does once autocast has cast its operands.
@@ -145,7 +148,7 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
                 bias = None if bias is None else bias.to(dtype)
             elif weight.dtype != x.dtype:
                 x = x.to(weight.dtype)
-            hidden = _run_eagerly(fused_linear_gelu, x, weight, bias, approximate=approximate)
+            hidden = fused_linear_gelu(x, weight, bias, approximate=self.act.approximate)
         else:
             hidden = self.act(self.fc1(x))
         return self.fc2(hidden)

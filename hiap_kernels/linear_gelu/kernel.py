@@ -94,15 +94,26 @@ def fused_linear_gelu(
 
     leading = x.shape[:-1]
     rows = x.reshape(-1, in_features)
+    out = _linear_gelu(rows, weight, bias, approximate)
+    return out.reshape(*leading, num_features)
+
+
+# A torch.library custom op, so torch.compile keeps the kernel in its graph (no break) and CUDA graphs capture it.
+@torch.library.custom_op(
+    "hiap_kernels::linear_gelu", mutates_args=(),
+    schema="(Tensor rows, Tensor weight, Tensor? bias, str approximate) -> Tensor",
+)
+def _linear_gelu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """``[M, D] -> [M, F]`` on checked inputs; the output is contiguous."""
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    num_rows, (num_features, in_features) = rows.shape[0], weight.shape
     bias_arg = bias.contiguous() if bias is not None else weight  # never read when HAS_BIAS is False
-    num_rows = rows.shape[0]
-    out = runtime.empty((num_rows, num_features), x.dtype, x.device)
+    out = runtime.empty((num_rows, num_features), rows.dtype, rows.device)
     if num_rows == 0:
-        return out.reshape(*leading, num_features)
+        return out
 
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_features, meta["BLOCK_N"]),)
@@ -120,6 +131,11 @@ def fused_linear_gelu(
         out.stride(0),
         HAS_BIAS=bias is not None,
         APPROXIMATE_TANH=approximate == "tanh",
-        DOT_PRECISION=dot_precision(x.dtype),
+        DOT_PRECISION=dot_precision(rows.dtype),
     )
-    return out.reshape(*leading, num_features)
+    return out
+
+
+@_linear_gelu.register_fake
+def _linear_gelu_fake(rows, weight, bias, approximate):
+    return rows.new_empty((rows.shape[0], weight.shape[0]))

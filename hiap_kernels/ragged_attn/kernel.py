@@ -28,7 +28,7 @@ from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor, dot_precision, next_power_of_2_at_least_16, pick_configs
 from hiap_kernels.ragged_attn.reference import HEAD_TABLE_COLUMNS, build_head_table
 
-__all__ = ["ragged_attention", "validate_head_table"]
+__all__ = ["check_head_table", "ragged_attention", "validate_head_table"]
 
 _LOG2E = 1.4426950408889634
 
@@ -182,67 +182,12 @@ def validate_head_table(head_table: torch.Tensor, qkv_width: int, max_qk_width: 
     return sum(v_widths)
 
 
-def ragged_attention(
-    qkv: torch.Tensor,
-    head_table: torch.Tensor,
-    scale: float,
-    max_qk_width: int,
-    max_v_width: int,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention over heads of different q/k and v widths, read from and written to packed layouts, one launch.
-
-    The table's contents are checked against ``T`` on the first call with a given table (one device-to-host copy);
-    later calls with the same, unmodified table reuse that check and do not synchronise.
-
-    Args:
-        qkv: ``[B, N, T]`` fp32/fp16/bf16, packed ``[Q_0|Q_1|...|K_0|K_1|...|V_0|V_1|...]`` (output of the layer's
-            single qkv GEMM). Any strides whose last one is 1 are read in place; otherwise a contiguous copy is made.
-        head_table: int32 ``[Hk, 6]`` on qkv's device, rows ``(q_off, k_off, v_off, out_off, qk_w, v_w)`` from
-            ``build_head_table``. ``qk_w`` may be 0 (uniform attention: the mean of v over keys).
-        scale: softmax scale, the dense model's ``1/sqrt(Dh)`` (not that of the kept width).
-        max_qk_width: ``max(qk_w)`` (an upper bound works; it sizes the q/k tiles).
-        max_v_width: ``max(v_w)`` (an upper bound works; it sizes the v tiles).
-        out: optional ``[B, N, sum(v_w)]`` buffer, same dtype and device as qkv, last stride 1; written in full.
-
-    Returns:
-        ``[B, N, sum(v_w)]`` in qkv's dtype, head ``h`` at columns ``out_off[h] : out_off[h] + v_w[h]``.
-    """
-    check_tensor("qkv", qkv, ndim=3)
-    if not isinstance(head_table, torch.Tensor):
-        raise TypeError(f"head_table must be a torch.Tensor, got {type(head_table).__name__}")
-    if head_table.dtype != torch.int32:
-        raise TypeError(f"head_table must be int32 (from build_head_table), got {head_table.dtype}")
-    if head_table.dim() != 2 or head_table.shape[1] != len(HEAD_TABLE_COLUMNS):
-        raise ValueError(f"head_table must have shape [Hk, {len(HEAD_TABLE_COLUMNS)}], got {tuple(head_table.shape)}")
-    if head_table.device != qkv.device:
-        raise ValueError(f"head_table is on {head_table.device} but qkv is on {qkv.device}")
-    runtime.require_triton_device("ragged_attention", qkv, "hiap_kernels.ragged_attention_padded")
-    max_qk_width, max_v_width = int(max_qk_width), int(max_v_width)
-    if max_qk_width < 0 or max_v_width < 1:
-        raise ValueError(f"need max_qk_width >= 0 and max_v_width >= 1, got {max_qk_width} and {max_v_width}")
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
-
-    batch, tokens, qkv_width = qkv.shape
-    num_heads = head_table.shape[0]
-    out_width = _validated_out_width(head_table, qkv_width, max_qk_width, max_v_width)
-
-    if out is None:
-        out = runtime.empty((batch, tokens, out_width), qkv.dtype, qkv.device)
-    else:
-        check_tensor("out", out, ndim=3, dtypes=(qkv.dtype,), device=qkv.device)
-        if tuple(out.shape) != (batch, tokens, out_width):
-            raise ValueError(f"out must have shape {(batch, tokens, out_width)}, got {tuple(out.shape)}")
-        if out.stride(-1) != 1:
-            raise ValueError("out must have a contiguous last dimension")
+def _launch(qkv: torch.Tensor, table: torch.Tensor, out: torch.Tensor, scale: float, max_qk_width: int,
+            max_v_width: int) -> None:
+    batch, tokens, _ = qkv.shape
+    num_heads = table.shape[0]
     if batch == 0 or tokens == 0 or num_heads == 0:
-        return out
-
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    table = head_table.contiguous()
+        return
 
     def grid(meta):
         return (triton.cdiv(tokens, meta["BLOCK_M"]) * batch * num_heads,)
@@ -262,7 +207,101 @@ def ragged_attention(
         BLOCK_V=next_power_of_2_at_least_16(max_v_width),
         DOT_PRECISION=dot_precision(qkv.dtype),
     )
+
+
+@torch.library.custom_op(
+    "hiap_kernels::ragged_attention", mutates_args=(),
+    schema="(Tensor qkv, Tensor head_table, float scale, int max_qk_width, int max_v_width, int out_width) -> Tensor",
+)
+def packed_ragged_attention(
+    qkv: torch.Tensor, head_table: torch.Tensor, scale: float, max_qk_width: int, max_v_width: int, out_width: int
+) -> torch.Tensor:
+    """The ragged attention op on a validated layout (no checks, no host synchronisation); see :func:`ragged_attention`.
+
+    A ``torch.library`` custom op, so ``torch.compile`` keeps it in its graph (no break) and CUDA graphs capture it.
+
+    Returns:
+        ``[B, N, out_width]``, contiguous, in qkv's dtype.
+    """
+    batch, tokens, _ = qkv.shape
+    out = runtime.empty((batch, tokens, out_width), qkv.dtype, qkv.device)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    _launch(qkv, head_table.contiguous(), out, scale, max_qk_width, max_v_width)
     return out
+
+
+@packed_ragged_attention.register_fake
+def _packed_ragged_attention_fake(qkv, head_table, scale, max_qk_width, max_v_width, out_width):
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], out_width))
+
+
+def ragged_attention(
+    qkv: torch.Tensor,
+    head_table: torch.Tensor,
+    scale: float,
+    max_qk_width: int,
+    max_v_width: int,
+    *,
+    out: torch.Tensor | None = None,
+    out_width: int | None = None,
+) -> torch.Tensor:
+    """Attention over heads of different q/k and v widths, read from and written to packed layouts, one launch.
+
+    Without ``out_width``, the table's contents are checked against ``T`` on the first call with a given table (one
+    device-to-host copy, remembered per table object and version). With ``out_width = sum(v_w)`` the caller vouches
+    for a table it validated once (``validate_head_table``, as ``hiap.PrunedAttention`` does when it is built): the
+    call then never synchronises, so it traces into one ``torch.compile`` graph and is captured by CUDA graphs.
+
+    Args:
+        qkv: ``[B, N, T]`` fp32/fp16/bf16, packed ``[Q_0|Q_1|...|K_0|K_1|...|V_0|V_1|...]`` (output of the layer's
+            single qkv GEMM). Any strides whose last one is 1 are read in place; otherwise a contiguous copy is made.
+        head_table: int32 ``[Hk, 6]`` on qkv's device, rows ``(q_off, k_off, v_off, out_off, qk_w, v_w)`` from
+            ``build_head_table``. ``qk_w`` may be 0 (uniform attention: the mean of v over keys).
+        scale: softmax scale, the dense model's ``1/sqrt(Dh)`` (not that of the kept width).
+        max_qk_width: ``max(qk_w)`` (an upper bound works; it sizes the q/k tiles).
+        max_v_width: ``max(v_w)`` (an upper bound works; it sizes the v tiles).
+        out: optional ``[B, N, sum(v_w)]`` buffer, same dtype and device as qkv, last stride 1; written in full
+            (eager use only: the op that ``torch.compile`` sees allocates its output).
+        out_width: ``sum(v_w)`` of a table validated beforehand; skips the host-side table check.
+
+    Returns:
+        ``[B, N, sum(v_w)]`` in qkv's dtype, head ``h`` at columns ``out_off[h] : out_off[h] + v_w[h]``.
+    """
+    check_tensor("qkv", qkv, ndim=3)
+    check_head_table(head_table, qkv.device)
+    runtime.require_triton_device("ragged_attention", qkv, "hiap_kernels.ragged_attention_padded")
+    max_qk_width, max_v_width = int(max_qk_width), int(max_v_width)
+    if max_qk_width < 0 or max_v_width < 1:
+        raise ValueError(f"need max_qk_width >= 0 and max_v_width >= 1, got {max_qk_width} and {max_v_width}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    batch, tokens, qkv_width = qkv.shape
+    if out_width is None:
+        out_width = _validated_out_width(head_table, qkv_width, max_qk_width, max_v_width)
+    if out is None:
+        return packed_ragged_attention(qkv, head_table, float(scale), max_qk_width, max_v_width, out_width)
+    check_tensor("out", out, ndim=3, dtypes=(qkv.dtype,), device=qkv.device)
+    if tuple(out.shape) != (batch, tokens, out_width):
+        raise ValueError(f"out must have shape {(batch, tokens, out_width)}, got {tuple(out.shape)}")
+    if out.stride(-1) != 1:
+        raise ValueError("out must have a contiguous last dimension")
+    _launch(qkv if qkv.stride(-1) == 1 else qkv.contiguous(), head_table.contiguous(), out, scale, max_qk_width,
+            max_v_width)
+    return out
+
+
+def check_head_table(head_table: torch.Tensor, device: torch.device) -> None:
+    """TypeError / ValueError unless ``head_table`` is an int32 ``[Hk, 6]`` tensor on ``device`` (no host sync)."""
+    if not isinstance(head_table, torch.Tensor):
+        raise TypeError(f"head_table must be a torch.Tensor, got {type(head_table).__name__}")
+    if head_table.dtype != torch.int32:
+        raise TypeError(f"head_table must be int32 (from build_head_table), got {head_table.dtype}")
+    if head_table.dim() != 2 or head_table.shape[1] != len(HEAD_TABLE_COLUMNS):
+        raise ValueError(f"head_table must have shape [Hk, {len(HEAD_TABLE_COLUMNS)}], got {tuple(head_table.shape)}")
+    if head_table.device != device:
+        raise ValueError(f"head_table is on {head_table.device} but qkv is on {device}")
 
 
 # table -> ((version, T, max_qk_width, max_v_width), sum(v_w)). Keyed by the tensor object (weakly), with its version

@@ -1,0 +1,151 @@
+"""``hiap.optimize``: the one entry point that prepares a model for inference on the device it will run on.
+
+For every pruned layer it times the paths that run there on inputs of the layer's own shape and keeps the fastest:
+attention through SDPA (one call per run of equal-width heads) or through the ragged Triton kernel, and the FFN's
+first half through ``nn.Linear`` + GELU or the fused Triton kernel. A path that loses is never used; on a machine
+without a GPU (no Triton) there is nothing to choose and the PyTorch paths stay. Choices are remembered per device,
+dtype and shape for the life of the process, and written on the model (``model.hiap_paths``) for the user to see.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from hiap.backend import load_triton_op
+from hiap.method.pruned import PrunedAttention, PrunedMlp
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+# (device name, dtype, batch, tokens, layer signature) -> the path that measured fastest
+_CHOICES: dict[tuple, str] = {}
+
+
+def _resolve(model: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
+    first = next(iter(model.parameters()), None)
+    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    dtype = dtype if dtype is not None else (first.dtype if first is not None else torch.float32)
+    if device.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"hiap.optimize: device {device} is not supported; use one of {SUPPORTED_DEVICES}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("hiap.optimize: device cuda was requested but no CUDA GPU is available")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"hiap.optimize: dtype {dtype} is not supported; use one of "
+                         f"{', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)}")
+    return device, dtype
+
+
+def _median_ms(call: Callable[[], object], device: torch.device, repeats: int = 7) -> float:
+    """Median time of ``call`` after two warm-up calls (the first compiles and autotunes a Triton kernel)."""
+    for _ in range(2):
+        call()
+    timings = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings) * 1e3
+
+
+def _triton_runs_here(device: torch.device) -> bool:
+    try:
+        return device.type == "cuda" and load_triton_op("can_run_triton")(torch.empty(0, device=device))
+    except Exception:
+        return False
+
+
+def _choose(module: nn.Module, attribute: str, candidates: tuple[str, str], layer_input: torch.Tensor,
+            key: tuple) -> str:
+    """Time ``module`` with ``attribute`` set to each candidate; keep (and remember) the fastest."""
+    if key not in _CHOICES:
+        timings = {}
+        with torch.inference_mode():
+            for path in candidates:
+                setattr(module, attribute, path)
+                timings[path] = _median_ms(lambda: module(layer_input), layer_input.device)
+        _CHOICES[key] = min(timings, key=timings.get)
+    setattr(module, attribute, _CHOICES[key])
+    return _CHOICES[key]
+
+
+def _layer_inputs(model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    vit = getattr(model, "vit", model)
+    tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    return torch.randn(batch_size, tokens, vit.embed_dim, device=device, dtype=dtype)
+
+
+def optimize(model: nn.Module, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             batch_size: int = 64, compile: bool = False, measure: bool = True) -> nn.Module:
+    """Prepare ``model`` (a pruned model from ``hiap.extract`` / ``hiap.load_pruned``, or any timm ViT) for inference.
+
+    Moves it to ``device`` / ``dtype`` (default: where it is), puts it in eval mode with no parameter asking for
+    gradients, and on a GPU with Triton times each pruned layer's paths at ``[batch_size, N, D]`` and keeps the
+    fastest (``measure=False`` keeps the construction-time defaults). ``compile=True`` returns
+    ``torch.compile(model, fullgraph=True)``: a pruned model compiles into one graph, Triton kernels included.
+
+    Returns:
+        the model (or its compiled wrapper); ``model.hiap_paths`` lists ``{"layer", "attention", "ffn"}`` per block.
+
+    Raises:
+        ValueError: an unsupported device or dtype, or a batch size below 1.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"hiap.optimize needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"hiap.optimize: batch_size must be an integer >= 1, got {batch_size!r}")
+    device, dtype = _resolve(model, device, dtype)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    blocks = list(getattr(getattr(model, "vit", model), "blocks", []))
+    paths = []
+    triton_here = measure and _triton_runs_here(device)
+    layer_input = _layer_inputs(model, batch_size, device, dtype) if triton_here and blocks else None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    for index, block in enumerate(blocks):
+        attn, mlp = block.attn, block.mlp
+        choice = {"layer": index, "attention": None, "ffn": None}
+        shape_key = (device_name, dtype, batch_size, None if layer_input is None else layer_input.shape[1])
+        if isinstance(attn, PrunedAttention) and attn.num_heads:
+            if triton_here:
+                attn.kernel_backend = "triton"
+                key = (*shape_key, "attention", tuple(attn.qk_widths), tuple(attn.v_widths))
+                choice["attention"] = _choose(attn, "attention_path", ("sdpa", "triton"), layer_input, key)
+            else:
+                attn.attention_path = "sdpa"
+                choice["attention"] = "sdpa"
+        if isinstance(mlp, PrunedMlp) and mlp.hidden_features:
+            if triton_here and type(mlp.act) is nn.GELU:
+                mlp.kernel_backend = "triton"
+                key = (*shape_key, "ffn", mlp.hidden_features)
+                choice["ffn"] = _choose(mlp, "ffn_path", ("linear", "triton"), layer_input, key)
+            else:
+                mlp.ffn_path = "linear"
+                choice["ffn"] = "linear"
+        paths.append(choice)
+    model.hiap_paths = paths
+    if compile:
+        return torch.compile(model, fullgraph=True)
+    return model
+
+
+def describe_paths(model: nn.Module) -> str:
+    """One line per distinct choice, e.g. ``attention: sdpa x10, triton x2; ffn: linear x12``."""
+    paths = getattr(model, "hiap_paths", None) or getattr(getattr(model, "_orig_mod", None), "hiap_paths", None)
+    if not paths:
+        return "attention and FFN: timm's own modules"
+    parts = []
+    for kind in ("attention", "ffn"):
+        counts: dict[str, int] = {}
+        for choice in paths:
+            if choice[kind] is not None:
+                counts[choice[kind]] = counts.get(choice[kind], 0) + 1
+        parts.append(f"{kind}: " + (", ".join(f"{path} x{n}" for path, n in sorted(counts.items())) or "none left"))
+    return "; ".join(parts)

@@ -1,0 +1,144 @@
+"""The inference path of a pruned model: ``hiap.optimize``, one compiled graph, no host synchronisation.
+
+Without a GPU these run the PyTorch path and, under the Triton interpreter, the Triton path; what a CUDA graph
+needs from the forward (no host sync, static shapes, no data-dependent control flow) is checked on both.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hiap
+import hiap.method.inference as inference
+from hiap_kernels import interpreter_active
+from tests.helpers import images, randomize_logits, tiny_vit
+
+NO_MINIMUMS = dict(min_heads=0, min_dim_fraction=0.0, min_neuron_fraction=0.0)
+
+
+def pruned_model(seed: int = 0, **cfg):
+    gated = hiap.gate_vit(tiny_vit(depth=3, num_heads=6, embed_dim=96), hiap.HiAPConfig(**{**NO_MINIMUMS, **cfg}))
+    randomize_logits(gated, torch.Generator().manual_seed(seed))
+    return hiap.extract(gated)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the aten ops that make the host wait for the device (``.item()``, ``bool(t)``, ``nonzero`` ...)."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            self.calls.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() or interpreter_active()), reason="needs a GPU or the Triton interpreter"))]
+
+
+def _on_backend(model, backend):
+    if backend == "triton":
+        hiap.use_triton_kernels(model)
+        for block in model.blocks:
+            block.attn.attention_path = "triton"  # every layer, ragged or not, through the kernel
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_forward_never_waits_for_the_device(backend):
+    model = _on_backend(pruned_model(), backend)
+    x = images(model, batch=2)
+    with torch.no_grad():
+        model(x)  # first call: autotuning and table checks may touch the host once
+        with HostSyncs() as mode:
+            model(x)
+    assert mode.calls == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pruned_model_compiles_into_one_graph_on_each_backend(backend):
+    import torch._dynamo
+
+    model = _on_backend(pruned_model(seed=1), backend)
+    assert any(len(block.attn.runs) > 1 for block in model.blocks)  # ragged layers are part of the graph
+    x = images(model, batch=2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_optimize_prepares_the_model_and_names_its_paths():
+    model = pruned_model(seed=2)
+    x = images(model, batch=3)
+    with torch.no_grad():
+        expected = model(x)
+    optimized = hiap.optimize(model, batch_size=3)
+    assert optimized is model and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    # No GPU: nothing to choose from, every layer takes the PyTorch paths.
+    assert {choice["attention"] for choice in model.hiap_paths} <= {"sdpa", None}
+    assert {choice["ffn"] for choice in model.hiap_paths} <= {"linear", None}
+    assert "attention: sdpa" in hiap.method.inference.describe_paths(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_optimize_keeps_only_the_path_that_measured_fastest(monkeypatch):
+    model = pruned_model(seed=3)
+    block = model.blocks[0]
+    layer_input = torch.randn(2, 17, 96)
+    timings = {"sdpa": 2.0, "triton": 1.0}
+    monkeypatch.setattr(inference, "_median_ms", lambda call, device: timings[block.attn.attention_path])
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k",)) == "triton"
+    timings.update(sdpa=0.5)
+    # Remembered per key: the same shape on the same device is not timed again ...
+    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k",)) == "triton"
+    # ... another shape is.
+    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k2",)) == "sdpa"
+    assert block.attn.attention_path == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dtype=torch.float64), "dtype torch.float64 is not supported"),
+        (dict(dtype=torch.int8), "not supported"),
+        (dict(device="meta"), "device meta is not supported"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
+def test_optimize_refuses_what_the_kernels_do_not_run_in_one_line(kwargs, message):
+    with pytest.raises(ValueError, match=message) as error:
+        hiap.optimize(pruned_model(), **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_optimize_leaves_a_dense_timm_model_correct():
+    model = tiny_vit()
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(hiap.optimize(model)(x), expected)
+    assert all(choice["attention"] is None and choice["ffn"] is None for choice in model.hiap_paths)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of a model moved to a dtype the kernels lack")
+def test_a_pruned_model_in_float64_on_the_triton_backend_says_so_in_one_line():
+    if not interpreter_active():
+        pytest.skip("needs the Triton interpreter")
+    model = _on_backend(pruned_model(), "triton").double()
+    with torch.no_grad(), pytest.raises(TypeError, match="float64") as error:
+        model(images(model).double())
+    assert "\n" not in str(error.value)
