@@ -93,8 +93,11 @@ class TrainingJob:
         """Called before every training step (the HiAP job anneals the gate temperature here)."""
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``logits [B, C]`` (float32), ``targets [B]`` -> (scalar loss, floats for the log)."""
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``logits [B, C]`` (float32), ``targets [B]`` -> (scalar loss, detached scalars for the log).
+
+        The log values stay tensors on the device: the loop reads them back only on logging steps.
+        """
         raise NotImplementedError
 
     def log_extras(self) -> dict:
@@ -115,7 +118,7 @@ class DenseJob(TrainingJob):
 
     def loss(self, logits, targets, teacher_logits):
         loss = nn.functional.cross_entropy(logits, targets)
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
 
 
 class DistillJob(TrainingJob):
@@ -134,7 +137,7 @@ class DistillJob(TrainingJob):
 
     def loss(self, logits, targets, teacher_logits):
         loss = distillation_loss(logits, teacher_logits, targets, self.alpha, self.temperature)
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
 
 
 def settle_budget(gated: HiAPViT, tolerance: float = 0.02, step_size: float = 0.01, max_steps: int = 5000) -> dict:
@@ -210,8 +213,8 @@ class HiAPJob(TrainingJob):
 
     def loss(self, logits, targets, teacher_logits):
         terms = self.objective(self.gated, logits, teacher_logits, targets)
-        metrics = {"loss": float(terms.total.detach()), "task": float(terms.task), "budget": float(terms.budget),
-                   "feasibility": float(terms.feasibility)}
+        metrics = {"loss": terms.total.detach(), "task": terms.task, "budget": terms.budget,
+                   "feasibility": terms.feasibility}
         return terms.total, metrics
 
     @torch.no_grad()
@@ -292,8 +295,13 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
     scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, settings.amp) else None
     result = FitResult(steps=total_steps)
     step = 0
-    # Running train loss of the epoch in progress: part of the checkpoint so a mid-epoch resume reports the same mean.
+    # Running train loss of the epoch in progress, summed on the device in float64 (the same additions a Python float
+    # would make), read back only when logged or saved; part of the checkpoint so a mid-epoch resume reports the same.
+    running_loss = torch.zeros((), dtype=torch.float64, device=device)
     running = {"loss_sum": 0.0, "batches": 0}
+
+    def running_state() -> dict:
+        return {"loss_sum": float(running_loss), "batches": running["batches"]}
 
     def save(finished: bool) -> None:
         if not ctx.is_main:
@@ -305,7 +313,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "step": step, "total_steps": total_steps, "finished": finished, "history": result.history,
-            "running": dict(running), "rng": rng_state(), **job.checkpoint_metadata(),
+            "running": running_state(), "rng": rng_state(), **job.checkpoint_metadata(),
         }
         atomic_torch_save(payload, checkpoint_path)
 
@@ -325,6 +333,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
         set_rng_state(payload["rng"])
         step = int(payload["step"])
         running.update(payload["running"])
+        running_loss.fill_(float(payload["running"]["loss_sum"]))
         result.history = list(payload["history"])
         result.resumed_from = step
         if log is not None:
@@ -343,6 +352,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
         model.train()
         if step_in_epoch == 0:
             running.update(loss_sum=0.0, batches=0)
+            running_loss.zero_()
         for images, targets in train_loader(data.train, sampler, settings.workers, device.type == "cuda"):
             job.before_step(step, total_steps)
             images = images.to(device, non_blocking=True)
@@ -364,19 +374,23 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
                 optimizer.step()
             scheduler.step()
             step += 1
-            running["loss_sum"] += metrics["loss"]
+            running_loss += metrics["loss"].double()
             running["batches"] += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{metrics['loss']:.4f}", refresh=False)
-            if log is not None and (step % settings.log_every == 0 or step == total_steps):
-                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-                log.write({"phase": job.phase, "event": "step", "step": step, "epoch": epoch + 1, **metrics,
-                           "lr": lrs, **job.log_extras()})
+            # Only logging steps read values back from the device; every other step queues work and moves on.
+            if step % settings.log_every == 0 or step == total_steps:
+                values = {name: float(value) for name, value in metrics.items()}
+                bar.set_postfix(epoch=epoch + 1, loss=f"{values['loss']:.4f}", refresh=False)
+                if log is not None:
+                    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+                    log.write({"phase": job.phase, "event": "step", "step": step, "epoch": epoch + 1, **values,
+                               "lr": lrs, **job.log_extras()})
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step % steps_per_epoch:
                 save(finished=False)
         accuracy = evaluate_accuracy(model, val_loader, device, amp=settings.amp, ctx=ctx, show_progress=False)
         record = {"phase": job.phase, "event": "epoch", "step": step, "epoch": epoch + 1,
-                  "train_loss": running["loss_sum"] / max(1, running["batches"]), "val_accuracy": accuracy, **job.log_extras()}
+                  "train_loss": float(running_loss) / max(1, running["batches"]), "val_accuracy": accuracy,
+                  **job.log_extras()}
         result.history.append(record)
         if log is not None:
             log.write(record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Iterator
 
 import torch
@@ -73,9 +74,19 @@ class HiAPViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.training:
-            self.schedule.seed = step_seed(self.cfg.seed, int(self.gate_step))
-            self.gate_step += 1
+            step = self._host_step()
+            self.schedule.seed = step_seed(self.cfg.seed, step)
+            self.gate_step.fill_(step + 1)
+            self._step_seen = (weakref.ref(self.gate_step), self.gate_step._version, step + 1)
         return self.vit(images)
+
+    def _host_step(self) -> int:
+        """``gate_step`` as a Python int without waiting for the device: a host copy of the value is kept and the
+        buffer is read back only when something else changed it (load_state_dict, ``.to()``, an in-place edit)."""
+        seen = getattr(self, "_step_seen", None)
+        if seen is not None and seen[0]() is self.gate_step and seen[1] == self.gate_step._version:
+            return seen[2]
+        return int(self.gate_step)
 
     def extra_repr(self) -> str:
         return f"tau={self.schedule.tau:.4g}, budget={self.cfg.budget}, target={self.cfg.target:.4g}"

@@ -17,7 +17,7 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention
 
 from hiap.method.convert import HiAPViT
-from hiap.method.gated import GatedAttention, GatedMlp
+from hiap.method.gates import attention_decisions, ffn_decisions
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 
 
@@ -67,12 +67,9 @@ def static_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None)
 
 
 def _attention_kept_dims(attn: nn.Module) -> tuple[int, int]:
-    """(kept q/k dims, kept v dims) of an attention layer under the hard decision."""
+    """(kept q/k dims, kept v dims) of a dense or pruned attention layer."""
     if isinstance(attn, PrunedAttention):
         return sum(attn.qk_widths), sum(attn.v_widths)
-    if isinstance(attn, GatedAttention):
-        m_q, m_v = attn.gates.kept_columns()
-        return int(m_q.sum()), int(m_v.sum())
     if type(attn) is Attention:
         width = attn.num_heads * attn.head_dim
         return width, width
@@ -82,11 +79,58 @@ def _attention_kept_dims(attn: nn.Module) -> tuple[int, int]:
 def _ffn_kept_neurons(mlp: nn.Module) -> int:
     if isinstance(mlp, PrunedMlp):
         return mlp.hidden_features
-    if isinstance(mlp, GatedMlp):
-        return int(mlp.gates.kept_neurons().sum())
     if type(mlp) is Mlp:
         return mlp.fc1.out_features
     raise TypeError(f"cannot count MACs of MLP module {type(mlp).__name__}")
+
+
+@dataclass(frozen=True)
+class StackedGates:
+    """Every layer's logits of one kind in one tensor, so the cost terms are a few ops whatever the depth.
+
+    head ``[L, H]``, qk and v ``[L, H, G]``, block ``[L, 1]``, neuron ``[L, F / G']`` (differentiable stacks of the
+    layers' parameters), with the group sizes and minimums the decision needs.
+    """
+
+    head: torch.Tensor
+    qk: torch.Tensor
+    v: torch.Tensor
+    block: torch.Tensor
+    neuron: torch.Tensor
+    head_group: int
+    neuron_group: int
+    head_dim: int
+    hidden_features: int
+    min_heads: int
+    min_dim_fraction: float
+    min_neuron_fraction: float
+
+    @classmethod
+    def of(cls, model: HiAPViT) -> "StackedGates":
+        attention = [layer.gates for layer in model.attention_layers()]
+        ffn = [layer.gates for layer in model.ffn_layers()]
+        first, first_ffn = attention[0], ffn[0]
+        return cls(
+            head=torch.stack([g.head for g in attention]), qk=torch.stack([g.qk for g in attention]),
+            v=torch.stack([g.v for g in attention]), block=torch.stack([g.block for g in ffn]),
+            neuron=torch.stack([g.neuron for g in ffn]), head_group=first.group, neuron_group=first_ffn.group,
+            head_dim=first.head_dim, hidden_features=first_ffn.hidden_features, min_heads=first.min_heads,
+            min_dim_fraction=first.min_dim_fraction, min_neuron_fraction=first_ffn.min_neuron_fraction,
+        )
+
+    @torch.no_grad()
+    def decided_macs(self, units: UnitCosts, static: int) -> torch.Tensor:
+        """MACs of what extraction keeps (int64 scalar on the logits' device; no host synchronisation)."""
+        keep_head, keep_qk, keep_v = attention_decisions(
+            self.head, self.qk, self.v, min_heads=self.min_heads, min_dim_fraction=self.min_dim_fraction
+        )
+        v_kept = keep_v & keep_head[..., None]
+        # A head without v columns is gone, its q/k columns with it.
+        qk_kept = keep_qk & v_kept.any(dim=-1, keepdim=True)
+        keep_block, keep_neuron = ffn_decisions(self.block, self.neuron, min_neuron_fraction=self.min_neuron_fraction)
+        neurons = (keep_neuron & keep_block).sum() * self.neuron_group
+        return (static + qk_kept.sum() * (self.head_group * units.qk_dim) + v_kept.sum() * (self.head_group * units.v_dim)
+                + neurons * units.neuron)
 
 
 def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
@@ -97,6 +141,8 @@ def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
     """
     vit = _vit(model)
     units = UnitCosts.at(token_count(model, img_size), vit.embed_dim)
+    if isinstance(model, HiAPViT):
+        return int(StackedGates.of(model).decided_macs(units, static_macs(model, img_size)))
     total = static_macs(model, img_size)
     for block in vit.blocks:
         qk_dims, v_dims = _attention_kept_dims(block.attn)
@@ -130,35 +176,29 @@ class ExpectedCost:
     dense: int
 
 
-def expected_cost(model: HiAPViT, img_size: int | tuple[int, int] | None = None) -> ExpectedCost:
+def expected_cost(model: HiAPViT, img_size: int | tuple[int, int] | None = None,
+                  gates: StackedGates | None = None) -> ExpectedCost:
     """Expected MACs under the gate distributions (Proposition 1: linear in the joint keep probabilities).
 
     P(v dim open) = P(g) P(dv); P(q/k dim counted) = P(g) P(dqk) P(head has a v dim open), which equals the hard count
-    when every logit is far from zero.
+    when every logit is far from zero. Vectorised over the layers (``gates``: stacked logits, built when None).
     """
     if not isinstance(model, HiAPViT):
         raise TypeError(f"expected_macs needs a gated model from hiap.gate_vit, got {type(model).__name__}")
-    vit = model.vit
-    units = UnitCosts.at(token_count(model, img_size), vit.embed_dim)
+    gates = StackedGates.of(model) if gates is None else gates
+    units = UnitCosts.at(token_count(model, img_size), model.vit.embed_dim)
     static = static_macs(model, img_size)
-    gated_terms = []
-    macro_terms = []
-    for block in vit.blocks:
-        attn, mlp = block.attn.gates, block.mlp.gates
-        # float64: 4.6e9 MACs in float32 would be off by hundreds.
-        p_head, p_qk, p_v = (p.double() for p in attn.keep_probabilities())
-        p_alive = 1.0 - torch.prod(1.0 - p_v, dim=1)
-        qk_dims = (p_head * p_alive * p_qk.sum(dim=1)).sum() * attn.group
-        v_dims = (p_head * p_v.sum(dim=1)).sum() * attn.group
-        p_block, p_neuron = (p.double() for p in mlp.keep_probabilities())
-        neurons = p_block.sum() * p_neuron.sum() * mlp.group
-        gated_terms.append(qk_dims * units.qk_dim + v_dims * units.v_dim + neurons * units.neuron)
-        head_cost = attn.head_dim * (units.qk_dim + units.v_dim)
-        block_cost = mlp.hidden_features * units.neuron
-        macro_terms.append(p_head.sum() * head_cost + p_block.sum() * block_cost)
-    total = torch.stack(gated_terms).sum() + static
-    return ExpectedCost(total=total, macro=torch.stack(macro_terms).sum(), static=static,
-                        dense=dense_macs(model, img_size))
+    # float64: 4.6e9 MACs in float32 would be off by hundreds.
+    p_head, p_qk, p_v, p_block, p_neuron = (torch.sigmoid(t).double() for t in
+                                            (gates.head, gates.qk, gates.v, gates.block, gates.neuron))
+    p_alive = 1.0 - torch.prod(1.0 - p_v, dim=-1)
+    qk_dims = (p_head * p_alive * p_qk.sum(dim=-1)).sum() * gates.head_group
+    v_dims = (p_head * p_v.sum(dim=-1)).sum() * gates.head_group
+    neurons = (p_block[:, 0] * p_neuron.sum(dim=-1)).sum() * gates.neuron_group
+    total = qk_dims * units.qk_dim + v_dims * units.v_dim + neurons * units.neuron + static
+    head_cost = gates.head_dim * (units.qk_dim + units.v_dim)
+    macro = p_head.sum() * head_cost + p_block.sum() * (gates.hidden_features * units.neuron)
+    return ExpectedCost(total=total, macro=macro, static=static, dense=dense_macs(model, img_size))
 
 
 def expected_macs(model: HiAPViT, img_size: int | tuple[int, int] | None = None) -> torch.Tensor:

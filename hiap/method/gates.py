@@ -31,6 +31,8 @@ __all__ = [
     "GateSchedule",
     "LayerGates",
     "aligned_group",
+    "attention_decisions",
+    "ffn_decisions",
     "gate_offset",
     "minimum_count",
     "resolve_groups",
@@ -113,6 +115,39 @@ def top_k_mask(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
 def minimum_count(fraction: float, total: int) -> int:
     """``ceil(fraction * total)``, guarded against float noise (0.125 * 64 must give 8, not 9)."""
     return min(total, math.ceil(fraction * total - 1e-9))
+
+
+@torch.no_grad()
+def attention_decisions(head: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, *, min_heads: int,
+                        min_dim_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one deterministic keep decision of attention (eval mode, MAC counts and extraction all use it).
+
+    ``z = 1[a > 0]``, then the hard feasibility minimums: the ``min_heads`` highest head logits are kept, and in
+    every head the top ``ceil(min_dim_fraction * groups)`` q/k groups and v groups. Branch-free: where enough gates
+    are open the top-k are among them already. Any leading dims (one layer, or every layer stacked).
+
+    Args:
+        head: ``[..., H]``; qk, v: ``[..., H, G]`` logits.
+
+    Returns:
+        bool keep_head ``[..., H]``, keep_qk ``[..., H, G]``, keep_v ``[..., H, G]``.
+    """
+    num_heads, groups = qk.shape[-2:]
+    keep_head = (head > 0) | top_k_mask(head, min(min_heads, num_heads))
+    dims_min = minimum_count(min_dim_fraction, groups)
+    return keep_head, (qk > 0) | top_k_mask(qk, dims_min), (v > 0) | top_k_mask(v, dims_min)
+
+
+@torch.no_grad()
+def ffn_decisions(block: torch.Tensor, neuron: torch.Tensor, *, min_neuron_fraction: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one deterministic keep decision of an FFN: block ``[..., 1]`` and neuron groups ``[..., F / G]`` (bool).
+
+    A kept block keeps at least ``ceil(min_neuron_fraction * groups)`` neuron groups; blocks themselves have no
+    minimum (a whole FFN may go).
+    """
+    minimum = minimum_count(min_neuron_fraction, neuron.shape[-1])
+    return block > 0, (neuron > 0) | top_k_mask(neuron, minimum)
 
 
 @dataclass
@@ -224,20 +259,10 @@ class AttentionGates(LayerGates):
         self.qk = nn.Parameter(torch.full((num_heads, groups), float(init_logit), device=device))
         self.v = nn.Parameter(torch.full((num_heads, groups), float(init_logit), device=device))
 
-    @torch.no_grad()
     def decisions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The deterministic keep decision (eval mode, MAC count and extraction all use it): bool ``[H]``, ``[H, G]``, ``[H, G]``.
-
-        ``z = 1[a > 0]``, then the hard feasibility minimums: the ``min_heads`` highest head logits are kept, and in
-        every head the top ``ceil(min_dim_fraction * groups)`` q/k groups and v groups. Branch-free: where enough gates
-        are open the top-k are among them already.
-        """
-        groups = self.qk.shape[1]
-        keep_head = (self.head > 0) | top_k_mask(self.head, min(self.min_heads, self.num_heads))
-        dims_min = minimum_count(self.min_dim_fraction, groups)
-        keep_qk = (self.qk > 0) | top_k_mask(self.qk, dims_min)
-        keep_v = (self.v > 0) | top_k_mask(self.v, dims_min)
-        return keep_head, keep_qk, keep_v
+        """This layer's keep decision (``attention_decisions``): bool ``[H]``, ``[H, G]``, ``[H, G]``."""
+        return attention_decisions(self.head, self.qk, self.v, min_heads=self.min_heads,
+                                   min_dim_fraction=self.min_dim_fraction)
 
     @torch.no_grad()
     def kept_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,17 +302,9 @@ class FfnGates(LayerGates):
         self.block = nn.Parameter(torch.full((1,), float(init_logit), device=device))
         self.neuron = nn.Parameter(torch.full((hidden_features // group,), float(init_logit), device=device))
 
-    @torch.no_grad()
     def decisions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The deterministic keep decision: block ``[1]`` and neuron groups ``[F / G]`` (bool).
-
-        A kept block keeps at least ``ceil(min_neuron_fraction * groups)`` neuron groups; blocks themselves have no
-        minimum (a whole FFN may go).
-        """
-        keep_block = self.block > 0
-        minimum = minimum_count(self.min_neuron_fraction, self.neuron.numel())
-        keep_neuron = (self.neuron > 0) | top_k_mask(self.neuron, minimum)
-        return keep_block, keep_neuron
+        """This layer's keep decision (``ffn_decisions``): bool block ``[1]`` and neuron groups ``[F / G]``."""
+        return ffn_decisions(self.block, self.neuron, min_neuron_fraction=self.min_neuron_fraction)
 
     @torch.no_grad()
     def kept_neurons(self) -> torch.Tensor:

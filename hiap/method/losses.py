@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hiap.config import HiAPConfig
 from hiap.method.convert import HiAPViT
-from hiap.method.cost import ExpectedCost, UnitCosts, count_macs, expected_cost, static_macs, token_count
+from hiap.method.cost import ExpectedCost, StackedGates, UnitCosts, expected_cost, static_macs, token_count
 from hiap.method.gates import minimum_count
 
 
@@ -36,39 +36,38 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1 - alpha) * ce + alpha * temperature**2 * kl
 
 
-def feasibility_loss(model: HiAPViT) -> torch.Tensor:
-    """Squared-ReLU penalties that keep every layer above the hard minimums (per layer, summed).
+def feasibility_loss(model: HiAPViT, gates: StackedGates | None = None) -> torch.Tensor:
+    """Squared-ReLU penalties that keep every layer above the hard minimums (per layer, summed; vectorised).
 
     relu(min_heads - E[heads])^2 + sum_h P(g_h) [relu(f_min - mean P(dqk_h))^2 + relu(f_min - mean P(dv_h))^2]
     + P(b) relu(f_neuron - mean P(c))^2
     """
     cfg = model.cfg
-    terms = []
-    for attn in model.attention_layers():
-        p_head, p_qk, p_v = attn.gates.keep_probabilities()
-        heads_short = F.relu(min(cfg.min_heads, attn.num_heads) - p_head.sum()) ** 2
-        dims_short = F.relu(cfg.min_dim_fraction - p_qk.mean(dim=1)) ** 2 + F.relu(cfg.min_dim_fraction - p_v.mean(dim=1)) ** 2
-        terms.append(heads_short + (p_head * dims_short).sum())
-    for mlp in model.ffn_layers():
-        p_block, p_neuron = mlp.gates.keep_probabilities()
-        terms.append((p_block * F.relu(cfg.min_neuron_fraction - p_neuron.mean()) ** 2).sum())
-    return torch.stack(terms).sum()
+    gates = StackedGates.of(model) if gates is None else gates
+    p_head, p_qk, p_v, p_block, p_neuron = (torch.sigmoid(t) for t in
+                                            (gates.head, gates.qk, gates.v, gates.block, gates.neuron))
+    heads_short = F.relu(min(cfg.min_heads, p_head.shape[-1]) - p_head.sum(dim=-1)) ** 2  # [L]
+    dims_short = (F.relu(cfg.min_dim_fraction - p_qk.mean(dim=-1)) ** 2
+                  + F.relu(cfg.min_dim_fraction - p_v.mean(dim=-1)) ** 2)  # [L, H]
+    neurons_short = p_block[:, 0] * F.relu(cfg.min_neuron_fraction - p_neuron.mean(dim=-1)) ** 2  # [L]
+    return heads_short.sum() + (p_head * dims_short).sum() + neurons_short.sum()
 
 
-def budget_cost(model: HiAPViT) -> ExpectedCost:
+def budget_cost(model: HiAPViT, gates: StackedGates | None = None) -> ExpectedCost:
     """The cost the budget term sees: in target mode, the decided MACs with the expected MACs' gradient.
 
     The plain expectation sum_i cost_i sigmoid(a_i) can meet the target with every logit at a small positive value,
     while the decision a > 0 keeps them all: on the default digits run the expected fraction sat at the 0.667 target
-    while the decided one was still 0.80 after 25 epochs. Measuring the Lagrangian's gap on ``count_macs`` (forward)
-    with the expectation's gradient (backward, straight-through) drives the multipliers until the extracted network
-    meets the target. Penalty mode keeps the paper's plain expectation.
+    while the decided one was still 0.80 after 25 epochs. Measuring the Lagrangian's gap on the decided MACs (forward,
+    computed on the device: no host synchronisation) with the expectation's gradient (backward, straight-through)
+    drives the multipliers until the extracted network meets the target. Penalty mode keeps the paper's expectation.
     """
-    cost = expected_cost(model)
+    gates = StackedGates.of(model) if gates is None else gates
+    cost = expected_cost(model, gates=gates)
     if model.cfg.budget != "target":
         return cost
-    decided = float(count_macs(model))
-    total = cost.total - cost.total.detach() + decided
+    decided = gates.decided_macs(UnitCosts.at(token_count(model), model.vit.embed_dim), cost.static)
+    total = cost.total - cost.total.detach() + decided.to(cost.total.dtype)
     return ExpectedCost(total=total, macro=cost.macro, static=cost.static, dense=cost.dense)
 
 
@@ -149,8 +148,9 @@ class HiAPObjective(nn.Module):
     def forward(self, model: HiAPViT, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor) -> ObjectiveTerms:
         task = distillation_loss(student_logits, teacher_logits, targets, self.cfg.kd_alpha, self.cfg.kd_temperature)
-        budget_terms = self.budget(budget_cost(model))
-        feasibility = self.cfg.feasibility_weight * feasibility_loss(model)
+        gates = StackedGates.of(model)  # every layer's logits stacked once: the terms below do not grow with depth
+        budget_terms = self.budget(budget_cost(model, gates))
+        feasibility = self.cfg.feasibility_weight * feasibility_loss(model, gates)
         total = task + budget_terms["budget"] + feasibility
         return ObjectiveTerms(total=total, task=task.detach(), budget=budget_terms["budget"].detach(),
                               feasibility=feasibility.detach(), expected_fraction=budget_terms["expected_fraction"])
