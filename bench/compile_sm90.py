@@ -43,7 +43,8 @@ SMEM_PER_SM, SMEM_PER_CTA_MAX, SMEM_RESERVED_PER_CTA = 228 * 1024, 227 * 1024, 1
 # DeiT-S at batch 64: tokens, embedding dim, heads, head dim, FFN width, rows of the token-wise GEMMs.
 B, N, D, H, DH, F = 64, 197, 384, 6, 64, 1536
 M = B * N
-GATES = dict(seed=1234, offset=0, tau=2.0 / 3.0, HARD=True, SAMPLE=True)
+# The gated kernels read tau and the seed from 0-dim tensors (pointers below); the counter offset is a scalar.
+GATE_FLAGS = dict(offset=0, HARD=True, SAMPLE=True)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def kernel_specs() -> list[KernelSpec]:
     from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel
 
     f32, i32 = torch.float32, torch.int32
+    GATES = dict(seed_ptr=T(torch.int64), tau_ptr=T(f32), **GATE_FLAGS)
     head_gates = dict(NUM_HEADS=H, HEAD_DIM=DH, GROUP=16, **GATES)
     # dq, dk, dv: contiguous [B, H, N, Dh], so stride_d == 1 (a launch specialises it to a constant).
     grad_layout = dict(M=M, N_OUT=3 * H * DH, K=D, TOKENS=N, stride_b=H * N * DH, stride_h=N * DH, stride_n=DH,

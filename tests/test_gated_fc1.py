@@ -149,8 +149,8 @@ def test_nothing_mask_shaped_is_saved_for_backward():
     leaves = [t.detach().clone().requires_grad_() for t in fc1.values()]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         gated_fc1(*leaves, tau=0.7, seed=1, offset=0)
-    # x, weight, bias, logits, and the pre-activation [M, F]
-    assert sorted(saved) == sorted([(17, 48), (64, 48), (64,), (1,), (8,), (17, 64)])
+    # x, weight, bias, logits, the pre-activation [M, F], and tau and the seed as 0-dim tensors
+    assert sorted(saved) == sorted([(17, 48), (64, 48), (64,), (1,), (8,), (17, 64), (), ()])
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="interpreter fallback; bf16 runs natively on a GPU")
@@ -217,7 +217,9 @@ def test_custom_ops_pass_opcheck(sample):
 
     inputs = make_fc1_inputs((5,), 48, 64, 8, True, torch.float32, True)
     tensors = [t.detach().clone().requires_grad_() for t in inputs.values()]
-    gate_args = (0.7, 3, 0, True, sample)
+    from hiap_kernels.gated_linear.interface import gate_tensors
+
+    gate_args = (*gate_tensors(0.7, 3, tensors[0].device), 0, True, sample)
     torch.library.opcheck(_fc1_forward_op, (*tensors, *gate_args, "tanh", True))
     plain = [t.detach() for t in tensors]
     _, pre = _fc1_forward_op(*plain, *gate_args, "tanh", True)

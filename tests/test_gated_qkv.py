@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hiap_kernels import gated_qkv, gated_qkv_reference
+from hiap_kernels.gated_linear.interface import gate_tensors
 from hiap_kernels.gated_linear.qkv import _qkv_column_mask_values
 from hiap_kernels.gated_linear.reference import attention_column_masks, attention_gate_values
 from tests.kernel_checks import (
@@ -144,7 +145,8 @@ def test_nothing_mask_shaped_is_saved_for_backward():
     leaves = [t.detach().clone().requires_grad_() for t in qkv.values()]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         gated_qkv(*leaves, tau=0.7, seed=1, offset=0)
-    assert sorted(saved) == sorted(tuple(t.shape) for t in qkv.values())
+    # the inputs, and tau and the seed as 0-dim tensors
+    assert sorted(saved) == sorted([tuple(t.shape) for t in qkv.values()] + [(), ()])
 
 
 def test_qkv_column_mask_kernel_equals_reference_masks():
@@ -152,7 +154,8 @@ def test_qkv_column_mask_kernel_equals_reference_masks():
     inputs = make_qkv_inputs(1, 1, num_heads, head_dim, group, False, torch.float32, True)
     logits = (inputs["head_logits"], inputs["qk_logits"], inputs["v_logits"])
     for hard, sample in [(True, True), (False, True), (True, False)]:
-        mask = _qkv_column_mask_values(*logits, 3 * num_heads * head_dim, 0.9, 77, 1000, hard, sample)
+        tau, seed = gate_tensors(0.9, 77, logits[0].device)
+        mask = _qkv_column_mask_values(*logits, 3 * num_heads * head_dim, tau, seed, 1000, hard, sample)
         z = attention_gate_values(*logits, tau=0.9, seed=77, offset=1000, hard=hard, sample=sample)
         m_q, m_v = attention_column_masks(*(t.detach() for t in z), head_dim)
         expected = torch.cat([m_q.reshape(-1), torch.ones_like(m_q).reshape(-1), m_v.reshape(-1)])
@@ -314,7 +317,7 @@ def test_custom_ops_pass_opcheck(sample):
 
     inputs = make_qkv_inputs(1, 5, 2, 16, 8, True, torch.float32, True)
     tensors = [t.detach().clone().requires_grad_() for t in inputs.values()]
-    gate_args = (0.7, 3, 0, True, sample)
+    gate_args = (*gate_tensors(0.7, 3, tensors[0].device), 0, True, sample)
     torch.library.opcheck(_qkv_forward_op, (*tensors, *gate_args))
     grads = [torch.randn(1, 2, 5, 16) for _ in range(3)]
     plain = [t.detach() for t in tensors]

@@ -1,11 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 import hiap
 from hiap.method.cost import expected_cost
 from hiap.method.losses import BudgetLoss, feasibility_loss
-from tests.helpers import images, tiny_vit
+from tests.helpers import images, randomize_logits, tiny_vit
 
 
 def test_distillation_loss_matches_its_formula():
@@ -69,3 +70,70 @@ def test_objective_combines_every_term_and_rejects_unreachable_targets():
     assert set(terms.as_floats()) == {"total", "task", "budget", "feasibility", "expected_fraction"}
     with pytest.raises(ValueError, match="below"):
         hiap.HiAPObjective(hiap.gate_vit(teacher, hiap.HiAPConfig(target=0.01, min_heads=3, min_dim_fraction=1.0)))
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten ops; ``syncs`` are those that make the host wait for the device."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        if func._schema.name in self.SYNCING:
+            self.syncs.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("budget", ["target", "penalty"])
+def test_the_objective_is_the_same_handful_of_ops_at_any_depth(budget):
+    """Expected cost, decided MACs, feasibility and the budget: a fixed number of ops (the layers' logits are stacked
+    once per kind). Only the backward's hand-over of each layer's gradient to its own logit parameters scales with
+    depth: two ops per parameter, as for every other parameter of the model."""
+    counts = {}
+    for depth in (4, 12):
+        gated = hiap.gate_vit(tiny_vit(depth=depth), hiap.HiAPConfig(budget=budget)).train()
+        randomize_logits(gated, torch.Generator().manual_seed(0))
+        objective = hiap.HiAPObjective(gated)
+        logits, teacher = torch.randn(2, 10), torch.randn(2, 10)
+        targets = torch.tensor([1, 2])
+        with _AtenOps() as forward:
+            terms = objective(gated, logits, teacher, targets)
+        with _AtenOps() as backward:
+            terms.total.backward()
+        counts[depth] = (forward.count, backward.count)
+        assert forward.syncs == [] and backward.syncs == []
+    assert counts[4][0] == counts[12][0], counts
+    assert counts[12][1] - counts[4][1] == 2 * 5 * (12 - 4), counts
+
+
+def test_one_training_step_never_waits_for_the_device():
+    """Forward, objective, backward and the optimizer step (fused AdamW, as the training loop builds it)."""
+    from hiap.app.train import build_optimizer
+
+    teacher = tiny_vit()
+    gated = hiap.gate_vit(teacher).train()
+    objective = hiap.HiAPObjective(gated)
+    optimizer = build_optimizer([{"params": list(gated.weight_parameters().values()), "lr": 1e-4},
+                                 {"params": list(gated.gate_logits().values()), "lr": 0.05},
+                                 {"params": objective.budget.lagrangian_parameters(), "lr": 0.05}])
+    x, targets = images(gated, batch=4), torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+
+    def step(tau):
+        gated.set_temperature(tau)
+        terms = objective(gated, gated(x), teacher_logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+
+    step(1.0)  # the first step creates the optimizer state
+    with _AtenOps() as ops:
+        step(0.9)
+        step(0.8)
+    assert ops.syncs == []

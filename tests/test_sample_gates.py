@@ -164,6 +164,17 @@ def test_integer_logits_raise():
         sample_gates(torch.zeros(10, dtype=torch.int32, device=DEVICE), tau=1.0, seed=0, offset=0)
 
 
-def test_the_philox_custom_op_passes_opcheck():
-    torch.library.opcheck(philox_uniform, (1234, torch.arange(7, 40)))
-    torch.library.opcheck(philox_uniform, (5, torch.arange(12).view(3, 4)))
+def test_the_philox_custom_op_passes_opcheck_and_a_tensor_seed_equals_an_int_one():
+    from hiap_kernels.gates.reference import _philox_uniform_op
+
+    torch.library.opcheck(_philox_uniform_op, (torch.tensor(1234), torch.arange(7, 40)))
+    torch.library.opcheck(_philox_uniform_op, (torch.tensor(5), torch.arange(12).view(3, 4)))
+    assert torch.equal(philox_uniform(torch.tensor(1234), torch.arange(9)), philox_uniform(1234, torch.arange(9)))
+
+
+@needs_triton
+def test_tensor_tau_and_seed_sample_like_python_ones():
+    logits = _logits((300,))
+    values, slopes = sample_gates(logits, tau=0.6, seed=77, offset=5)
+    tensor_values, tensor_slopes = sample_gates(logits, tau=torch.tensor(0.6), seed=torch.tensor(77), offset=5)
+    assert torch.equal(values, tensor_values) and torch.equal(slopes, tensor_slopes)

@@ -28,7 +28,8 @@ class HiAPViT(nn.Module):
         self.vit = vit
         self.cfg = cfg
         self.architecture = architecture
-        # The one GateSchedule every gate of this model reads (set_temperature and forward write it).
+        # The one GateSchedule every gate of this model reads (set_temperature and forward write it); a submodule, so
+        # its tau and seed buffers move with the model.
         self.schedule = schedule
         self.register_buffer("gate_step", torch.zeros((), dtype=torch.int64))
 
@@ -49,7 +50,7 @@ class HiAPViT(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return self.schedule.tau
+        return self.schedule.temperature
 
     def set_temperature(self, tau: float) -> None:
         """Set the Gumbel-Sigmoid temperature used by every gate from the next forward on."""
@@ -75,7 +76,7 @@ class HiAPViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.training:
             step = self._host_step()
-            self.schedule.seed = step_seed(self.cfg.seed, step)
+            self.schedule.set_seed(step_seed(self.cfg.seed, step))
             self.gate_step.fill_(step + 1)
             self._step_seen = (weakref.ref(self.gate_step), self.gate_step._version, step + 1)
         return self.vit(images)
@@ -89,7 +90,7 @@ class HiAPViT(nn.Module):
         return int(self.gate_step)
 
     def extra_repr(self) -> str:
-        return f"tau={self.schedule.tau:.4g}, budget={self.cfg.budget}, target={self.cfg.target:.4g}"
+        return f"budget={self.cfg.budget}, target={self.cfg.target:.4g}"
 
 
 def gate_vit(model: nn.Module, cfg: HiAPConfig | None = None) -> HiAPViT:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -150,19 +149,42 @@ def ffn_decisions(block: torch.Tensor, neuron: torch.Tensor, *, min_neuron_fract
     return block > 0, (neuron > 0) | top_k_mask(neuron, minimum)
 
 
-@dataclass
-class GateSchedule:
-    """Temperature, step seed and hard/soft choice shared by every gate of one model (its owner writes them)."""
+class GateSchedule(nn.Module):
+    """Temperature, step seed and hard/soft choice shared by every gate of one model (its owner writes them).
 
-    tau: float = 2.0
-    seed: int = 0
-    hard: bool = True
+    ``tau`` (float32) and ``seed`` (int64) are 0-dim buffers on the model's device that the samplers read there: a new
+    temperature or seed each step is a new value, so nothing waits for the host and a compiled model compiles once.
+    They derive from the step (``temperature_at``, ``step_seed``), so they are not saved in the state_dict.
+    """
+
+    def __init__(self, tau: float = 2.0, seed: int = 0, hard: bool = True):
+        super().__init__()
+        self.hard = hard
+        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32), persistent=False)
+        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64), persistent=False)
+        self.set_temperature(tau)
+        self.set_seed(seed)
 
     def set_temperature(self, tau: float) -> None:
+        """Checked on the host (a Python number), written on the device without a round trip."""
         tau = float(tau)
         if not (tau > 0 and math.isfinite(tau)):
             raise ValueError(f"temperature must be a finite number > 0, got {tau}")
-        self.tau = tau
+        self.tau.fill_(tau)
+        self._host_tau = tau
+
+    def set_seed(self, seed: int) -> None:
+        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+        self.seed.fill_(seed)
+
+    @property
+    def temperature(self) -> float:
+        """The last temperature set, as a Python float (no device read)."""
+        return self._host_tau
+
+    def extra_repr(self) -> str:
+        return f"tau={self._host_tau:.4g}, hard={self.hard}"
 
 
 class GateDraw(NamedTuple):
@@ -173,8 +195,8 @@ class GateDraw(NamedTuple):
     """
 
     logits: tuple[torch.Tensor, ...]
-    tau: float
-    seed: int
+    tau: torch.Tensor
+    seed: torch.Tensor
     offset: int
     hard: bool
     sample: bool
@@ -198,7 +220,11 @@ class LayerGates(nn.Module):
     def __init__(self, offset: int, schedule: GateSchedule | None):
         super().__init__()
         self.offset = offset
-        self.schedule = schedule if schedule is not None else GateSchedule()
+        if schedule is None:  # a layer on its own owns its schedule (so it moves with the layer)
+            self.own_schedule = schedule = GateSchedule()
+        # Shared with the other layers and owned by the model: referenced, not registered, so it is neither moved
+        # nor saved twice.
+        self.__dict__["schedule"] = schedule
 
     def logits(self) -> dict[str, nn.Parameter]:
         """The logits by kind, in counter order."""

@@ -23,6 +23,7 @@ from hiap_kernels.gated_linear.interface import (
     check_common,
     define_custom_op,
     dummy_pointer,
+    gate_tensors,
     interpreter_safe,
     needs_grad_flags,
     not_requested,
@@ -161,16 +162,16 @@ class GatedFC1Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, block_logit, neuron_logits, tau, seed, offset, hard, sample, approximate):
-        gate_args = (float(tau), int(seed), int(offset), bool(hard), bool(sample))
+        gate_args = (int(offset), bool(hard), bool(sample))
         store_pre = any(ctx.needs_input_grad[:5])
         x2d = x.reshape(-1, x.shape[-1])
         with torch.autocast(device_type=x.device.type, enabled=False):
             hidden, pre = _fc1_forward(
-                x2d, weight, bias, block_logit, neuron_logits, *gate_args, approximate, store_pre
+                x2d, weight, bias, block_logit, neuron_logits, tau, seed, *gate_args, approximate, store_pre
             )
         ctx.gate_args = gate_args
         ctx.approximate = approximate
-        ctx.save_for_backward(x2d, weight, bias, block_logit, neuron_logits, pre)
+        ctx.save_for_backward(x2d, weight, bias, block_logit, neuron_logits, pre, tau, seed)
         return hidden.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -201,8 +202,9 @@ _fc1_backward_op = define_custom_op(
 
 
 def _fc1_op_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5], output[1])
-    ctx.gate_args = tuple(inputs[5:10])
+    # x, weight, bias, both logits, the pre-activation, tau, seed: the order _fc1_backward takes them in.
+    ctx.save_for_backward(*inputs[:5], output[1], inputs[5], inputs[6])
+    ctx.gate_args = tuple(inputs[7:10])
     ctx.approximate = inputs[10]
 
 
@@ -227,8 +229,8 @@ def gated_fc1(
     block_logit: torch.Tensor,
     neuron_logits: torch.Tensor,
     *,
-    tau: float,
-    seed: int,
+    tau: float | torch.Tensor,
+    seed: int | torch.Tensor,
     offset: int,
     hard: bool = True,
     sample: bool = True,
@@ -261,6 +263,7 @@ def gated_fc1(
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     logits = {"block_logit": block_logit, "neuron_logits": neuron_logits}
     check_common("gated_fc1", x, weight, bias, logits, tau, seed, offset, 1 + neuron_logits.shape[0])
+    tau, seed = gate_tensors(tau, seed, x.device)
     x, weight, bias = unify_dtypes(x, weight, bias)
     out_dtype = x.dtype
     x, weight, bias = interpreter_safe(x, weight, bias)

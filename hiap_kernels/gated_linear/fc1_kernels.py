@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hiap_kernels.common.tiles import GEMM_CONFIGS, gelu_and_derivative, swizzled_tile, x_times_weight_t
+from hiap_kernels.common.tiles import GATED_GEMM_CONFIGS, gelu_and_derivative, swizzled_tile, x_times_weight_t
 from hiap_kernels.gates.kernel import gate_value_and_slope
 
 # The fc1 backward pointwise kernel writes partial sums per row block, so its block sizes are fixed, not autotuned.
@@ -45,8 +45,8 @@ def ffn_column_mask(
     return z_block * z_neuron
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N_OUT", "K"])
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.autotune(configs=GATED_GEMM_CONFIGS, key=["M", "N_OUT", "K"])
+@triton.jit(do_not_specialize=["offset"])
 def fc1_forward_kernel(
     x_ptr,
     w_ptr,
@@ -58,9 +58,9 @@ def fc1_forward_kernel(
     M,
     N_OUT,
     K,
-    seed,
+    seed_ptr,
     offset,
-    tau,
+    tau_ptr,
     GROUP: tl.constexpr,
     HARD: tl.constexpr,
     SAMPLE: tl.constexpr,
@@ -73,6 +73,9 @@ def fc1_forward_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # Read on the device: a new step's seed or temperature is a new value, not a new compilation.
+    seed = tl.load(seed_ptr)
+    tau = tl.load(tau_ptr).to(tl.float32)
     pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,7 +94,7 @@ def fc1_forward_kernel(
         tl.store(pre_ptr + offsets, pre.to(pre_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=["offset"])
 def fc1_backward_pointwise_kernel(
     grad_ptr,
     pre_ptr,
@@ -102,9 +105,9 @@ def fc1_backward_pointwise_kernel(
     bias_grad_partial_ptr,
     M,
     N_OUT,
-    seed,
+    seed_ptr,
     offset,
-    tau,
+    tau_ptr,
     GROUP: tl.constexpr,
     HARD: tl.constexpr,
     SAMPLE: tl.constexpr,
@@ -113,6 +116,9 @@ def fc1_backward_pointwise_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """d pre = dh * m * GELU'(pre); per row block, partial column sums of dh * GELU(pre) (dL/dm) and of d pre (db)."""
+    # Read on the device: a new step's seed or temperature is a new value, not a new compilation.
+    seed = tl.load(seed_ptr)
+    tau = tl.load(tau_ptr).to(tl.float32)
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

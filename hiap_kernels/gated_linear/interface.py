@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from hiap_kernels.common.runtime import FLOAT_DTYPES, check_tensor, interpreter_active, require_triton_device
-from hiap_kernels.gates.reference import check_gate_arguments
+from hiap_kernels.gates.reference import check_gate_arguments, seed_tensor, tau_tensor
 
 ACTIVATION_DTYPES = FLOAT_DTYPES
 LOGIT_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
-# Seed and offset are SymInt: a seed that changes every step costs one recompile, not one per seed.
-GATE_SCHEMA = "float tau, SymInt seed, SymInt offset, bool hard, bool sample"
+# tau and seed are 0-dim tensors the kernels read on the device: a new temperature or seed every step is a new value
+# of the same compiled graph, never a recompilation. The offset is fixed per layer.
+GATE_SCHEMA = "Tensor tau, Tensor seed, SymInt offset, bool hard, bool sample"
 
 
 def dummy_pointer(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -83,3 +84,8 @@ def check_common(op, x, weight, bias, logits: dict, tau, seed, offset, num_gates
         raise ValueError(f"x has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {weight.shape[1]}")
     check_gate_arguments(tau, seed, offset, num_gates)
     require_triton_device(op, x, f"hiap_kernels.gated_linear.reference.{op}_reference")
+
+
+def gate_tensors(tau, seed, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """tau (float32) and seed (int64) as 0-dim tensors on ``device`` (no copy when they are there already)."""
+    return tau_tensor(tau).to(device), seed_tensor(seed).to(device)

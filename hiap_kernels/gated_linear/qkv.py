@@ -17,6 +17,7 @@ from hiap_kernels.gated_linear.interface import (
     check_common,
     define_custom_op,
     dummy_pointer,
+    gate_tensors,
     interpreter_safe,
     needs_grad_flags,
     not_requested,
@@ -219,11 +220,11 @@ class GatedQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, head_logits, qk_logits, v_logits, tau, seed, offset, hard, sample):
-        gate_args = (float(tau), int(seed), int(offset), bool(hard), bool(sample))
+        gate_args = (int(offset), bool(hard), bool(sample))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = _qkv_forward(x, weight, bias, head_logits, qk_logits, v_logits, *gate_args)
+            out = _qkv_forward(x, weight, bias, head_logits, qk_logits, v_logits, tau, seed, *gate_args)
         ctx.gate_args = gate_args
-        ctx.save_for_backward(x, weight, bias, head_logits, qk_logits, v_logits)
+        ctx.save_for_backward(x, weight, bias, head_logits, qk_logits, v_logits, tau, seed)
         return tuple(out.unbind(0))
 
     @staticmethod
@@ -251,8 +252,8 @@ _qkv_backward_op = define_custom_op(
 
 
 def _qkv_op_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.gate_args = tuple(inputs[6:])
+    ctx.save_for_backward(*inputs[:8])  # x, weight, bias, the three logits, tau, seed
+    ctx.gate_args = tuple(inputs[8:])
 
 
 def _qkv_op_backward(ctx, grad_packed):
@@ -278,8 +279,8 @@ def gated_qkv(
     qk_logits: torch.Tensor,
     v_logits: torch.Tensor,
     *,
-    tau: float,
-    seed: int,
+    tau: float | torch.Tensor,
+    seed: int | torch.Tensor,
     offset: int,
     hard: bool = True,
     sample: bool = True,
@@ -291,7 +292,9 @@ def gated_qkv(
         weight: ``[3 * H * Dh, D]`` in timm's fused layout (q rows, k rows, v rows; head-major inside each).
         bias: ``[3 * H * Dh]`` or None.
         head_logits: ``[H]``; qk_logits, v_logits: ``[H, Dh // G]`` (fp32 parameters, also with half activations).
-        tau: temperature > 0. seed: Philox stream in [0, 2**31 - 1]. offset: counter of the layer's first gate
+        tau: temperature > 0. seed: Philox stream in [0, 2**31 - 1]. Either may be a 0-dim tensor (the kernels read it
+            on the device, so nothing waits for the host and a new value needs no recompilation). offset: counter of
+            the layer's first gate
             (the layer uses ``H + 2 * H * Dh // G`` counters). hard: straight-through 0/1 gates, else soft values.
         sample: False uses the eval decision ``1[a > 0]`` and gives the logits no gradient.
 
@@ -303,8 +306,8 @@ def gated_qkv(
     Dtypes: under autocast for x's device, x, weight and bias run in the autocast dtype (like ``F.linear``); otherwise
     they must share one dtype. Outputs have that dtype, gradients the dtype of their input. Under the Triton
     interpreter bf16 runs on fp32 copies (its bf16 ``tl.dot`` is broken), so there q, k, v are three separate tensors.
-    Under ``torch.compile`` the op is one custom op (no graph break); seed and offset are symbolic, tau is a constant
-    of the compiled graph (a new tau value recompiles).
+    Under ``torch.compile`` the op is one custom op (no graph break); tau and seed are tensor inputs of the graph, so
+    an annealed run with a new seed every step compiles once.
     """
     check_tensor("x", x, ndim=3, dtypes=ACTIVATION_DTYPES)
     check_tensor("head_logits", head_logits, ndim=1, dtypes=LOGIT_DTYPES)
@@ -325,6 +328,7 @@ def gated_qkv(
     num_gates = num_heads + 2 * qk_logits.numel()
     logits = {"head_logits": head_logits, "qk_logits": qk_logits, "v_logits": v_logits}
     check_common("gated_qkv", x, weight, bias, logits, tau, seed, offset, num_gates)
+    tau, seed = gate_tensors(tau, seed, x.device)
     x, weight, bias = unify_dtypes(x, weight, bias)
     out_dtype = x.dtype
     x, weight, bias = interpreter_safe(x, weight, bias)

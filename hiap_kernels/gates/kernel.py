@@ -17,7 +17,7 @@ import triton.language as tl
 
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor
-from hiap_kernels.gates.reference import check_gate_arguments
+from hiap_kernels.gates.reference import check_gate_arguments, seed_tensor, tau_tensor
 
 
 @triton.jit
@@ -52,19 +52,22 @@ def gate_value_and_slope(logit, seed, counter, tau, HARD: tl.constexpr, SAMPLE: 
     return value, slope
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=["offset"])
 def _sample_gates_kernel(
     logits_ptr,
     values_ptr,
     slopes_ptr,
     num_gates,
-    seed,
+    seed_ptr,
     offset,
-    tau,
+    tau_ptr,
     HARD: tl.constexpr,
     SAMPLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Read on the device: a new step's seed or temperature is a new value, not a new compilation.
+    seed = tl.load(seed_ptr)
+    tau = tl.load(tau_ptr).to(tl.float32)
     gate = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = gate < num_gates
     # [BLOCK]
@@ -75,13 +78,15 @@ def _sample_gates_kernel(
 
 
 def sample_gates(
-    logits: torch.Tensor, *, tau: float, seed: int, offset: int, hard: bool = True, sample: bool = True
+    logits: torch.Tensor, *, tau: float | torch.Tensor, seed: int | torch.Tensor, offset: int, hard: bool = True,
+    sample: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate values and straight-through slopes for a logit tensor, computed by the in-kernel sampler.
 
     Args:
         logits: float tensor of any shape (gate ``i`` is ``logits.flatten()[i]`` and uses counter ``offset + i``).
-        tau: temperature > 0. seed: Philox stream in [0, 2**31 - 1]. offset: first counter.
+        tau: temperature > 0, a number or a 0-dim float tensor. seed: Philox stream in [0, 2**31 - 1], an int or a 0-dim
+            integer tensor (tensors are read by the kernel: no host synchronisation). offset: first counter.
         hard: hard 0/1 values (straight-through) or soft values. sample: False gives the eval decision ``1[a > 0]``.
 
     Returns:
@@ -99,6 +104,7 @@ def sample_gates(
     block = 128
     grid = (triton.cdiv(flat.numel(), block),)
     _sample_gates_kernel[grid](
-        flat, values, slopes, flat.numel(), seed, offset, float(tau), HARD=bool(hard), SAMPLE=bool(sample), BLOCK=block
+        flat, values, slopes, flat.numel(), seed_tensor(seed).to(flat.device), offset,
+        tau_tensor(tau).to(flat.device), HARD=bool(hard), SAMPLE=bool(sample), BLOCK=block,
     )
     return values, slopes

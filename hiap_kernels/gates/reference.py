@@ -38,26 +38,15 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _MASK32, lo
 
 
-def _philox_uniform_eager(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Uniforms in [0, 1) equal to ``tl.rand(seed, offsets)`` in a Triton kernel.
-
-    Args:
-        seed: integer in [0, 2**31 - 1].
-        offsets: integer tensor of any shape with values in [0, 2**31 - 1] (the Philox counters).
-
-    Returns:
-        float32 tensor of ``offsets.shape`` on ``offsets.device``.
-    """
-    if not 0 <= int(seed) <= MAX_SEED:
-        raise ValueError(f"seed must lie in [0, {MAX_SEED}], got {seed}")
-    if offsets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
+def _philox_uniform_eager(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, offsets)`` with int64 tensor arithmetic; ``seed`` a 0-dim integer tensor (any device)."""
     c0 = offsets.to(torch.int64) & _MASK32
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
-    k0 = int(seed) & _MASK32
-    k1 = (int(seed) >> 32) & _MASK32
+    seed = seed.to(device=offsets.device, dtype=torch.int64)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
     for _ in range(_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
@@ -71,31 +60,62 @@ def _philox_uniform_eager(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 
 # Opaque to torch.compile: the ten unrolled rounds reuse every intermediate several times, and inductor's lowering
 # re-walks such chains once per use, which is exponential in the rounds (compiling one gated layer did not finish in
-# 5 minutes). As a custom op the sampler stays in the graph, without a graph break, and runs eagerly inside it.
-@torch.library.custom_op("hiap_kernels::philox_uniform", mutates_args=())
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+# 5 minutes). As a custom op the sampler stays in the graph, without a graph break, and runs eagerly inside it. The
+# seed is a tensor, so a new seed every step is a new value of the same graph, not a recompilation.
+@torch.library.custom_op("hiap_kernels::philox_uniform", mutates_args=(), schema="(Tensor seed, Tensor offsets) -> Tensor")
+def _philox_uniform_op(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _philox_uniform_eager(seed, offsets)
+
+
+@_philox_uniform_op.register_fake
+def _philox_uniform_fake(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(offsets, dtype=torch.float32)
+
+
+def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Uniforms in [0, 1) equal to ``tl.rand(seed, offsets)`` in a Triton kernel.
 
     Args:
-        seed: integer in [0, 2**31 - 1].
+        seed: integer in [0, 2**31 - 1], or a 0-dim integer tensor holding one (its value is not read back).
         offsets: integer tensor of any shape with values in [0, 2**31 - 1] (the Philox counters).
 
     Returns:
         float32 tensor of ``offsets.shape`` on ``offsets.device``.
     """
-    return _philox_uniform_eager(seed, offsets)
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"offsets must be an integer tensor, got {getattr(offsets, 'dtype', type(offsets).__name__)}")
+    return _philox_uniform_op(seed_tensor(seed), offsets)
 
 
-@philox_uniform.register_fake
-def _philox_uniform_fake(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(offsets, dtype=torch.float32)
+def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """A Philox stream as a 0-dim int64 tensor: a Python int is range-checked; a tensor is checked for shape and
+    dtype only (reading its value would wait for the device; ``hiap``'s gate schedule checks values when set)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"seed must be an int or a one-element integer tensor, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(())
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def tau_tensor(tau: float | torch.Tensor) -> torch.Tensor:
+    """A temperature as a 0-dim float32 tensor: a Python number must be finite and > 0; a tensor is checked for
+    shape and dtype only (its value is checked where it is set, without a device round trip here)."""
+    if isinstance(tau, torch.Tensor):
+        if tau.numel() != 1 or not tau.dtype.is_floating_point:
+            raise TypeError(f"tau must be a number or a one-element float tensor, got {tau.dtype} {tuple(tau.shape)}")
+        return tau.reshape(()).float()
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0 < tau < float("inf"):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    return torch.tensor(float(tau), dtype=torch.float32)
 
 
 # Uniforms are clamped away from 0 and 1 so that the logistic noise log(u) - log(1 - u) stays finite in fp32.
 UNIFORM_EPS = 1e-6
 
 
-def logistic_noise(seed: int, offset: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def logistic_noise(seed: int | torch.Tensor, offset: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Logistic noise ``log(u) - log(1 - u)`` for gates ``offset .. offset + count - 1`` of the Philox stream ``seed``.
 
     Returns:
@@ -108,7 +128,7 @@ def logistic_noise(seed: int, offset: int, count: int, device: torch.device | st
 
 
 def gumbel_sigmoid(
-    logits: torch.Tensor, tau: float, seed: int, offset: int, hard: bool = True
+    logits: torch.Tensor, tau: float | torch.Tensor, seed: int | torch.Tensor, offset: int, hard: bool = True
 ) -> torch.Tensor:
     """Binary-concrete gate sample with the straight-through estimator (plain-PyTorch reference).
 
@@ -118,12 +138,13 @@ def gumbel_sigmoid(
 
     Args:
         logits: float tensor of any shape (gate ``i`` is ``logits.flatten()[i]``).
-        tau: temperature > 0.
-        seed, offset: Philox stream and first counter.
+        tau: temperature > 0 (a number, or a 0-dim float tensor: a new value then needs no recompilation).
+        seed, offset: Philox stream (an int or a 0-dim integer tensor) and first counter.
 
     Returns:
         tensor of ``logits.shape`` and dtype.
     """
+    check_gate_arguments(tau, seed, offset, logits.numel())
     noise = logistic_noise(seed, offset, logits.numel(), logits.device).view_as(logits)
     soft = torch.sigmoid((logits.float() + noise) / tau)
     if not hard:
@@ -134,12 +155,11 @@ def gumbel_sigmoid(
     return ((hard_value - soft.detach()) + soft).to(logits.dtype)
 
 
-def check_gate_arguments(tau: float, seed: int, offset: int, num_gates: int) -> None:
-    """ValueError unless tau > 0, seed in [0, 2**31 - 1] and counters up to ``offset + num_gates - 1`` fit int32."""
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0 or tau == float("inf"):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+def check_gate_arguments(tau, seed, offset: int, num_gates: int) -> None:
+    """ValueError / TypeError unless tau > 0, seed in [0, 2**31 - 1] (Python values; tensors: shape and dtype) and the
+    counters up to ``offset + num_gates - 1`` fit int32."""
+    tau_tensor(tau)
+    seed_tensor(seed)
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     if offset + num_gates - 1 > MAX_COUNTER:
