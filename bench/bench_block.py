@@ -2,15 +2,19 @@
 
     gated_attention_fwd_bwd   ``hiap.GatedAttention`` (gated qkv -> SDPA -> proj), the attention half of a block
     gated_block_fwd_bwd       one timm ``Block`` with ``GatedAttention`` and ``GatedMlp`` (norms, residuals included)
-    training_step             gated DeiT-S: forward, HiAP objective (CE + KD + MAC budget + feasibility), backward,
-                              AdamW step over weights, gate logits and Lagrange multipliers
+    training_step             one step of DeiT-S training against what a user pays today, a dense timm step:
+                                dense/reference      timm DeiT-S: forward, CE + KD, backward, fused AdamW (baseline)
+                                hiap/reference       gated DeiT-S: forward, the whole HiAP objective (CE + KD + MAC
+                                                     budget + feasibility), backward, fused AdamW over weights, gate
+                                                     logits and Lagrange multipliers; PyTorch gate sampler
+                                hiap/triton          the same with the Triton gate sampler (hiap.use_triton_kernels)
+                                hiap/compiled        the same with the model forward compiled (one graph for the run)
+                                hiap-late/triton     late in training: half of the heads, dims and neurons closed
 
-Providers: ``reference`` (the modules' PyTorch path, eager), ``compiled`` (torch.compile of the same modules),
-``triton`` (the same modules switched with ``hiap.use_triton_kernels``). In the training step only the model forward
-is compiled; the objective and the optimizer run eagerly for every provider. The teacher's logits are precomputed:
-the teacher is the same dense timm model whatever the provider, so its forward would only dilute the comparison.
-The gate seed is held fixed while timing: under torch.compile a new Python-int seed every step would recompile,
-whereas the kernels take it as a runtime argument.
+Providers of the module cases: ``reference`` (the modules' PyTorch path, eager), ``compiled`` (torch.compile of the same
+modules), ``triton`` (the same modules switched with ``hiap.use_triton_kernels``). In the training step the
+temperature anneals and the seed advances every step, as in a real run (both are device tensors: nothing
+recompiles). The teacher's logits are precomputed: the teacher is the same dense model for every variant.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import pytest
 import torch
 
 import hiap
+from hiap.app.train import build_optimizer
+from hiap.method.gates import step_seed
+from hiap.method.losses import distillation_loss
 
 from _harness import CaseRun
 from _providers import PROVIDERS, compile_reference
@@ -30,6 +37,7 @@ from _workloads import (
     TOKENS,
     attention_training_work,
     block_training_work,
+    dense_deit_s,
     gated_deit_s,
     images,
     training_step_work,
@@ -39,8 +47,9 @@ MODULE_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 CPU_MODULE_REDUCTION = "batch 2 instead of 64/256 (per-image shapes are DeiT-S's), fp32"
 # CPU: one training step of DeiT-S at batch 2 is already ~55 GFLOP, seconds on two shared cores.
 STEP_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
-# What hiap.use_triton_kernels switches the gated modules to.
-TRITON_MODULES = ("hiap_kernels.gated_linear.qkv", "hiap_kernels.gated_linear.fc1")
+# What hiap.use_triton_kernels switches the gated modules to (their GEMMs are cuBLAS's on every path).
+TRITON_MODULES = ("hiap_kernels.gates.kernel",)
+STEP_VARIANTS = ("dense/reference", "hiap/reference", "hiap/triton", "hiap/compiled", "hiap-late/triton")
 
 
 def _pin_backend(module: torch.nn.Module, provider: str) -> None:
@@ -94,38 +103,65 @@ def test_gated_block_fwd_bwd(benchmark, recorder, provider, batch):
 
 
 @pytest.mark.parametrize("batch", STEP_BATCHES, ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_training_step(benchmark, recorder, provider, batch):
-    run = CaseRun(benchmark, recorder, "training_step", provider, batch)
+@pytest.mark.parametrize("variant", STEP_VARIANTS)
+def test_training_step(benchmark, recorder, variant, batch):
+    run = CaseRun(benchmark, recorder, "training_step", variant, batch, baseline="dense/reference")
     run.note_cpu_reduction("batch 2 instead of 64/256 (whole DeiT-S, 12 blocks), fp32")
+    model_name, provider = variant.split("/")
     run.require_provider(triton_modules=TRITON_MODULES, compile_cost="training", cpu_ok=False,
                          cpu_why_not="compiling the whole gated DeiT-S forward + backward takes minutes on two "
                                      "cores; gated_block_fwd_bwd carries the compiled-vs-eager comparison there")
     run.require_time(45)
-    model = gated_deit_s().train()
-    _pin_backend(model, provider)
-    objective = hiap.HiAPObjective(model).to(DEVICE)
-    cfg = model.cfg
-    optimizer = torch.optim.AdamW([
-        {"params": list(model.weight_parameters().values()), "lr": cfg.lr},
-        {"params": list(model.gate_logits().values()), "lr": cfg.gate_lr, "weight_decay": 0.0},
-        {"params": objective.budget.lagrangian_parameters(), "lr": cfg.lagrangian_lr, "weight_decay": 0.0},
-    ])
-    forward = compile_reference(model.vit) if provider == "compiled" else model.vit
     inputs = images(batch)
     generator = torch.Generator().manual_seed(batch)
     targets = torch.randint(0, NUM_CLASSES, (batch,), generator=generator).to(DEVICE)
     teacher_logits = torch.randn(batch, NUM_CLASSES, generator=generator).to(DEVICE)
+    if model_name == "dense":
+        model = dense_deit_s().to(DEVICE).train()
+        optimizer = build_optimizer([{"params": list(model.parameters()), "lr": 1e-4}])
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context():
-            logits = forward(inputs)
-            terms = objective(model, logits, teacher_logits, targets)
-        terms.total.backward()
-        optimizer.step()
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_context():
+                loss = distillation_loss(model(inputs).float(), teacher_logits, targets)
+            loss.backward()
+            optimizer.step()
+    else:
+        model = gated_deit_s().train()
+        if model_name == "hiap-late":
+            _close_half(model)
+        _pin_backend(model, provider)
+        objective = hiap.HiAPObjective(model).to(DEVICE)
+        cfg = model.cfg
+        optimizer = build_optimizer([
+            {"params": list(model.weight_parameters().values()), "lr": cfg.lr},
+            {"params": list(model.gate_logits().values()), "lr": cfg.gate_lr, "weight_decay": 0.0},
+            {"params": objective.budget.lagrangian_parameters(), "lr": cfg.lagrangian_lr, "weight_decay": 0.0},
+        ])
+        forward = compile_reference(model.vit) if provider == "compiled" else model.vit
+        counter = iter(range(10**9))
+
+        def step() -> None:
+            index = next(counter)
+            model.set_temperature(hiap.temperature_at(index % 1000, 1000, cfg.tau0, cfg.tau_min))
+            model.schedule.set_seed(step_seed(cfg.seed, index))
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_context():
+                logits = forward(inputs)
+            terms = objective(model, logits.float(), teacher_logits, targets)
+            terms.total.backward()
+            optimizer.step()
 
     parameters = sum(p.numel() for p in model.parameters())
     shapes = {**DEIT_S_SHAPES, "images": [batch, 3, 224, 224], "parameters": parameters}
     run.measure(step, shapes=shapes, work=training_step_work(batch, parameters), heavy=True,
                 compile_cost="training" if provider == "compiled" else None)
+
+
+def _close_half(model: hiap.HiAPViT) -> None:
+    """Late in a run: every other head and FFN block closed, and half of the remaining dims and neurons."""
+    for attn, mlp in zip(model.attention_layers(), model.ffn_layers()):
+        heads = torch.arange(attn.num_heads, device=attn.gates.head.device)
+        attn.gates.assign(head=heads % 2 == 0, qk=torch.arange(attn.gates.qk.shape[1]) % 2 == 0,
+                          v=torch.arange(attn.gates.v.shape[1]) % 2 == 0)
+        mlp.gates.assign(neuron=torch.arange(mlp.gates.neuron.shape[0]) % 2 == 0)

@@ -1,7 +1,10 @@
 """The gated qkv projection, forward + backward, DeiT-S shapes (op level).
 
     gated_qkv_fwd_bwd   ``gated_qkv_reference`` / torch.compile of it / ``hiap_kernels.gated_qkv``: x [B, 197, 384]
-                        -> q, k, v [B, 6, 197, 64], gates sampled, gradients of x, W, b and the three gate logits
+                        -> q, k, v [B, 6, 197, 64], gates sampled, gradients of x, W, b and the three gate logits;
+                        provider ``module``: what ``hiap.GatedAttention`` runs instead of the fused op (the mask on
+                        the weight rows, the library's GEMM forward and backward; the Triton sampler on a GPU, its
+                        PyTorch twin on a CPU), so one record says which of the two a GPU should run
 
 Weights and gate logits are block 0's of the HiAP-like layout (some heads and dims closed). The gates are sampled in
 training mode with the draw that ``GatedAttention``'s own forward would hand the op (``attn.gates.draw()``: the
@@ -13,7 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import hiap
+from hiap.method.gates import GateDraw
 from hiap_kernels import gated_qkv_reference
 
 from _harness import CaseRun
@@ -38,7 +44,7 @@ CPU_REDUCTION = "batch 2 instead of 64/256 (per-image shapes are DeiT-S's), fp32
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", (*PROVIDERS, "module"))
 def test_gated_qkv_fwd_bwd(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "gated_qkv_fwd_bwd", provider, batch)
     run.note_cpu_reduction(CPU_REDUCTION)
@@ -53,6 +59,8 @@ def test_gated_qkv_fwd_bwd(benchmark, recorder, provider, batch):
 
     attn = gated_deit_s(depth=1).train().vit.blocks[0].attn
     draw = attn.gates.draw()
+    if provider == "module":
+        op = _module_formulation(attn)
     x = activations((batch, TOKENS, EMBED_DIM), seed=1).requires_grad_()
     leaves = (x, attn.qkv.weight, attn.qkv.bias, *draw.logits)
     grads = tuple(output_gradient((batch, NUM_HEADS, TOKENS, HEAD_DIM), seed=2 + i) for i in range(3))
@@ -67,3 +75,20 @@ def test_gated_qkv_fwd_bwd(benchmark, recorder, provider, batch):
     run.measure(call, prepare=drop_gradients(*leaves), shapes=shapes,
                 work=linear_training_work(batch * TOKENS, EMBED_DIM, 3 * EMBED_DIM),
                 compile_cost="small" if provider == "compiled" else None)
+
+
+def _module_formulation(attn):
+    """``gated_qkv``'s contract computed the way ``GatedAttention.forward`` does: weight rows scaled by the mask."""
+    sampler = None
+    if attn.qkv.weight.is_cuda:
+        hiap.use_triton_kernels(attn)
+        sampler = attn.triton_kernel(attn.qkv.weight)
+
+    def op(x, weight, bias, *logits, tau, seed, offset, hard, sample):
+        batch, tokens, _ = x.shape
+        draw = GateDraw(tuple(logits), tau, seed, offset, hard, sample)
+        scale = attn.gates.qkv_row_scale(attn.gates.values(draw, sampler)).to(weight.dtype)
+        qkv = F.linear(x, weight * scale[:, None], None if bias is None else bias * scale)
+        return qkv.reshape(batch, tokens, 3, NUM_HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+
+    return op

@@ -178,3 +178,20 @@ def test_tensor_tau_and_seed_sample_like_python_ones():
     values, slopes = sample_gates(logits, tau=0.6, seed=77, offset=5)
     tensor_values, tensor_slopes = sample_gates(logits, tau=torch.tensor(0.6), seed=torch.tensor(77), offset=5)
     assert torch.equal(values, tensor_values) and torch.equal(slopes, tensor_slopes)
+
+
+@needs_triton
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_values_carry_the_straight_through_gradient_of_the_reference(hard):
+    from hiap_kernels.gates.kernel import _sample_gates
+
+    logits = _logits((70,)).requires_grad_()
+    reference_logits = logits.detach().clone().requires_grad_()
+    weights = torch.randn(70, device=DEVICE)
+    values, slopes = sample_gates(logits, tau=0.8, seed=9, offset=3, hard=hard)
+    (values * weights).sum().backward()
+    (gumbel_sigmoid(reference_logits, 0.8, 9, 3, hard=hard) * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, reference_logits.grad, rtol=1e-5, atol=1e-7)
+    assert not slopes.requires_grad
+    args = (logits.detach().clone().requires_grad_(), torch.tensor(0.8), torch.tensor(9), 3, hard, True)
+    torch.library.opcheck(_sample_gates, args)

@@ -1,10 +1,17 @@
-"""Gated attention and FFN modules that wrap timm's Attention and Mlp; reference or Triton path per ``hiap.backend``.
+"""Gated attention and FFN modules that wrap timm's Attention and Mlp; the gate sampler per ``hiap.backend``.
 
 Each gated module keeps the timm sub-modules it wraps (``qkv``, ``proj``, ``fc1``, ``fc2``...) under the same names and
 holds its gates in ``.gates`` (an :class:`AttentionGates` / :class:`FfnGates`). A forward asks the gates for one
-:class:`GateDraw` and hands it to the reference op or to the Triton op, which draw the very same gates from it.
-Training mode samples; eval mode applies the deterministic decision, so the eval-mode model, its MAC count and the
-extracted model agree.
+:class:`GateDraw` and samples it with the Triton sampler (``hiap_kernels.sample_gates``) or its PyTorch twin, which
+draw the very same gates. Training mode samples; eval mode applies the deterministic decision, so the eval-mode
+model, its MAC count and the extracted model agree.
+
+The masks act on the weights, not on the activations: a masked output column of a linear layer is the same as that
+weight row (and bias) scaled by its mask, and a masked FFN neuron the same as fc2's input column scaled by it. So the
+GEMMs stay the library's (cuBLAS on a GPU, forward and backward), the masking touches ``[3 H Dh, D]`` and ``[D, F]``
+weights instead of ``[B N, 3 H Dh]`` and ``[B N, F]`` activations, and autograd gives the gates' gradients
+(``dL/dm = <dL/dW', W> + dL/db' b``, exactly the output-masked formula of ``hiap_kernels.gated_qkv_reference``). With
+every gate open the masks are exact ones: the model computes bit for bit what timm's does.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import torch.nn.functional as F
 
 from hiap.backend import KernelBackendMixin
 from hiap.method.gates import AttentionGates, FfnGates, GateSchedule, gate_offset
-from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
 
 
 def _rename_legacy_gate_keys(names: dict[str, str]):
@@ -35,7 +41,7 @@ class GatedAttention(KernelBackendMixin, nn.Module):
     Masks: q columns times ``dqk``, v columns times ``g * dv`` (k unmasked). Input and output ``[B, N, D]``.
     """
 
-    triton_op = "gated_qkv"
+    triton_op = "sample_gates"
 
     def __init__(self, attn: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
                  init_logit: float, dim_group: int, min_heads: int, min_dim_fraction: float):
@@ -61,9 +67,12 @@ class GatedAttention(KernelBackendMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        draw = self.gates.draw()
-        gated_qkv = self.triton_kernel(x, self.qkv.weight) or gated_qkv_reference
-        q, k, v = gated_qkv(x, self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
+        values = self.gates.values(self.gates.draw(), self.triton_kernel(x, self.qkv.weight))
+        scale = self.gates.qkv_row_scale(values).to(self.qkv.weight.dtype)  # [3 * H * Dh]
+        bias = None if self.qkv.bias is None else self.qkv.bias * scale
+        qkv = F.linear(x, self.qkv.weight * scale[:, None], bias)
+        # [B, N, 3 * H * Dh] -> q, k, v [B, H, N, Dh] as views, the layout timm hands to SDPA
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
@@ -81,7 +90,7 @@ class GatedMlp(KernelBackendMixin, nn.Module):
     Input and output ``[..., D]``.
     """
 
-    triton_op = "gated_fc1"
+    triton_op = "sample_gates"
 
     def __init__(self, mlp: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
                  init_logit: float, dim_group: int, min_neuron_fraction: float):
@@ -104,11 +113,10 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        draw = self.gates.draw()
-        gated_fc1 = self.triton_kernel(x, self.fc1.weight) or gated_fc1_reference
-        hidden = gated_fc1(x, self.fc1.weight, self.fc1.bias, *draw.logits, approximate=self.act.approximate,
-                           **draw.options())
-        return self.drop2(self.fc2(self.drop1(hidden)))
+        values = self.gates.values(self.gates.draw(), self.triton_kernel(x, self.fc1.weight))
+        scale = self.gates.neuron_scale(values).to(self.fc2.weight.dtype)  # [F]
+        hidden = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(F.linear(hidden, self.fc2.weight * scale, self.fc2.bias))
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_features}, layer={self.layer_index}"

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from hiap_kernels.gates import MAX_SEED
+from hiap_kernels.gates import MAX_SEED, gumbel_sigmoid
 
 __all__ = [
     "FFN_ALIGNMENT",
@@ -251,6 +251,23 @@ class LayerGates(nn.Module):
         """P(open) = sigmoid(a) of each kind, in ``KINDS`` order (differentiable)."""
         return tuple(torch.sigmoid(getattr(self, kind)) for kind in self.KINDS)
 
+    def values(self, draw: GateDraw, sampler=None) -> tuple[torch.Tensor, ...]:
+        """Gate values ``z`` of each kind for ``draw``, with straight-through gradients to the logits when sampling.
+
+        ``sampler`` is ``hiap_kernels.sample_gates`` (the Triton sampler) or None for the PyTorch twin
+        ``gumbel_sigmoid``; both draw the same gates from the same record. The kinds are sampled as one flat vector, so
+        gate ``i`` of the layer uses Philox counter ``offset + i`` exactly as in the fused kernels.
+        """
+        flat = torch.cat([logit.reshape(-1) for logit in draw.logits])
+        if not draw.sample:
+            z = (flat > 0).to(flat.dtype)
+        elif sampler is not None:
+            z = sampler(flat, tau=draw.tau, seed=draw.seed, offset=draw.offset, hard=draw.hard)[0].to(flat.dtype)
+        else:
+            z = gumbel_sigmoid(flat, draw.tau, draw.seed, draw.offset, draw.hard)
+        shapes = [logit.shape for logit in draw.logits]
+        return tuple(part.view(shape) for part, shape in zip(z.split([s.numel() for s in shapes]), shapes))
+
     def draw(self) -> GateDraw:
         """The draw of this forward: sampled from the logits in training mode, the decision in eval mode."""
         schedule = self.schedule
@@ -302,6 +319,14 @@ class AttentionGates(LayerGates):
         m_q = keep_qk.repeat_interleave(self.group, dim=1) & alive[:, None]
         return m_q, m_v
 
+    def qkv_row_scale(self, values: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Per row of timm's fused qkv weight ``[3 * H * Dh]``: ``m_q = dqk`` on q rows, 1 on k rows, ``m_v = g * dv``
+        on v rows. Scaling the weight rows (and bias) by it equals masking the projection's output columns."""
+        z_head, z_qk, z_v = values
+        m_q = z_qk.repeat_interleave(self.group, dim=1).reshape(-1)
+        m_v = (z_head[:, None] * z_v.repeat_interleave(self.group, dim=1)).reshape(-1)
+        return torch.cat([m_q, torch.ones_like(m_q), m_v])
+
     def kept_widths(self) -> tuple[list[int], list[int]]:
         """Per original head, the kept q/k width and v width (0 and 0 for a removed head)."""
         m_q, m_v = self.kept_columns()
@@ -331,6 +356,11 @@ class FfnGates(LayerGates):
     def decisions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keep decision (``ffn_decisions``): bool block ``[1]`` and neuron groups ``[F / G]``."""
         return ffn_decisions(self.block, self.neuron, min_neuron_fraction=self.min_neuron_fraction)
+
+    def neuron_scale(self, values: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Per hidden neuron ``[F]``: ``m = b * c``. Scaling fc2's input columns by it equals masking the neurons."""
+        z_block, z_neuron = values
+        return z_block * z_neuron.repeat_interleave(self.group)
 
     @torch.no_grad()
     def kept_neurons(self) -> torch.Tensor:

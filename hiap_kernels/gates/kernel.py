@@ -92,11 +92,24 @@ def sample_gates(
     Returns:
         values, slopes: fp32 ``[logits.numel()]``; ``values`` equals :func:`hiap_kernels.gates.reference.gumbel_sigmoid`
         (``1[a > 0]`` when not sampling) and ``slopes`` its derivative w.r.t. the logit (zeros when not sampling).
+        ``values`` carries the straight-through gradient to ``logits`` (``d values / d logits = slopes``), so the
+        sampler drops into a model as ``gumbel_sigmoid`` does; ``slopes`` has no gradient. A ``torch.library``
+        custom op: one node in a compiled graph.
     """
     check_tensor("logits", logits)
     check_gate_arguments(tau, seed, offset, logits.numel())
     runtime.require_triton_device("sample_gates", logits, "hiap_kernels.gumbel_sigmoid")
-    flat = logits.detach().reshape(-1).contiguous()
+    flat = logits.reshape(-1)
+    return _sample_gates(flat, tau_tensor(tau).to(flat.device), seed_tensor(seed).to(flat.device), offset,
+                         bool(hard), bool(sample))
+
+
+@torch.library.custom_op(
+    "hiap_kernels::sample_gates", mutates_args=(),
+    schema="(Tensor logits, Tensor tau, Tensor seed, SymInt offset, bool hard, bool sample) -> (Tensor, Tensor)",
+)
+def _sample_gates(logits, tau, seed, offset, hard, sample):
+    flat = logits.contiguous()
     values = runtime.empty(flat.numel(), torch.float32, flat.device)
     slopes = runtime.empty(flat.numel(), torch.float32, flat.device)
     if flat.numel() == 0:
@@ -104,7 +117,26 @@ def sample_gates(
     block = 128
     grid = (triton.cdiv(flat.numel(), block),)
     _sample_gates_kernel[grid](
-        flat, values, slopes, flat.numel(), seed_tensor(seed).to(flat.device), offset,
-        tau_tensor(tau).to(flat.device), HARD=bool(hard), SAMPLE=bool(sample), BLOCK=block,
+        flat, values, slopes, flat.numel(), seed, offset, tau, HARD=hard, SAMPLE=sample, BLOCK=block,
     )
     return values, slopes
+
+
+@_sample_gates.register_fake
+def _sample_gates_fake(logits, tau, seed, offset, hard, sample):
+    return logits.new_empty(logits.shape, dtype=torch.float32), logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _sample_gates_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.logit_dtype = inputs[0].dtype
+
+
+def _sample_gates_backward(ctx, grad_values, grad_slopes):
+    (slopes,) = ctx.saved_tensors
+    grad_logits = None if grad_values is None else (grad_values * slopes).to(ctx.logit_dtype)
+    return grad_logits, None, None, None, None, None
+
+
+_sample_gates.register_autograd(_sample_gates_backward, setup_context=_sample_gates_setup_context)
