@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-
 BudgetMode = Literal["penalty", "target"]
 
 

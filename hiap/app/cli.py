@@ -15,9 +15,8 @@ import typing
 import warnings
 from pathlib import Path
 
-from hiap.config import HiAPConfig
 from hiap.app.runtime import InputError
-
+from hiap.config import HiAPConfig
 
 # --------------------------------------------------------------------------------------------------------------------
 # HiAPConfig <-> flags
@@ -281,10 +280,10 @@ def command_compare(args: argparse.Namespace) -> int:
 
 def command_extract(args: argparse.Namespace) -> int:
     from hiap.app.checkpoint import read_checkpoint
-    from hiap.method.cost import count_macs, dense_macs
-    from hiap.method.extract import extract, pruned_layout, save_pruned
     from hiap.app.models import count_parameters
     from hiap.app.pipeline import rebuild_gated
+    from hiap.method.cost import count_macs, dense_macs
+    from hiap.method.extract import extract, pruned_layout, save_pruned
 
     payload = read_checkpoint(args.checkpoint, phase="hiap")
     gated = rebuild_gated(payload)
@@ -304,9 +303,9 @@ def _load_for_eval(args: argparse.Namespace, num_classes: int):
     import torch
 
     from hiap.app.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
-    from hiap.method.extract import extract, load_pruned
     from hiap.app.models import create_dense_model, load_dense_weights, parse_model_args
     from hiap.app.pipeline import rebuild_gated
+    from hiap.method.extract import extract, load_pruned
 
     path = Path(args.path).expanduser()
     if not path.is_file():
@@ -332,11 +331,11 @@ def _load_for_eval(args: argparse.Namespace, num_classes: int):
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from hiap.method.cost import count_macs
     from hiap.app.data import build_datasets, eval_loader, num_classes_of
     from hiap.app.evaluation import summarize
     from hiap.app.models import DIGITS_VIT
     from hiap.app.runtime import configure_threads, resolve_device
+    from hiap.method.cost import count_macs
 
     device = resolve_device(args.device)
     num_classes = num_classes_of(args.data)

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from hiap.method.cost import count_macs
 from hiap.app.models import count_parameters
 from hiap.app.runtime import DistContext, autocast, progress
+from hiap.method.cost import count_macs
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hiap.method.architecture import UnsupportedModelError, describe_vit
 from hiap.app.runtime import InputError
+from hiap.method.architecture import UnsupportedModelError, describe_vit
 
 # The default model: a 4-block, 64-wide ViT on 16 px inputs (the 8x8 digits upsampled), 4 heads of 16 dims, patch 4
 # (16 patches + class token). It trains to ~98% on the digits in under a minute on one CPU core.

@@ -18,20 +18,29 @@ import torch
 import torch.nn as nn
 
 from hiap.app.baselines import apply_baseline
+from hiap.app.checkpoint import JsonlLog
+from hiap.app.data import DataBundle, build_datasets, describe_source, eval_loader, num_classes_of
+from hiap.app.evaluation import summarize
+from hiap.app.models import create_dense_model, load_dense_weights
+from hiap.app.report import TOLERANCE, layer_structure, write_prune_report
+from hiap.app.runtime import (
+    DistContext,
+    InputError,
+    atomic_path,
+    atomic_write_json,
+    configure_threads,
+    describe_machine,
+    gather_floats,
+    init_distributed,
+    log_line,
+)
+from hiap.app.train import DenseJob, DistillJob, HiAPJob, LoopSettings, fit, settle_budget
 from hiap.backend import use_triton_kernels
 from hiap.config import HiAPConfig
 from hiap.method.convert import HiAPViT, gate_vit
 from hiap.method.cost import count_macs, dense_macs
-from hiap.app.data import DataBundle, build_datasets, describe_source, eval_loader, num_classes_of
-from hiap.app.evaluation import summarize
 from hiap.method.extract import extract, save_pruned
 from hiap.method.losses import HiAPObjective
-from hiap.app.models import create_dense_model, load_dense_weights
-from hiap.app.report import TOLERANCE, layer_structure, write_prune_report
-from hiap.app.runtime import (DistContext, InputError, atomic_path, atomic_write_json, configure_threads,
-                          describe_machine, gather_floats, init_distributed, log_line)
-from hiap.app.checkpoint import JsonlLog
-from hiap.app.train import DenseJob, DistillJob, HiAPJob, LoopSettings, fit, settle_budget
 
 DEFAULT_OUTPUT = "hiap-runs/prune"
 

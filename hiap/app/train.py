@@ -18,15 +18,22 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
-from hiap.app.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, JsonlLog, config_difference, read_checkpoint,
-                             rng_state, set_rng_state)
-from hiap.method.convert import HiAPViT
-from hiap.method.cost import count_macs, expected_cost
+from hiap.app.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    JsonlLog,
+    config_difference,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from hiap.app.data import DataBundle, ShardedBatchSampler, eval_loader, train_loader
 from hiap.app.evaluation import evaluate_accuracy
+from hiap.app.runtime import DistContext, InputError, atomic_torch_save, autocast, log_line, needs_grad_scaler, progress
+from hiap.method.convert import HiAPViT
+from hiap.method.cost import count_macs, expected_cost
 from hiap.method.gates import temperature_at
 from hiap.method.losses import HiAPObjective, distillation_loss
-from hiap.app.runtime import DistContext, InputError, atomic_torch_save, autocast, log_line, needs_grad_scaler, progress
 
 __all__ = ["DenseJob", "DistillJob", "FitResult", "HiAPJob", "LoopSettings", "TrainingJob", "fit", "settle_budget"]
 

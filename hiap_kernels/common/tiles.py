@@ -4,10 +4,21 @@ autotune configs of an output-tiled GEMM.
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
 
-from hiap_kernels.common.runtime import pick_configs
+from hiap_kernels.common.runtime import interpreter_active, pick_configs
+
+
+def autotune(configs, key):
+    """``triton.autotune`` that keeps its choice on disk where Triton can (``cache_results``): a new process with the
+    same shapes reuses the winning config instead of benchmarking every candidate again on its first call."""
+    kwargs = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters and not interpreter_active():
+        kwargs["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **kwargs)
 
 
 def gemm_config(block_m, block_n, block_k, warps, stages, group_m=8) -> triton.Config:

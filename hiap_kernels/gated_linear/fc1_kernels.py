@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hiap_kernels.common.tiles import GATED_GEMM_CONFIGS, gelu_and_derivative, swizzled_tile, x_times_weight_t
+from hiap_kernels.common.tiles import GATED_GEMM_CONFIGS, autotune, gelu_and_derivative, swizzled_tile, x_times_weight_t
 from hiap_kernels.gates.kernel import gate_value_and_slope
 
 # The fc1 backward pointwise kernel writes partial sums per row block, so its block sizes are fixed, not autotuned.
@@ -45,7 +45,7 @@ def ffn_column_mask(
     return z_block * z_neuron
 
 
-@triton.autotune(configs=GATED_GEMM_CONFIGS, key=["M", "N_OUT", "K"])
+@autotune(GATED_GEMM_CONFIGS, ["M", "N_OUT", "K"])
 @triton.jit(do_not_specialize=["offset"])
 def fc1_forward_kernel(
     x_ptr,

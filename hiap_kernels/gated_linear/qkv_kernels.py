@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from hiap_kernels.common.runtime import pick_configs
-from hiap_kernels.common.tiles import GATED_GEMM_CONFIGS, gemm_config, swizzled_tile, x_times_weight_t
+from hiap_kernels.common.tiles import GATED_GEMM_CONFIGS, autotune, gemm_config, swizzled_tile, x_times_weight_t
 from hiap_kernels.gates.kernel import gate_value_and_slope
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def qkv_column_mask(
     return tl.where(is_q, z_micro, tl.where(is_v, z_head * z_micro, 1.0))
 
 
-@triton.autotune(configs=GATED_GEMM_CONFIGS, key=["M", "N_OUT", "K"])
+@autotune(GATED_GEMM_CONFIGS, ["M", "N_OUT", "K"])
 @triton.jit(do_not_specialize=["offset"])
 def qkv_forward_kernel(
     x_ptr,
@@ -218,7 +218,7 @@ def load_qkv_grad_tile(
     return tile
 
 
-@triton.autotune(configs=DX_CONFIGS, key=["M", "N_OUT", "K"])
+@autotune(DX_CONFIGS, ["M", "N_OUT", "K"])
 @triton.jit
 def qkv_backward_dx_kernel(
     dq_ptr,
@@ -268,7 +268,7 @@ def qkv_backward_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rows < M)[:, None] & k_valid[None, :])
 
 
-@triton.autotune(configs=DW_CONFIGS, key=["M", "N_OUT", "K"])
+@autotune(DW_CONFIGS, ["M", "N_OUT", "K"])
 @triton.jit
 def qkv_backward_dw_kernel(
     dq_ptr,

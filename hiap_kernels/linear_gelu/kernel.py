@@ -13,13 +13,13 @@ import triton.language as tl
 
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor, dot_precision
-from hiap_kernels.common.tiles import GEMM_CONFIGS, gelu, swizzled_tile, x_times_weight_t
+from hiap_kernels.common.tiles import GEMM_CONFIGS, autotune, gelu, swizzled_tile, x_times_weight_t
 from hiap_kernels.linear_gelu.reference import GELU_APPROXIMATIONS
 
 __all__ = ["fused_linear_gelu"]
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["num_rows", "num_features", "in_features"])
+@autotune(GEMM_CONFIGS, ["num_rows", "num_features", "in_features"])
 @triton.jit
 def _linear_gelu_kernel(
     x_ptr,

@@ -21,11 +21,11 @@ import math
 import torch
 import triton
 import triton.language as tl
-
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor, dot_precision, next_power_of_2_at_least_16, pick_configs
+from hiap_kernels.common.tiles import autotune
 from hiap_kernels.ragged_attn.reference import HEAD_TABLE_COLUMNS, build_head_table
 
 __all__ = ["check_head_table", "ragged_attention", "validate_head_table"]
@@ -42,10 +42,7 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
-@triton.autotune(
-    configs=pick_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
-    key=["num_tokens", "BLOCK_QK", "BLOCK_V"],
-)
+@autotune(pick_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), ["num_tokens", "BLOCK_QK", "BLOCK_V"])
 @triton.jit
 def _ragged_attention_kernel(
     qkv_ptr,
