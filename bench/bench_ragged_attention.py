@@ -1,11 +1,14 @@
 """Inference attention over ragged per-head widths: the attention cores of all 12 layers of the extracted DeiT-S.
 
-Layout: the HiAP-like one of ``_workloads`` (2-4 heads per layer, q/k and v widths 16..64). Each layer reads the
-packed output of its qkv GEMM ``[B, 197, T]`` and writes ``[B, 197, sum(v_w)]`` for proj. Providers:
+Layout: what the default configuration extracts at 2/3 of the MACs (``_workloads.default_layout``: q/k and v widths
+in 16s, heads ordered by width). Each layer reads the packed output of its qkv GEMM ``[B, 197, T]`` and writes
+``[B, 197, sum(v_w)]`` for proj. Providers:
 
     reference       ``ragged_attention_padded``: pad every head to the layer's widest, one SDPA call per layer
     compiled        torch.compile of those 12 padded calls as one graph
-    triton          ``hiap_kernels.ragged_attention``: one launch per layer, widths from a table
+    sdpa_runs       ``ragged_attention_sdpa``: one SDPA call per run of equal-width heads (the pruned model's
+                    PyTorch path)
+    triton          ``hiap_kernels.ragged_attention``: one launch per layer, widths from a table validated once
     per_head_loop   ``ragged_attention_naive``: one head at a time, explicit softmax in fp32
 
 The 12 layers are timed together so that one figure is not dominated by a single launch's latency.
@@ -22,21 +25,22 @@ from hiap_kernels.ragged_attn.reference import (
     ragged_attention_naive,
     ragged_attention_padded,
 )
+from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
 
 from _harness import CaseRun
 from _providers import compile_reference
 from _settings import DEVICE, ON_GPU, batch_sizes
-from _workloads import DEIT_S_SHAPES, HEAD_DIM, TOKENS, hiap_like_layout, ragged_attention_work
+from _workloads import DEIT_S_SHAPES, HEAD_DIM, TOKENS, default_layout, ragged_attention_work
 
 BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
-RAGGED_PROVIDERS = ("reference", "compiled", "triton", "per_head_loop")
+RAGGED_PROVIDERS = ("reference", "compiled", "sdpa_runs", "triton", "per_head_loop")
 SCALE = HEAD_DIM**-0.5
 
 
 def _layer_inputs(batch: int, dtype: torch.dtype):
     generator = torch.Generator().manual_seed(batch)
     layers = []
-    for layer in hiap_like_layout():
+    for layer in default_layout():
         width = 2 * sum(layer.qk_widths) + sum(layer.v_widths)
         qkv = torch.randn(batch, TOKENS, width, generator=generator).to(DEVICE, dtype)
         layers.append((layer, qkv))
@@ -69,13 +73,19 @@ def test_ragged_attention(benchmark, recorder, provider, batch):
 
         def call():
             return padded(qkvs, indices)
-    elif provider == "triton":
-        tables = [(build_head_table(layer.qk_widths, layer.v_widths, device=DEVICE), max(layer.qk_widths),
-                   max(layer.v_widths)) for layer in layouts]
+    elif provider == "sdpa_runs":
+        runs = [head_runs(layer.qk_widths, layer.v_widths) for layer in layouts]
 
         def call():
-            return [ragged_attention(qkv, table, SCALE, max_qk, max_v)
-                    for qkv, (table, max_qk, max_v) in zip(qkvs, tables)]
+            return [ragged_attention_sdpa(qkv, layer_runs, SCALE) for qkv, layer_runs in zip(qkvs, runs)]
+    elif provider == "triton":
+        # As hiap.PrunedAttention calls it: a table validated once, its output width given, no host round trip.
+        tables = [(build_head_table(layer.qk_widths, layer.v_widths, device=DEVICE), max(layer.qk_widths),
+                   max(layer.v_widths), sum(layer.v_widths)) for layer in layouts]
+
+        def call():
+            return [ragged_attention(qkv, table, SCALE, max_qk, max_v, out_width=out_width)
+                    for qkv, (table, max_qk, max_v, out_width) in zip(qkvs, tables)]
     else:
         def call():
             return [ragged_attention_naive(qkv, layer.qk_widths, layer.v_widths, SCALE)
@@ -86,7 +96,7 @@ def test_ragged_attention(benchmark, recorder, provider, batch):
             call()
 
     shapes = {**DEIT_S_SHAPES, "layers": len(layouts),
-              "heads_per_layer": [len(layer.heads) for layer in layouts],
+              "heads_per_layer": [len(layer.qk_widths) for layer in layouts],
               "qk_widths": [list(layer.qk_widths) for layer in layouts],
               "v_widths": [list(layer.v_widths) for layer in layouts]}
     run.measure(inference, shapes=shapes, work=ragged_attention_work(batch, tuple(layouts)),

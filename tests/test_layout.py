@@ -91,3 +91,17 @@ def test_no_submodule_shadows_a_public_op(op):
     module = importlib.import_module(hiap_kernels._TRITON_OPS[op])
     assert not module.__name__.endswith("." + op)
     assert callable(getattr(hiap_kernels, op)) and callable(getattr(hiap_kernels, op))
+
+
+def test_the_benchmark_suite_collects():
+    """Every bench_*.py imports and parametrises (a broken import would only show on the next GPU run)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HIAP_BENCH_RESULTS": "off"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("test_deit_s_inference", "test_training_step", "test_ragged_attention", "test_sample_gates"):
+        assert name in result.stdout

@@ -209,8 +209,9 @@ def latency_sentence(dense: dict, pruned: dict) -> str:
     threads = latency["threads"]
     return (f"Latency: median (quartiles) of {latency['rounds']} timed forwards of a batch of {latency['batch']} per "
             f"model after {latency['warmup']} warm-up rounds, dense and pruned interleaved, on {latency['device']} "
-            f"({threads} thread{'s' if threads != 1 else ''}{', torch.compile' if latency['compiled'] else ''}, "
-            f"device synchronised); pruned paths: {latency['paths']}. Pruned vs dense: "
+            f"({threads} thread{'s' if threads != 1 else ''}{', torch.compile' if latency['compiled'] else ''}"
+            f"{', synchronised around every forward' if latency['device'].startswith('cuda') else ''}); "
+            f"pruned paths: {latency['paths']}. Pruned vs dense: "
             f"{base['ms_per_batch'] / latency['ms_per_batch']:.2f}x.")
 
 
@@ -334,7 +335,8 @@ def paired_differences(runs: list[dict]) -> list[dict]:
 def _machine_sentence(machine: dict | None) -> str:
     if not machine:
         return ""
-    return (f" Measured on {machine['name']} ({machine['device']}, {machine['threads']} threads, "
+    threads = machine["threads"]
+    return (f" Measured on {machine['name']} ({machine['device']}, {threads} thread{'s' if threads != 1 else ''}, "
             f"torch {machine['torch']}).")
 
 
