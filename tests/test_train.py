@@ -117,8 +117,8 @@ def test_ddp_with_two_gloo_processes_keeps_gates_in_sync_and_only_rank0_writes(w
     records = JsonlLog.read(output / "log.jsonl")
     keys = [(r["phase"], r["event"], r["step"]) for r in records]
     assert len(keys) == len(set(keys)), "a second rank wrote to the log"
-    assert sorted(p.name for p in output.iterdir()) == ["checkpoint.pt", "log.jsonl", "plots", "pruned.safetensors",
-                                                        "report.json", "report.md"]
+    assert sorted(p.name for p in output.iterdir()) == [".hiap-run.lock", "checkpoint.pt", "log.jsonl", "plots",
+                                                        "pruned.safetensors", "report.json", "report.md"]
     assert done.stdout.count("wrote ") == 1
     pruned = hiap.load_pruned(output / "pruned.safetensors")
     assert hiap.count_macs(pruned) == report["pruned"]["macs"]

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from hiap.app.runtime import InputError, atomic_path
+from hiap.app.runtime import InputError
+from hiap.files import IntegrityError, atomic_path, tensor_digest, tensors_in, verify_digest
 
 CHECKPOINT_FORMAT = "hiap-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -72,7 +73,17 @@ def read_checkpoint(path: str | Path, phase: str | None = None) -> dict:
         raise InputError(f"checkpoint {path} has format version {payload.get('version')}, expected {CHECKPOINT_VERSION}")
     if phase is not None and payload.get("phase") != phase:
         raise InputError(f"checkpoint {path} belongs to the {payload.get('phase')!r} phase, not {phase!r}")
+    stored = payload.pop("digest", None)
+    try:
+        verify_digest(tensors_in(payload), stored, path)
+    except IntegrityError as error:
+        raise InputError(str(error)) from error
     return payload
+
+
+def seal(payload: dict) -> dict:
+    """``payload`` with the digest of every tensor in it, which ``read_checkpoint`` checks."""
+    return {**payload, "digest": tensor_digest(tensors_in(payload))}
 
 
 def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:

@@ -155,6 +155,8 @@ def _add_training_flags(parser: argparse.ArgumentParser, defaults) -> None:
                        help="steps between JSONL log records (default: %(default)s)")
     group.add_argument("--resume", action="store_true",
                        help="continue from the output folder's last checkpoint (same settings required)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the outputs of an earlier run in the output folder (refused without it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +242,7 @@ def settings_from_args(args: argparse.Namespace):
         log_every=max(1, args.log_every), eval_batch_size=args.eval_batch_size, device=args.device, amp=args.amp,
         threads=args.threads, cache_dir=args.cache_dir, show_progress=args.show_progress, resume=args.resume,
         latency_batch=args.latency_batch, latency_repeats=args.latency_repeats, compile=args.compile,
+        overwrite=args.overwrite,
     )
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from hiap.app.evaluation import model_input_shape
-from hiap.app.runtime import atomic_path
+from hiap.files import atomic_path
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from hiap.app.runtime import InputError
+from hiap.files import DIGEST_KEY, IntegrityError, verify_digest
 from hiap.method.architecture import UnsupportedModelError, describe_vit
 
 # The default model: a 4-block, 64-wide ViT on 16 px inputs (the 8x8 digits upsampled), 4 heads of 16 dims, patch 4
@@ -85,13 +86,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise InputError(f"checkpoint {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file, safe_open
 
             state = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as handle:
+                stored_digest = (handle.metadata() or {}).get(DIGEST_KEY)
+            if stored_digest is not None:  # written by hiap (a cached teacher): check it; foreign files have none
+                verify_digest(state, stored_digest, path)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a foreign pickle's protocol warning would split the one-line error
                 state = torch.load(path, map_location="cpu", weights_only=True)
+    except IntegrityError as error:
+        raise InputError(str(error)) from error
     except Exception as error:  # torch and safetensors raise many types for a damaged file
         raise InputError(f"checkpoint {path} is corrupt or not a weights file ({type(error).__name__})") from error
     for key in ("state_dict", "model", "model_state"):

@@ -7,12 +7,14 @@ writes files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -26,7 +28,6 @@ from hiap.app.report import TOLERANCE, layer_structure, write_prune_report
 from hiap.app.runtime import (
     DistContext,
     InputError,
-    atomic_path,
     atomic_write_json,
     configure_threads,
     describe_machine,
@@ -37,6 +38,7 @@ from hiap.app.runtime import (
 from hiap.app.train import DenseJob, DistillJob, HiAPJob, LoopSettings, fit, settle_budget
 from hiap.backend import use_triton_kernels
 from hiap.config import HiAPConfig
+from hiap.files import RunFolderBusy, RunFolderLock, remove_stale_temporaries, save_safetensors
 from hiap.method.convert import HiAPViT, gate_vit
 from hiap.method.cost import count_macs, dense_macs
 from hiap.method.extract import extract, save_pruned
@@ -77,6 +79,7 @@ class PipelineSettings:
     latency_batch: int = 64
     latency_repeats: int = 30
     compile: bool = False
+    overwrite: bool = False
 
     def loop(self, epochs: int, seed: int, warmup_steps: int = 0) -> LoopSettings:
         return LoopSettings(epochs=epochs, batch_size=self.batch_size, weight_decay=self.weight_decay,
@@ -126,11 +129,7 @@ def _fingerprint_key(fingerprint: dict) -> str:
 
 
 def _save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"hiap_teacher": json.dumps(metadata)})
+    save_safetensors(model.state_dict(), path, {"hiap_teacher": json.dumps(metadata)})
 
 
 def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session:
@@ -309,19 +308,62 @@ def _run_log(output: Path, settings: PipelineSettings, ctx: DistContext | None =
     return log
 
 
+# What a run leaves in its folder; a fresh run into a folder that holds any of them belongs to someone else's results.
+RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "pruned.safetensors", "report.md", "report.json", "result.json",
+               "compare.json", "compare.md", "plots")
+
+
+@contextlib.contextmanager
+def owned_output(output: Path, settings: PipelineSettings) -> Iterator[None]:
+    """Hold ``output`` for one run: an exclusive lock for its lifetime (a second run gets a one-line error), the
+    temporary files an interrupted write left removed, and a fresh run refusing a folder with an earlier run's
+    outputs unless ``--overwrite`` (which clears them first, so nothing of the old run mixes in) or ``--resume``."""
+    if not _is_rank0():
+        yield
+        return
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file, not a folder")
+    try:
+        lock = RunFolderLock(output).__enter__()
+    except RunFolderBusy as error:
+        raise InputError(f"{error}; wait for it to finish or choose another --output") from None
+    try:
+        remove_stale_temporaries(output)
+        earlier = sorted(name for name in RUN_OUTPUTS if (output / name).exists())
+        earlier += sorted(p.name for p in output.iterdir() if p.is_dir() and (p / "log.jsonl").exists())
+        if earlier and not settings.resume:
+            if not settings.overwrite:
+                raise InputError(f"{output} holds the outputs of an earlier run ({', '.join(earlier[:4])}"
+                                 f"{', ...' if len(earlier) > 4 else ''}); pass --overwrite to replace them, "
+                                 "--resume to continue that run, or choose another --output")
+            for name in earlier:
+                target = output / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def prune(settings: PipelineSettings) -> dict:
     """``hiap prune``: the whole pipeline into ``settings.output``; returns the report's content."""
     output = Path(settings.output)
-    log = _run_log(output, settings)
-    session = prepare_session(settings, log)
-    return run_hiap(settings, session, output, log)
+    with owned_output(output, settings):
+        log = _run_log(output, settings)
+        session = prepare_session(settings, log)
+        return run_hiap(settings, session, output, log)
 
 
 def compare(settings: PipelineSettings, seeds: list[int], targets: list[float], methods: list[str]) -> dict:
     """``hiap compare``: HiAP and the baselines at every target and seed, each in ``output/<method>-t<target>-s<seed>``."""
+    output = Path(settings.output)
+    with owned_output(output, settings):
+        return _compare(settings, output, seeds, targets, methods)
+
+
+def _compare(settings: PipelineSettings, output: Path, seeds: list[int], targets: list[float],
+             methods: list[str]) -> dict:
     from hiap.app.report import write_compare_report
 
-    output = Path(settings.output)
     session = prepare_session(settings, _run_log(output, settings))
     dense_summary = _summaries(session, {"dense": session.teacher}, settings)["dense"]
     runs = []

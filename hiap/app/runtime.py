@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,6 +14,8 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from hiap.files import atomic_path
 
 
 class InputError(Exception):
@@ -147,25 +148,8 @@ def gather_floats(values: list[float], ctx: DistContext, device: torch.device) -
 # Files
 # --------------------------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename, on failure it is removed.
-
-    A reader (or a resumed run after SIGKILL) sees the old file or the new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`hiap.files.atomic_path` (the whole file or the previous one, flushed to disk)."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)

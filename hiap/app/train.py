@@ -25,6 +25,7 @@ from hiap.app.checkpoint import (
     config_difference,
     read_checkpoint,
     rng_state,
+    seal,
     set_rng_state,
 )
 from hiap.app.data import DataBundle, ShardedBatchSampler, eval_loader, train_loader
@@ -331,7 +332,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
             "step": step, "total_steps": total_steps, "finished": finished, "history": result.history,
             "running": running_state(), "rng": rng_state(), **job.checkpoint_metadata(),
         }
-        atomic_torch_save(payload, checkpoint_path)
+        atomic_torch_save(seal(payload), checkpoint_path)
 
     if resume and checkpoint_path.exists():
         payload = read_checkpoint(checkpoint_path, phase=job.phase)

@@ -132,7 +132,10 @@ def build_vit(description: dict[str, Any]) -> VisionTransformer:
     args["img_size"] = tuple(args["img_size"])
     args["patch_size"] = tuple(args["patch_size"])
     args["norm_layer"] = partial(nn.LayerNorm, eps=norm_eps)
-    args["act_layer"] = partial(nn.GELU, approximate="none" if act == "gelu" else "tanh")
+    approximations = {"gelu": "none", "gelu_tanh": "tanh"}
+    if act not in approximations:
+        raise ValueError(f"activation {act!r} is not one of {sorted(approximations)}")
+    args["act_layer"] = partial(nn.GELU, approximate=approximations[act])
     accepted = inspect.signature(VisionTransformer.__init__).parameters
     unknown = [k for k in args if k not in accepted]
     if unknown:

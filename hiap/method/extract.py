@@ -5,17 +5,18 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
+from hiap.files import DIGEST_KEY, save_safetensors, verify_digest
 from hiap.method.architecture import build_vit
 from hiap.method.convert import HiAPViT
 from hiap.method.gated import GatedAttention, GatedMlp
+from hiap.method.layout import LayoutError, validate_layout
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 
 FORMAT_NAME = "hiap-pruned"
@@ -125,23 +126,13 @@ def pruned_layout(pruned: nn.Module) -> dict:
 
 
 def save_pruned(pruned: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``pruned`` to one ``.safetensors`` file: the weights, with the JSON layout in the header metadata.
+    """Write ``pruned`` to one ``.safetensors`` file: the weights, with the JSON layout and their digest in the header.
 
-    The file is written to a temporary name and renamed, so an interrupted save never leaves a half-written file.
+    The file is written to a temporary name, flushed and renamed, so an interrupted save never leaves a half-written
+    file; ``load_pruned`` checks the digest, so a damaged file is refused instead of evaluating wrongly.
     """
-    path = Path(path)
     layout = pruned_layout(pruned)
-    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in pruned.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp_name, metadata={"hiap_layout": json.dumps(layout)})
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return path
+    return save_safetensors(pruned.state_dict(), path, {"hiap_layout": json.dumps(layout)})
 
 
 def read_layout(path: str | os.PathLike) -> dict:
@@ -158,54 +149,37 @@ def read_layout(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is a safetensors file but not a HiAP pruned model (no layout metadata)")
     try:
         layout = json.loads(metadata["hiap_layout"])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: the layout metadata is not valid JSON: {error}") from error
-    if layout.get("format") != FORMAT_NAME or layout.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported layout format {layout.get('format')!r} v{layout.get('version')!r}")
-    return layout
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{path}: the layout metadata is not valid JSON ({type(error).__name__})") from None
+    if not isinstance(layout, dict) or layout.get("format") != FORMAT_NAME or layout.get("version") != FORMAT_VERSION:
+        found = (layout.get("format"), layout.get("version")) if isinstance(layout, dict) else type(layout).__name__
+        raise ValueError(f"{path}: unsupported layout format {found!r}")
+    try:
+        return validate_layout(layout)
+    except LayoutError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def build_pruned_skeleton(layout: dict) -> nn.Module:
-    """An uninitialised pruned model with the structure ``layout`` describes."""
-    try:
-        architecture = layout["architecture"]
-        layers = layout["layers"]
-        vit = build_vit(architecture)
-        if len(layers) != len(vit.blocks):
-            raise ValueError(f"the layout has {len(layers)} layers but the architecture {len(vit.blocks)} blocks")
-        alignment = layout.get("alignment")
-        if alignment is not None:
-            _check_alignment(layers, int(alignment["head"]), int(alignment["ffn"]))
-        for block, layer in zip(vit.blocks, layers):
-            dense_attn, dense_mlp = block.attn, block.mlp
-            block.attn = PrunedAttention(
-                dense_attn.qkv.in_features, dense_attn.proj.out_features, layer["qk_widths"], layer["v_widths"],
-                layer["scale"], qkv_bias=dense_attn.qkv.bias is not None, proj_bias=dense_attn.proj.bias is not None,
-            )
-            block.mlp = PrunedMlp(
-                dense_mlp.fc1.in_features, layer["ffn_width"], dense_mlp.fc2.out_features, dense_mlp.act,
-                fc1_bias=dense_mlp.fc1.bias is not None, fc2_bias=dense_mlp.fc2.bias is not None,
-            )
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"malformed pruned-model layout: {error!r}") from error
+    """An uninitialised pruned model with the structure ``layout`` describes (validated first: see ``layout.py``)."""
+    validate_layout(layout)
+    architecture, layers = layout["architecture"], layout["layers"]
+    vit = build_vit(architecture)
+    for block, layer in zip(vit.blocks, layers):
+        dense_attn, dense_mlp = block.attn, block.mlp
+        block.attn = PrunedAttention(
+            dense_attn.qkv.in_features, dense_attn.proj.out_features, layer["qk_widths"], layer["v_widths"],
+            layer["scale"], qkv_bias=dense_attn.qkv.bias is not None, proj_bias=dense_attn.proj.bias is not None,
+        )
+        block.mlp = PrunedMlp(
+            dense_mlp.fc1.in_features, layer["ffn_width"], dense_mlp.fc2.out_features, dense_mlp.act,
+            fc1_bias=dense_mlp.fc1.bias is not None, fc2_bias=dense_mlp.fc2.bias is not None,
+        )
     vit.hiap_architecture = architecture
+    alignment = layout.get("alignment")
     if alignment is not None:
-        vit.hiap_alignment = {"head": int(alignment["head"]), "ffn": int(alignment["ffn"])}
+        vit.hiap_alignment = {"head": alignment["head"], "ffn": alignment["ffn"]}
     return vit
-
-
-def _check_alignment(layers: list, head: int, ffn: int) -> None:
-    """ValueError naming the first width that is not a multiple of the alignment the layout declares."""
-    if head < 1 or ffn < 1:
-        raise ValueError(f"the layout declares an alignment of head={head}, ffn={ffn}; both must be >= 1")
-    for index, layer in enumerate(layers):
-        for kind in ("qk_widths", "v_widths"):
-            odd = [w for w in layer[kind] if int(w) % head]
-            if odd:
-                raise ValueError(f"layer {index}: {kind} {odd} are not multiples of the declared head alignment {head}")
-        if int(layer["ffn_width"]) % ffn:
-            raise ValueError(f"layer {index}: ffn_width {layer['ffn_width']} is not a multiple of the declared "
-                             f"FFN alignment {ffn}")
 
 
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -219,8 +193,11 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     model = build_pruned_skeleton(layout)
     try:
         state = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            stored_digest = (handle.metadata() or {}).get(DIGEST_KEY)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path}: cannot read the weights: {error}") from error
+    verify_digest(state, stored_digest, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

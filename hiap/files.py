@@ -1,0 +1,170 @@
+"""Files that are either whole or absent, whose tensors are what was written, in folders that one run owns.
+
+A leaf module (standard library and torch): the method's file format (``save_pruned``) and the application's
+checkpoints, logs and reports all write through :func:`atomic_path` and seal their tensors with :func:`tensor_digest`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: the rename is as durable as it gets
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename, on failure it is removed.
+
+    The temporary file is flushed to disk (fsync) before the rename and the folder after it, so a reader, a resumed
+    run after SIGKILL or a machine after a power cut sees the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    os.close(handle)
+    try:
+        yield Path(tmp_name)
+        with open(tmp_name, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp_name, path)
+        _fsync_directory(path.parent)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_path` left in ``folder`` (not below it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(".") and p.name.endswith(TEMPORARY_SUFFIX)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (in name order): any flipped byte changes it."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tensors_in(payload: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside nested dicts / lists / tuples, keyed by its path (``optimizer.state.3.exp_avg``)."""
+    if isinstance(payload, torch.Tensor):
+        return {prefix: payload}
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(payload, dict):
+        items = ((str(key), value) for key, value in payload.items())
+    elif isinstance(payload, (list, tuple)):
+        items = ((str(index), value) for index, value in enumerate(payload))
+    else:
+        return found
+    for key, value in items:
+        found.update(tensors_in(value, f"{prefix}.{key}" if prefix else key))
+    return found
+
+
+class RunFolderBusy(Exception):
+    """Another process holds the folder's run lock."""
+
+
+class RunFolderLock:
+    """An exclusive lock on ``folder`` for the lifetime of one run (``fcntl.flock`` on ``folder/.hiap-run.lock``).
+
+    The operating system releases it when the process ends, however it ends, so a killed run never leaves a stale
+    lock. Where ``fcntl`` does not exist (Windows) the lock is a no-op.
+    """
+
+    NAME = ".hiap-run.lock"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
+        self._file = None
+
+    def __enter__(self) -> "RunFolderLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            self._file.close()
+            self._file = None
+            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunFolderBusy(f"another hiap run is writing into {self.path.parent}") from None
+            raise
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the lock
+            self._file = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Integrity: a digest of the tensors travels with them and is checked on load
+# ---------------------------------------------------------------------------------------------------------------------
+
+DIGEST_KEY = "hiap_digest"
+
+
+class IntegrityError(ValueError):
+    """A file's tensors are not what was written (flipped bytes, a partial copy, an edit)."""
+
+
+def verify_digest(tensors: dict[str, torch.Tensor], stored: str | None, path: str | os.PathLike) -> None:
+    """IntegrityError naming ``path`` when ``tensors`` do not hash to ``stored``; a warning when there is no digest
+    (files written before digests existed still load)."""
+    if stored is None:
+        import warnings
+
+        warnings.warn(f"{path} carries no digest (written by an earlier version): its tensors cannot be verified",
+                      UserWarning, stacklevel=3)
+        return
+    if tensor_digest(tensors) != stored:
+        raise IntegrityError(f"{path} is damaged: its tensors do not match the digest stored with them")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """``safetensors`` file with ``metadata`` and the tensors' digest, written through :func:`atomic_path`."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**metadata, DIGEST_KEY: tensor_digest(tensors)})
+    return Path(path)

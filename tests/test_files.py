@@ -1,0 +1,171 @@
+"""Nothing lost, nothing silently wrong: run-folder ownership, atomic writes, digests, validated layouts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import hiap
+from hiap.files import RunFolderBusy, RunFolderLock, atomic_path, remove_stale_temporaries, tensor_digest
+from tests.cli_runs import TINY, run_cli, warm_run  # noqa: F401
+from tests.helpers import images, randomize_logits, tiny_vit
+
+
+def _flip_bytes(path, count: int = 64) -> None:
+    """Flip ``count`` bytes in the last quarter of ``path`` (inside the tensor data, past the header)."""
+    data = bytearray(path.read_bytes())
+    start = len(data) * 3 // 4
+    for index in range(start, start + count):
+        data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _pruned(tmp_path):
+    gated = hiap.gate_vit(tiny_vit())
+    randomize_logits(gated, torch.Generator().manual_seed(0))
+    pruned = hiap.extract(gated)
+    return pruned, hiap.save_pruned(pruned, tmp_path / "pruned.safetensors")
+
+
+def test_a_damaged_pruned_file_is_refused_naming_the_file(tmp_path, capsys):
+    pruned, path = _pruned(tmp_path)
+    x = images(pruned)
+    with torch.no_grad():
+        assert torch.equal(hiap.load_pruned(path)(x), pruned(x))
+    _flip_bytes(path)
+    with pytest.raises(ValueError, match="damaged"):
+        hiap.load_pruned(path)
+    assert run_cli("eval", path, "--model-args", "depth=2") == 2
+    assert "damaged" in capsys.readouterr().err
+
+
+def test_a_pruned_file_without_a_digest_still_loads_with_a_warning(tmp_path):
+    pruned, path = _pruned(tmp_path)
+    layout = hiap.read_layout(path)
+    undigested = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(undigested),
+              metadata={"hiap_layout": json.dumps(layout)})
+    with pytest.warns(UserWarning, match="no digest"):
+        hiap.load_pruned(undigested)
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(warm_run, tmp_path, capsys):  # noqa: F811
+    damaged = tmp_path / "checkpoint.pt"
+    damaged.write_bytes((warm_run.output / "checkpoint.pt").read_bytes())
+    _flip_bytes(damaged)
+    assert run_cli("extract", damaged, "-o", tmp_path / "x.safetensors") == 2
+    error = capsys.readouterr().err.strip()
+    assert "damaged" in error or "corrupt" in error
+    assert len(error.splitlines()) == 1
+
+
+def test_a_second_run_into_a_folder_in_use_gets_a_one_line_error(warm_run, tmp_path, capsys):  # noqa: F811
+    output = tmp_path / "busy"
+    with RunFolderLock(output):
+        with pytest.raises(RunFolderBusy):
+            RunFolderLock(output).__enter__()
+        assert run_cli("prune", "-o", output, "--cache-dir", warm_run.cache, *TINY) == 2
+    assert "another hiap run is writing into" in capsys.readouterr().err
+
+
+def test_a_fresh_run_does_not_mix_with_an_earlier_one(warm_run, tmp_path, capsys):  # noqa: F811
+    output = tmp_path / "reused"
+    output.mkdir()
+    (output / "report.json").write_text("{}")
+    (output / ".checkpoint.pt.abc.tmp").write_bytes(b"half a checkpoint")
+    assert run_cli("prune", "-o", output, "--cache-dir", warm_run.cache, *TINY) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert not (output / ".checkpoint.pt.abc.tmp").exists()  # leftovers of an interrupted write are removed
+    assert run_cli("prune", "-o", output, "--cache-dir", warm_run.cache, "--overwrite", *TINY) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert report["method"] == "hiap"
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert len({r["time"] for r in records if r.get("event") == "epoch"}) == len(
+        [r for r in records if r.get("event") == "epoch"])
+
+
+def test_an_output_path_that_names_a_file_is_a_one_line_error(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    assert run_cli("prune", "-o", target, *TINY) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    path = tmp_path / "value.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert path.read_text() == "old" and not list(tmp_path.glob(".*.tmp"))
+    (tmp_path / ".value.txt.x.tmp").write_text("left by a crash")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".value.txt.x.tmp"]
+
+
+def test_the_digest_sees_every_byte_name_dtype_and_shape():
+    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.zeros(4, dtype=torch.int64)}
+    base = tensor_digest(tensors)
+    assert tensor_digest(dict(reversed(list(tensors.items())))) == base
+    changed = {**tensors, "a": tensors["a"].clone()}
+    changed["a"][1, 2] += 1e-6
+    for variant in (changed, {**tensors, "a": tensors["a"].view(3, 2)}, {**tensors, "b": tensors["b"].int()},
+                    {"c": tensors["a"], "b": tensors["b"]}):
+        assert tensor_digest(variant) != base
+
+
+def _layout_with(tmp_path, edit):
+    _, path = _pruned(tmp_path)
+    layout = hiap.read_layout(path)
+    pruned = hiap.load_pruned(path)
+    layout = edit(layout)
+    edited = tmp_path / "edited.safetensors"
+    save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(edited),
+              metadata={"hiap_layout": json.dumps(layout)})
+    return edited
+
+
+def _set(layout, keys, value):
+    node = layout
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    return layout
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda l: _set(l, ["architecture", "depth"], 10**7), "depth"),
+        (lambda l: _set(l, ["architecture", "embed_dim"], 10**9), "embed_dim"),
+        (lambda l: _set(l, ["architecture", "act"], "relu"), "act"),
+        (lambda l: _set(l, ["layers", 0, "scale"], float("nan")), "scale"),
+        (lambda l: _set(l, ["layers", 0, "qk_widths"], [10**6]), "qk_widths"),
+        (lambda l: _set(l, ["layers", 0, "ffn_width"], -3), "ffn_width"),
+        (lambda l: _set(l, ["layers"], None), "layers"),
+        (lambda l: _set(l, ["layers"], []), "layers"),
+        (lambda l: _set(l, ["architecture"], []), "architecture"),
+    ],
+    ids=["huge-depth", "huge-width", "unknown-activation", "nan-scale", "wide-head", "negative-ffn", "null-layers",
+         "no-layers", "array-architecture"],
+)
+def test_a_layout_is_validated_before_anything_is_allocated(tmp_path, edit, message):
+    path = _layout_with(tmp_path, edit)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        hiap.load_pruned(path)
+    assert time.perf_counter() - started < 5
+
+
+def test_deeply_nested_layout_json_is_refused(tmp_path):
+    _, path = _pruned(tmp_path)
+    pruned = hiap.load_pruned(path)
+    nested = tmp_path / "nested.safetensors"
+    save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(nested),
+              metadata={"hiap_layout": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(ValueError, match="not valid JSON|unsupported layout"):
+        hiap.load_pruned(nested)
