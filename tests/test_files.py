@@ -169,3 +169,72 @@ def test_deeply_nested_layout_json_is_refused(tmp_path):
               metadata={"hiap_layout": "[" * 100_000 + "]" * 100_000})
     with pytest.raises(ValueError, match="not valid JSON|unsupported layout"):
         hiap.load_pruned(nested)
+
+
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing(tmp_path):
+    from hiap.app.data import digits_datasets
+    from hiap.app.models import DIGITS_VIT, create_dense_model
+    from hiap.app.runtime import DistContext, InputError
+    from hiap.app.train import DenseJob, LoopSettings, fit
+
+    model = create_dense_model(DIGITS_VIT, 10, model_args={"depth": 1, "embed_dim": 32})
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")  # every logit of class 0 is NaN from the first step
+    checkpoint = tmp_path / "checkpoint.pt"
+    settings = LoopSettings(epochs=1, batch_size=64, log_every=5, checkpoint_every=3, show_progress=False, amp=False)
+    with pytest.raises(InputError, match="diverged") as error:
+        fit(DenseJob(model, lr=1e-3), digits_datasets(model), settings, ctx=DistContext(), device=torch.device("cpu"),
+            checkpoint_path=checkpoint, log=None, fingerprint={}, resume=False)
+    assert len(str(error.value).splitlines()) == 1
+    assert not checkpoint.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--workers", "-1"], "--workers"),
+        (["--split-seed", "-1"], "--split-seed"),
+        (["--weight-decay", "-5"], "--weight-decay"),
+        (["--teacher-lr", "nan"], "--teacher-lr"),
+        (["--dim-group", "3"], "does not divide"),
+        (["--val-fraction", "1.5"], "--val-fraction"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, flags, message):
+    started = time.perf_counter()
+    assert run_cli("prune", "-o", tmp_path / "run", "--cache-dir", tmp_path / "cache", *TINY, *flags) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert time.perf_counter() - started < 30  # refused up front, no teacher trained
+
+
+def test_compare_seeds_and_export_options_are_checked(tmp_path, capsys):
+    assert run_cli("compare", "--seeds", "-1", "-o", tmp_path / "c", *TINY) == 2
+    assert "--seeds" in capsys.readouterr().err
+    _, path = _pruned(tmp_path)
+    for flags, message in ((["--opset", "1"], "--opset"), (["--atol", "-1"], "--atol")):
+        onnx = tmp_path / "model.onnx"
+        assert run_cli("export", path, "--onnx", onnx, *flags) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1 and not onnx.exists()
+
+
+def test_unwritable_outputs_are_one_line_errors(warm_run, tmp_path, capsys):  # noqa: F811
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    pruned_path = warm_run.output / "pruned.safetensors"
+    assert run_cli("eval", pruned_path, "--model-args", "depth=2", "embed_dim=32", "--json", a_file / "x.json") == 2
+    assert "is a file" in capsys.readouterr().err
+    assert run_cli("extract", warm_run.output / "checkpoint.pt", "-o", a_file / "x.safetensors") == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_imagefolder_needs_two_classes_and_readable_images(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for split in ("train", "val"):
+        (root / split / "only").mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(root / split / "only" / "0.png")
+    assert run_cli("prune", "--data", root, "-o", tmp_path / "run", *TINY) == 2
+    assert "at least two" in capsys.readouterr().err

@@ -195,3 +195,27 @@ def test_values_carry_the_straight_through_gradient_of_the_reference(hard):
     assert not slopes.requires_grad
     args = (logits.detach().clone().requires_grad_(), torch.tensor(0.8), torch.tensor(9), 3, hard, True)
     torch.library.opcheck(_sample_gates, args)
+
+
+@needs_triton
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_a_nan_logit_gives_a_nan_gate_on_both_paths(hard):
+    """One NaN policy: a NaN logit propagates (a diverged run shows as NaN, never as a silently closed gate)."""
+    logits = _logits((40,))
+    logits[[3, 17]] = float("nan")
+    values, _ = sample_gates(logits, tau=0.7, seed=5, offset=0, hard=hard)
+    reference = gumbel_sigmoid(logits, 0.7, 5, 0, hard=hard)
+    assert torch.equal(values.isnan(), reference.isnan()) and values.isnan().sum() == 2
+    finite = ~values.isnan()
+    assert torch.equal(values[finite] > 0.5, reference[finite] > 0.5)
+
+
+def test_count_macs_refuses_nan_logits():
+    import hiap
+    from tests.helpers import tiny_vit
+
+    gated = hiap.gate_vit(tiny_vit())
+    with torch.no_grad():
+        gated.vit.blocks[0].attn.gates.qk[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        hiap.count_macs(gated)

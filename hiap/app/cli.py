@@ -222,6 +222,31 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
             raise InputError(f"{_flag(name)} must be > 0, got {getattr(args, name)}")
 
 
+# Numeric flags outside the HiAPConfig (which validates its own): (lowest, highest, lowest excluded). Every value must
+# also be finite. Checked before any work starts.
+NUMBER_BOUNDS = {
+    "val_fraction": (0.0, 1.0, True), "split_seed": (0, 2**31 - 1, False), "workers": (0, 256, False),
+    "threads": (0, 4096, False), "weight_decay": (0.0, 10.0, False), "teacher_lr": (0.0, 10.0, True),
+    "teacher_seed": (0, 2**31 - 1, False), "checkpoint_every": (0, 10**9, False), "log_every": (1, 10**9, False),
+    "seeds": (0, 2**31 - 1, False), "opset": (9, 20, False), "atol": (0.0, 1e6, True),
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """InputError naming the first numeric flag that is not finite or lies outside its range."""
+    import math
+
+    for name, (low, high, exclusive) in NUMBER_BOUNDS.items():
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:
+                continue
+            bad = not math.isfinite(value) or value > high or value < low or (exclusive and value == low)
+            if bad:
+                low_text = f"({low}" if exclusive else f"[{low}"
+                raise InputError(f"{_flag(name)} must lie in {low_text}, {high}], got {value}")
+
+
 def settings_from_args(args: argparse.Namespace):
     from hiap.app.models import parse_model_args
     from hiap.app.pipeline import PipelineSettings
@@ -357,6 +382,9 @@ def command_eval(args: argparse.Namespace) -> int:
     data = build_datasets(args.data, model, args.val_fraction, args.split_seed)
     loader = eval_loader(data.val, args.eval_batch_size, workers=args.workers)
     _check_positive(args, "latency_batch", "latency_repeats", "eval_batch_size")
+    if args.json is not None and Path(args.json).expanduser().parent.exists() \
+            and not Path(args.json).expanduser().parent.is_dir():
+        raise InputError(f"--json {args.json}: {Path(args.json).parent} is a file, not a folder")
     summary = summarize({kind: model.to(device)}, loader, device, amp=args.amp, latency_batch=args.latency_batch,
                         latency_rounds=args.latency_repeats, compile=args.compile,
                         show_progress=args.show_progress)[kind]
@@ -411,8 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_numbers(args)
         return COMMANDS[args.command](args)
     except InputError as error:
+        if _is_main():
+            print(f"hiap {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path that cannot be written or read (a file named as a folder, /proc, ...)
         if _is_main():
             print(f"hiap {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -62,8 +62,9 @@ def num_classes_of(data: str | None) -> int:
         return DIGITS_CLASSES
     root = check_imagefolder(data)
     classes = [entry for entry in (root / "train").iterdir() if entry.is_dir()]
-    if not classes:
-        raise InputError(f"dataset path {root}/train has no class folders")
+    if len(classes) < 2:
+        raise InputError(f"dataset path {root}/train has {len(classes)} class folder{'s' if len(classes) != 1 else ''}; "
+                         "a classifier needs at least two")
     return len(classes)
 
 
@@ -137,17 +138,36 @@ def imagefolder_datasets(root: str | os.PathLike, model: nn.Module) -> DataBundl
     from torchvision.datasets import ImageFolder
 
     path = check_imagefolder(root)
-    channels, size, _, _ = model_input_spec(model)
-    config = resolve_data_config({"input_size": (channels, *size)}, model=model)
+    channels, size, mean, std = model_input_spec(model)
+    # The model's own normalisation, one value per input channel (a one-channel model gets the mean of an RGB one).
+    config = resolve_data_config({"input_size": (channels, *size), "mean": mean, "std": std}, model=model)
+    loader = _image_loader("L" if channels == 1 else "RGB")
     try:
-        train = ImageFolder(str(path / "train"), transform=create_transform(**config, is_training=True))
-        val = ImageFolder(str(path / "val"), transform=create_transform(**config, is_training=False))
+        train = ImageFolder(str(path / "train"), transform=create_transform(**config, is_training=True), loader=loader)
+        val = ImageFolder(str(path / "val"), transform=create_transform(**config, is_training=False), loader=loader)
     except (FileNotFoundError, OSError) as error:
         raise InputError(f"cannot read the ImageFolder tree at {path}: {error}") from error
     if train.classes != val.classes:
         raise InputError(f"{path}/train and {path}/val have different class folders")
     description = f"ImageFolder {path}, {len(train)} train / {len(val)} val images, {len(train.classes)} classes"
     return DataBundle(train, val, len(train.classes), description)
+
+
+class _image_loader:
+    """Open an image in the mode the model reads (a one-channel model gets grayscale, whatever the files hold); a
+    file that is not a readable image is an InputError naming it, not a PIL traceback from a loader worker."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, path: str):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with open(path, "rb") as handle:
+                return Image.open(handle).convert(self.mode)
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise InputError(f"{path} is not a readable image ({type(error).__name__})") from None
 
 
 def build_datasets(data: str | None, model: nn.Module, val_fraction: float = 0.2, split_seed: int = 0) -> DataBundle:

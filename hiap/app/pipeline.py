@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from hiap.app.baselines import apply_baseline
-from hiap.app.checkpoint import JsonlLog
+from hiap.app.checkpoint import JsonlLog, config_difference, read_checkpoint
 from hiap.app.data import DataBundle, build_datasets, describe_source, eval_loader, num_classes_of
 from hiap.app.evaluation import summarize
 from hiap.app.models import create_dense_model, load_dense_weights
@@ -42,6 +42,7 @@ from hiap.files import RunFolderBusy, RunFolderLock, remove_stale_temporaries, s
 from hiap.method.convert import HiAPViT, gate_vit
 from hiap.method.cost import count_macs, dense_macs
 from hiap.method.extract import extract, save_pruned
+from hiap.method.gates import resolve_groups
 from hiap.method.losses import HiAPObjective
 
 DEFAULT_OUTPUT = "hiap-runs/prune"
@@ -132,6 +133,28 @@ def _save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     save_safetensors(model.state_dict(), path, {"hiap_teacher": json.dumps(metadata)})
 
 
+def _check_gate_groups(dense: nn.Module, cfg: HiAPConfig) -> None:
+    """The gate groups must divide the model's head dim and FFN width: refused before a teacher is trained."""
+    attn, mlp = dense.blocks[0].attn, dense.blocks[0].mlp
+    head, neuron = resolve_groups(cfg.dim_group, cfg.neuron_group, attn.head_dim, mlp.fc1.out_features)
+    if attn.head_dim % head:
+        raise InputError(f"--dim-group {head} does not divide the model's head dim {attn.head_dim}")
+    if mlp.fc1.out_features % neuron:
+        raise InputError(f"the neuron group {neuron} (--dim-group / --neuron-group) does not divide the model's FFN "
+                         f"width {mlp.fc1.out_features}")
+
+
+def _check_resume(settings: PipelineSettings, output: Path) -> None:
+    """A --resume whose settings differ from the checkpoint's is refused before anything is trained."""
+    checkpoint = output / "checkpoint.pt"
+    if settings.resume and checkpoint.exists():
+        saved = read_checkpoint(checkpoint, phase="hiap")["fingerprint"]
+        difference = config_difference(saved, run_fingerprint(settings, None, "hiap"))
+        if difference is not None:
+            raise InputError(f"--resume: {checkpoint} was written with a different config ({difference}); "
+                             "resume with the original settings or use a new --output")
+
+
 def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session:
     """Process group, dense model (fresh, pretrained or from --checkpoint), data, and the trained teacher.
 
@@ -143,6 +166,7 @@ def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session
     torch.manual_seed(settings.teacher_seed)
     dense = create_dense_model(settings.model, num_classes_of(settings.data), model_args=settings.model_args,
                                pretrained=settings.pretrained)
+    _check_gate_groups(dense, settings.hiap)
     if settings.checkpoint is not None:
         notes += load_dense_weights(dense, settings.checkpoint)
     threads = configure_threads(settings.threads, device, count_macs(dense))
@@ -203,9 +227,10 @@ def _summaries(session: Session, models: dict[str, nn.Module], settings: Pipelin
                      compile=settings.compile, show_progress=settings.show_progress)
 
 
-def run_fingerprint(settings: PipelineSettings, session: Session, method: str) -> dict:
-    """The settings that shape a run's training; a resume must match them."""
-    return {"method": method, "hiap": settings.hiap.to_dict(), "teacher": session.teacher_key,
+def run_fingerprint(settings: PipelineSettings, session: Session | None, method: str) -> dict:
+    """The settings that shape a run's training; a resume must match them (computable before any training)."""
+    teacher_key = session.teacher_key if session is not None else _fingerprint_key(teacher_fingerprint(settings))
+    return {"method": method, "hiap": settings.hiap.to_dict(), "teacher": teacher_key,
             "epochs": settings.epochs, "batch_size": settings.batch_size, "weight_decay": settings.weight_decay,
             **settings.data_fingerprint()}
 
@@ -348,6 +373,7 @@ def prune(settings: PipelineSettings) -> dict:
     """``hiap prune``: the whole pipeline into ``settings.output``; returns the report's content."""
     output = Path(settings.output)
     with owned_output(output, settings):
+        _check_resume(settings, output)
         log = _run_log(output, settings)
         session = prepare_session(settings, log)
         return run_hiap(settings, session, output, log)

@@ -251,6 +251,15 @@ class HiAPJob(TrainingJob):
 # The loop
 # --------------------------------------------------------------------------------------------------------------------
 
+def _stop_if_diverged(phase: str, step: int, values: dict[str, float]) -> None:
+    """A non-finite loss ends the run before anything of it is saved (checkpoint, cached teacher, pruned model)."""
+    broken = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if broken:
+        name, value = next(iter(broken.items()))
+        raise InputError(f"[{phase}] the training diverged: {name} is {value} at step {step}; nothing of this phase "
+                         "was saved. Lower the learning rate (--lr, --teacher-lr, --gate-lr) and run again")
+
+
 def build_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
     """AdamW over ``groups``, fused where torch has the kernel: one launch per step for all parameters, and a step
     counter kept on the device (the plain implementation reads it back on the host every step)."""
@@ -323,6 +332,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
     def save(finished: bool) -> None:
         if not ctx.is_main:
             return
+        _stop_if_diverged(job.phase, step, {"epoch loss sum": float(running_loss)})
         payload = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "phase": job.phase,
             "fingerprint": fingerprint, "model": model.state_dict(),
@@ -397,6 +407,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
             # Only logging steps read values back from the device; every other step queues work and moves on.
             if step % settings.log_every == 0 or step == total_steps:
                 values = {name: float(value) for name, value in metrics.items()}
+                _stop_if_diverged(job.phase, step, values)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{values['loss']:.4f}", refresh=False)
                 if log is not None:
                     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -404,6 +415,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
                                "lr": lrs, **job.log_extras()})
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step % steps_per_epoch:
                 save(finished=False)
+        _stop_if_diverged(job.phase, step, {"epoch mean loss": float(running_loss)})
         accuracy = evaluate_accuracy(model, val_loader, device, amp=settings.amp, ctx=ctx, show_progress=False)
         record = {"phase": job.phase, "event": "epoch", "step": step, "epoch": epoch + 1,
                   "train_loss": float(running_loss) / max(1, running["batches"]), "val_accuracy": accuracy,

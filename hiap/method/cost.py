@@ -142,7 +142,10 @@ def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
     vit = _vit(model)
     units = UnitCosts.at(token_count(model, img_size), vit.embed_dim)
     if isinstance(model, HiAPViT):
-        return int(StackedGates.of(model).decided_macs(units, static_macs(model, img_size)))
+        gates = StackedGates.of(model)
+        if not all(bool(torch.isfinite(t).all()) for t in (gates.head, gates.qk, gates.v, gates.block, gates.neuron)):
+            raise ValueError("count_macs: the gate logits contain NaN or inf (a diverged run); no decision exists")
+        return int(gates.decided_macs(units, static_macs(model, img_size)))
     total = static_macs(model, img_size)
     for block in vit.blocks:
         qk_dims, v_dims = _attention_kept_dims(block.attn)

@@ -43,7 +43,9 @@ def gate_value_and_slope(logit, seed, counter, tau, HARD: tl.constexpr, SAMPLE: 
         soft = gumbel_sigmoid_soft(logit, seed, counter, tau)
         slope = tl.math.div_rn(soft * (1.0 - soft), tau)
         if HARD:
-            value = (soft > 0.5).to(tl.float32)
+            # A NaN logit gives a NaN gate, as the reference's straight-through expression does (1[NaN > 0.5] would
+            # silently close it): one NaN policy on both paths.
+            value = tl.where(soft == soft, (soft > 0.5).to(tl.float32), soft)
         else:
             value = soft
     else:
