@@ -5,7 +5,7 @@
                         gradients of x, W, b, the block logit and the neuron logits
 
 This is the gated part of the FFN (fc2 after it is a plain linear, the same for every provider). Weights and gate
-logits are block 0's of the HiAP-like layout (some neurons closed). The gates are sampled in training mode with the
+logits are block 0's of the default-config layout (some neurons closed). The gates are sampled in training mode with the
 draw that ``GatedMlp``'s own forward would hand the op (``mlp.gates.draw()``: the model's temperature and seed, the
 layer's counter offset), held fixed while timing, so every provider draws the same mask.
 """

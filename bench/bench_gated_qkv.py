@@ -6,7 +6,7 @@
                         the weight rows, the library's GEMM forward and backward; the Triton sampler on a GPU, its
                         PyTorch twin on a CPU), so one record says which of the two a GPU should run
 
-Weights and gate logits are block 0's of the HiAP-like layout (some heads and dims closed). The gates are sampled in
+Weights and gate logits are block 0's of the default-config layout (some heads and dims closed). The gates are sampled in
 training mode with the draw that ``GatedAttention``'s own forward would hand the op (``attn.gates.draw()``: the
 model's temperature and seed, the layer's counter offset), held fixed while timing, so every provider draws the same
 masks.

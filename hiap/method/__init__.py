@@ -2,11 +2,14 @@
 
     gates.py          the one home of the gates: per-layer gate objects (logits, decision, keep probabilities, draw),
                       the model's gate schedule (temperature, step seed), offsets, the temperature anneal
-    gated.py          GatedAttention / GatedMlp: timm's Attention / Mlp with gates, reference or Triton path
+    gated.py          GatedAttention / GatedMlp: timm's Attention / Mlp with gates; masks on the weights, the gate
+                      sampler per backend (PyTorch twin or Triton)
     convert.py        gate_vit: a timm VisionTransformer -> HiAPViT (the gated model)
     architecture.py   which timm ViTs are supported, and their skeleton as JSON (describe_vit / build_vit)
     cost.py           the analytic MAC model: count_macs (hard decisions) and the differentiable expectation
     losses.py         the HiAP objective: task + distillation, MAC budget (penalty or target), feasibility
     pruned.py         PrunedAttention / PrunedMlp: the physical modules extraction leaves
     extract.py        extract, and the pruned-model file format (save_pruned / load_pruned)
+    layout.py         the pruned layout's schema, checked with bounds before anything is allocated
+    inference.py      hiap.optimize: the fastest path per layer, measured on the device; torch.compile
 """
