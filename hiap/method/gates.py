@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from hiap_kernels.gates import MAX_SEED, gumbel_sigmoid
+from hiap_kernels.gated_linear.reference import attention_column_masks, ffn_neuron_mask, gate_values
+from hiap_kernels.gates import MAX_SEED
 
 __all__ = [
     "FFN_ALIGNMENT",
@@ -259,12 +260,11 @@ class LayerGates(nn.Module):
         gate ``i`` of the layer uses Philox counter ``offset + i`` exactly as in the fused kernels.
         """
         flat = torch.cat([logit.reshape(-1) for logit in draw.logits])
-        if not draw.sample:
-            z = (flat > 0).to(flat.dtype)
-        elif sampler is not None:
+        if draw.sample and sampler is not None:
             z = sampler(flat, tau=draw.tau, seed=draw.seed, offset=draw.offset, hard=draw.hard)[0].to(flat.dtype)
-        else:
-            z = gumbel_sigmoid(flat, draw.tau, draw.seed, draw.offset, draw.hard)
+        else:  # the reference sampler, or the decision 1[a > 0] when not sampling
+            z = gate_values(flat, tau=draw.tau, seed=draw.seed, offset=draw.offset, hard=draw.hard,
+                            sample=draw.sample)
         shapes = [logit.shape for logit in draw.logits]
         return tuple(part.view(shape) for part, shape in zip(z.split([s.numel() for s in shapes]), shapes))
 
@@ -322,10 +322,8 @@ class AttentionGates(LayerGates):
     def qkv_row_scale(self, values: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Per row of timm's fused qkv weight ``[3 * H * Dh]``: ``m_q = dqk`` on q rows, 1 on k rows, ``m_v = g * dv``
         on v rows. Scaling the weight rows (and bias) by it equals masking the projection's output columns."""
-        z_head, z_qk, z_v = values
-        m_q = z_qk.repeat_interleave(self.group, dim=1).reshape(-1)
-        m_v = (z_head[:, None] * z_v.repeat_interleave(self.group, dim=1)).reshape(-1)
-        return torch.cat([m_q, torch.ones_like(m_q), m_v])
+        m_q, m_v = attention_column_masks(*values, self.head_dim)
+        return torch.cat([m_q.reshape(-1), torch.ones_like(m_q).reshape(-1), m_v.reshape(-1)])
 
     def kept_widths(self) -> tuple[list[int], list[int]]:
         """Per original head, the kept q/k width and v width (0 and 0 for a removed head)."""
@@ -359,8 +357,7 @@ class FfnGates(LayerGates):
 
     def neuron_scale(self, values: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Per hidden neuron ``[F]``: ``m = b * c``. Scaling fc2's input columns by it equals masking the neurons."""
-        z_block, z_neuron = values
-        return z_block * z_neuron.repeat_interleave(self.group)
+        return ffn_neuron_mask(*values, self.hidden_features)
 
     @torch.no_grad()
     def kept_neurons(self) -> torch.Tensor:

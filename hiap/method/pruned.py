@@ -81,9 +81,12 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         """Whether the heads have more than one width pair (SDPA then needs one call per run)."""
         return len(self.runs) > 1
 
-    def uses_triton(self, qkv: torch.Tensor) -> bool:
+    def _kernel(self, qkv: torch.Tensor):
+        """The Triton op when this layer's path is ``triton`` and it can run here, else None (the SDPA path)."""
         path = self.attention_path or ("triton" if self.ragged else "sdpa")
-        return path == "triton" and _without_autograd(self, qkv) and self.triton_kernel(qkv) is not None
+        if path != "triton" or not _without_autograd(self, qkv):
+            return None
+        return self.triton_kernel(qkv)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -95,8 +98,8 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
                 return x.new_zeros(batch, tokens, self.out_dim)
             return bias.to(x.dtype).expand(batch, tokens, self.out_dim)
         qkv = self.qkv(x)
-        if self.uses_triton(qkv):
-            ragged_attention = self.triton_kernel(qkv)
+        ragged_attention = self._kernel(qkv)
+        if ragged_attention is not None:
             out = ragged_attention(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width,
                                    out_width=self.out_width)
         else:
@@ -127,10 +130,11 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
         self.fc2 = _linear(self.hidden_features, out_features, fc2_bias)
         self.ffn_path: str | None = None
 
-    def uses_triton(self, x: torch.Tensor) -> bool:
-        if type(self.act) is not nn.GELU or (self.ffn_path or "triton") != "triton":
-            return False
-        return _without_autograd(self, x) and self.triton_kernel(x, self.fc1.weight) is not None
+    def _kernel(self, x: torch.Tensor):
+        """The fused Triton op when this layer's path is ``triton`` and it can run here, else None (nn.Linear)."""
+        if type(self.act) is not nn.GELU or (self.ffn_path or "triton") != "triton" or not _without_autograd(self, x):
+            return None
+        return self.triton_kernel(x, self.fc1.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_features == 0:
@@ -138,8 +142,8 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
             if self.fc2.bias is None:
                 return x.new_zeros(shape)
             return self.fc2.bias.to(x.dtype).expand(shape)
-        if self.uses_triton(x):
-            fused_linear_gelu = self.triton_kernel(x, self.fc1.weight)
+        fused_linear_gelu = self._kernel(x)
+        if fused_linear_gelu is not None:
             weight, bias = self.fc1.weight, self.fc1.bias
             if torch.is_autocast_enabled(x.device.type):
                 # The kernel takes one dtype, as F.linear does once autocast has cast its operands.
