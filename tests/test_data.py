@@ -76,3 +76,19 @@ def test_missing_or_malformed_dataset_paths_fail_clearly(tmp_path):
     _write_tree(tmp_path / "partial", splits=("train",))
     with pytest.raises(InputError, match="no val/ folder"):
         check_imagefolder(tmp_path / "partial")
+
+
+class _UnreadableDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise InputError(f"image {index}.png is not a readable image (UnidentifiedImageError)")
+
+
+def test_an_input_error_in_a_loader_worker_stays_one_line():
+    from hiap.app.data import eval_loader
+
+    with pytest.raises(InputError) as caught:
+        next(iter(eval_loader(_UnreadableDataset(), 2, workers=1)))
+    assert str(caught.value) == "image 0.png is not a readable image (UnidentifiedImageError)"

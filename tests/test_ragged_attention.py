@@ -170,6 +170,35 @@ def test_kernel_and_references_match_fp64(layout, tokens, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("part", ["q", "k", "v"])
+@pytest.mark.parametrize("tokens", [5, 40])
+def test_nan_in_the_input_propagates_as_the_math_says_on_every_path(part, tokens):
+    """One NaN policy: a NaN in q poisons its query row of its head, in k every row of its head, in v its column.
+
+    The kernel, the naive reference and the padded reference under SDPA's math backend agree element for element.
+    (PyTorch's default CPU SDPA returns zeros for a query row whose scores are all NaN at short sequences; the padded
+    reference inherits that from PyTorch, as dense timm does, so it is compared under the math backend.)
+    """
+    qk, v, head_dim = [8, 4, 0], [8, 4, 4], 16
+    qkv = make_qkv(qk, v, 1, tokens, torch.float32)
+    column = {"q": 1, "k": sum(qk) + 1, "v": 2 * sum(qk) + 1}[part]
+    qkv[0, 2, column] = float("nan")
+    naive = ragged_attention_naive(qkv, qk, v, head_dim**-0.5)
+    with sdpa_kernel([SDPBackend.MATH]):
+        padded = ragged_attention_padded(qkv, *padded_gather_indices(qk, v), head_dim**-0.5)
+    kernel = run_kernel(qkv, qk, v, head_dim)
+    expected = torch.zeros_like(naive, dtype=torch.bool)
+    if part == "q":
+        expected[0, 2, :8] = True
+    elif part == "k":
+        expected[0, :, :8] = True
+    else:
+        expected[0, :, 1] = True
+    for name, result in (("naive", naive), ("padded", padded), ("triton", kernel)):
+        assert torch.equal(result.isnan(), expected), name
+
+
+@needs_triton
 @pytest.mark.usefixtures("poisoned")
 def test_kernel_allocates_output_without_out_argument():
     qk, v, head_dim = [8, 3], [5, 16], 16

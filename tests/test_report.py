@@ -1,6 +1,9 @@
+import tempfile
+from pathlib import Path
+
 import pytest
 
-from hiap.app.report import aggregate_runs, paired_differences
+from hiap.app.report import accuracy_axis_limits, accuracy_vs_macs_figure, aggregate_runs, paired_differences
 
 
 def _run(method, seed, accuracy, loss, target=0.5):
@@ -27,3 +30,56 @@ def test_aggregates_give_mean_and_spread_of_accuracy_and_loss_per_method():
     assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]
     assert rows[0]["accuracy_mean"] == pytest.approx(0.91) and rows[0]["loss_mean"] == pytest.approx(0.25)
     assert rows[0]["loss_std"] == pytest.approx(0.0707107, rel=1e-5)
+
+
+def test_accuracy_axis_never_lets_one_image_fill_the_plot():
+    # 360 images: one image is 0.28 points; two methods one image apart must not span the axis.
+    bottom, top = accuracy_axis_limits([97.78, 97.50], images=360)
+    assert top - bottom >= 5.0 and top <= 100.0 and bottom <= 97.50 and top >= 97.78
+    # 40 images: 20 images are 50 points.
+    bottom, top = accuracy_axis_limits([90.0, 92.5], images=40)
+    assert top - bottom >= 50.0 and 0.0 <= bottom and top <= 100.0
+    # A wide spread keeps every point inside.
+    bottom, top = accuracy_axis_limits([20.0, 99.0], images=None)
+    assert bottom <= 20.0 and top >= 99.0
+
+
+def test_accuracy_vs_macs_figure_draws_the_front_the_targets_and_an_axis_from_zero():
+    points = [{"method": "dense", "target": 1.0, "macs": 3e6, "accuracy": 0.978, "images": 360}]
+    points += [{"method": m, "target": t, "macs": t * 3e6 * (1 + 0.01 * s), "accuracy": a + 0.003 * s, "images": 360}
+               for m, a in (("hiap", 0.975), ("uniform", 0.972)) for t in (0.667, 0.5) for s in range(3)]
+    figure = accuracy_vs_macs_figure(points, "test")
+    axis = figure.axes[0]
+    labels = [line.get_label() for line in axis.get_lines()]
+    assert "Pareto front (means)" in labels and "MAC target" in labels
+    target_lines = [line for line in axis.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(line.get_xdata()[0] for line in target_lines) == pytest.approx([1.5, 2.001])
+    assert axis.get_xlim()[0] == 0.0
+    bottom, top = axis.get_ylim()
+    assert top - bottom >= 5.0
+    assert any("360 validation images" in text.get_text() for text in axis.texts)
+
+
+def test_structure_colorbars_are_labelled():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from hiap.app import report
+
+    structure = [{"layer": i, "num_heads": 2, "head_dim": 16, "qk_widths": [16, 8], "v_widths": [16, 0],
+                  "ffn_dense": 64, "ffn_width": 32 * i, "heads_kept": 1} for i in range(2)]
+    captured = []
+    original = report._figure
+
+    def spy(*args, **kwargs):
+        figure, axes = original(*args, **kwargs)
+        captured.append(figure)
+        return figure, axes
+
+    report._figure = spy
+    try:
+        report.plot_structure(structure, Path(tempfile.mkdtemp()) / "structure.png")
+    finally:
+        report._figure = original
+    colorbar_labels = [axis.get_ylabel() for axis in captured[0].axes if axis.get_label() == "<colorbar>"]
+    assert colorbar_labels == ["kept dims per head (of 16)"] * 2

@@ -21,7 +21,8 @@ from hiap.method.cost import count_macs
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool = False,
                         ctx: DistContext | None = None, show_progress: bool = True, label: str = "eval") -> dict:
-    """``{"accuracy", "loss"}``: top-1 accuracy in [0, 1] and mean cross-entropy over ``loader`` (every rank's share).
+    """``{"accuracy", "loss", "images"}``: top-1 accuracy in [0, 1], mean cross-entropy and the number of images
+    scored, over ``loader`` (every rank's share).
 
     The loss tells apart models whose accuracies tie on a small validation set (on the 360 digits images one image
     is 0.28 points). The loader yields ``images [B, C, H, W]`` and ``labels [B]``; the model maps images to
@@ -46,7 +47,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
             dist.all_reduce(total)
     model.train(was_training)
     count = max(int(seen), 1)
-    return {"accuracy": float(correct) / count, "loss": float(loss_sum) / count}
+    return {"accuracy": float(correct) / count, "loss": float(loss_sum) / count, "images": int(seen)}
 
 
 def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device, **kwargs) -> float:

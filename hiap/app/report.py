@@ -67,7 +67,7 @@ def plot_structure(structure: list[dict], path: Path, title: str = "") -> Path:
         axis.set_ylabel("layer")
         axis.set_xticks(range(heads))
         axis.set_yticks(range(layers))
-        figure.colorbar(image, ax=axis, shrink=0.8)
+        figure.colorbar(image, ax=axis, shrink=0.8, label=f"kept dims per head (of {head_dim})")
     axis = axes[2]
     rows = list(range(layers))
     axis.barh(rows, [layer["ffn_dense"] for layer in structure], color="#dddddd", label="dense")
@@ -146,16 +146,28 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_accuracy_vs_macs(points: list[dict], path: Path, title: str = "Accuracy vs MACs") -> Path:
-    """Accuracy against MACs of ``{"method", "target", "macs", "accuracy"}`` points.
+def accuracy_axis_limits(accuracies: list[float], images: int | None, min_span: float = 5.0) -> tuple[float, float]:
+    """An honest y-range (percentage points) for ``accuracies`` in %: at least ``min_span`` points and at least 20
+    validation images wide, so that a difference of one image never fills the axis; clipped to [0, 100]."""
+    low, high = min(accuracies), max(accuracies)
+    image_points = 100.0 / images if images else 0.0
+    span = max(min_span, 20 * image_points, (high - low) * 1.25)
+    centre = (low + high) / 2
+    bottom, top = centre - span / 2, centre + span / 2
+    if top > 100.0:
+        bottom, top = bottom - (top - 100.0), 100.0
+    if bottom < 0.0:
+        bottom, top = 0.0, min(100.0, top - bottom)
+    return bottom, top
 
-    Every run is a faint dot; the mean over the runs of one (method, target) is a large marker with a +-1 std bar,
-    joined across targets per method. The dotted line is the Pareto front of those means (dense included).
-    """
+
+def accuracy_vs_macs_figure(points: list[dict], title: str = "Accuracy vs MACs"):
+    """The figure ``plot_accuracy_vs_macs`` saves (returned for inspection); see there."""
     figure, axes = _figure(7, 4.5)
     axis = axes[0]
     styles = {"dense": ("*", "black"), "hiap": ("o", "#e76f51"), "uniform": ("s", "#457b9d"), "l1": ("^", "#2a9d8f")}
     means = []
+    dense_macs = max((p["macs"] for p in points if p["method"] == "dense"), default=max(p["macs"] for p in points))
     for method in dict.fromkeys(p["method"] for p in points):
         marker, colour = styles.get(method, ("D", "gray"))
         mine = [p for p in points if p["method"] == method]
@@ -170,20 +182,43 @@ def plot_accuracy_vs_macs(points: list[dict], path: Path, title: str = "Accuracy
             rows.append((statistics.mean(p["macs"] / 1e6 for p in members), statistics.mean(accuracy),
                          statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0, len(members)))
         rows.sort()
-        label = method if rows[0][3] == 1 else f"{method} (mean of {rows[0][3]})"
+        label = method if rows[0][3] == 1 else f"{method} (mean +- std of {rows[0][3]})"
         axis.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows], marker=marker,
                       color=colour, markersize=12 if method == "dense" else 8, capsize=4,
                       linestyle="-" if len(rows) > 1 else "none", label=label, zorder=3)
         means += [(r[0], r[1]) for r in rows]
+    # The front holds from its last point to the right edge: nothing there does better.
     front = pareto_front(means)
-    axis.plot([f[0] for f in front], [f[1] for f in front], linestyle=":", color="gray", marker=".",
+    front.append((dense_macs / 1e6 * 1.08, front[-1][1]))
+    axis.plot([f[0] for f in front], [f[1] for f in front], linestyle=":", color="gray", linewidth=2,
               drawstyle="steps-post", label="Pareto front (means)", zorder=1)
+    targets = sorted({p["target"] for p in points if p["method"] != "dense" and p.get("target") is not None})
+    for index, target in enumerate(targets):
+        axis.axvline(target * dense_macs / 1e6, color="black", linestyle="--", linewidth=1, alpha=0.6,
+                     label="MAC target" if index == 0 else None, zorder=0)
+    images = max((p.get("images") or 0 for p in points), default=0) or None
+    axis.set_ylim(*accuracy_axis_limits([100 * p["accuracy"] for p in points], images))
+    axis.set_xlim(0, dense_macs / 1e6 * 1.08)
     axis.set_xlabel("MACs per image (M)")
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_title(title)
+    if images:
+        axis.annotate(f"1 image = {100 / images:.2f} points ({images} validation images)", xy=(0.01, 0.01),
+                      xycoords="axes fraction", fontsize=8, color="dimgray")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.savefig(path, dpi=120)
+    axis.legend(fontsize=8, loc="lower right")
+    return figure
+
+
+def plot_accuracy_vs_macs(points: list[dict], path: Path, title: str = "Accuracy vs MACs") -> Path:
+    """Accuracy against MACs of ``{"method", "target", "macs", "accuracy"[, "images"]}`` points.
+
+    Every run is a faint dot; the mean over the runs of one (method, target) is a large marker with a +-1 std bar,
+    joined across targets per method. The dotted steps are the Pareto front of those means (dense included), each
+    dashed vertical line a MAC target. The x-axis starts at zero MACs; the y-axis spans at least 5 points and 20
+    validation images, so one image's difference does not look like a cliff.
+    """
+    accuracy_vs_macs_figure(points, title).savefig(path, dpi=120)
     return path
 
 

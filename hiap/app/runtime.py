@@ -19,7 +19,18 @@ from hiap.files import atomic_path
 
 
 class InputError(Exception):
-    """A problem with what the user asked for (path, model name, budget, checkpoint): printed as one line, no traceback."""
+    """A problem with what the user asked for (path, model name, budget, checkpoint): printed as one line, no traceback.
+
+    Raised in a DataLoader worker, it comes back to the main process carrying the worker's whole traceback as its
+    message; ``str`` keeps only the original one-line message.
+    """
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        if "Original Traceback" not in message:
+            return message
+        last = message.rstrip().splitlines()[-1]
+        return last.split("InputError: ", 1)[-1]
 
 
 # --------------------------------------------------------------------------------------------------------------------
