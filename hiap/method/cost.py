@@ -19,6 +19,7 @@ from timm.layers.attention import Attention
 from hiap.method.convert import HiAPViT
 from hiap.method.gates import attention_decisions, ffn_decisions
 from hiap.method.pruned import PrunedAttention, PrunedMlp
+from hiap.tokens.reduce import step_overhead_macs
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,8 @@ class StackedGates:
         )
 
     @torch.no_grad()
-    def decided_macs(self, units: UnitCosts, static: int) -> torch.Tensor:
-        """MACs of what extraction keeps (int64 scalar on the logits' device; no host synchronisation)."""
+    def decided_per_layer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kept q/k dims, v dims and FFN neurons of every layer, int64 ``[L]`` each (what extraction keeps)."""
         keep_head, keep_qk, keep_v = attention_decisions(
             self.head, self.qk, self.v, min_heads=self.min_heads, min_dim_fraction=self.min_dim_fraction
         )
@@ -128,28 +129,47 @@ class StackedGates:
         # A head without v columns is gone, its q/k columns with it.
         qk_kept = keep_qk & v_kept.any(dim=-1, keepdim=True)
         keep_block, keep_neuron = ffn_decisions(self.block, self.neuron, min_neuron_fraction=self.min_neuron_fraction)
-        neurons = (keep_neuron & keep_block).sum() * self.neuron_group
-        return (static + qk_kept.sum() * (self.head_group * units.qk_dim) + v_kept.sum() * (self.head_group * units.v_dim)
-                + neurons * units.neuron)
+        return (qk_kept.flatten(1).sum(1) * self.head_group, v_kept.flatten(1).sum(1) * self.head_group,
+                (keep_neuron & keep_block).sum(1) * self.neuron_group)
+
+    @torch.no_grad()
+    def decided_macs(self, units: UnitCosts, static: int) -> torch.Tensor:
+        """MACs of what extraction keeps (int64 scalar on the logits' device; no host synchronisation)."""
+        qk_dims, v_dims, neurons = self.decided_per_layer()
+        return static + qk_dims.sum() * units.qk_dim + v_dims.sum() * units.v_dim + neurons.sum() * units.neuron
 
 
 def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
     """Multiply-accumulates of one image through a timm ViT, a gated model (hard decisions) or a pruned model.
 
     Dense DeiT-S at 224 px gives 4.60 G. A gated model counts what ``hiap.extract`` would keep, so
-    ``count_macs(gated) == count_macs(hiap.extract(gated))``.
+    ``count_macs(gated) == count_macs(hiap.extract(gated))``. A model patched with a token schedule
+    (``hiap.tokens.reduce_tokens``) counts each block's attention at the tokens it receives and its FFN at the tokens
+    it keeps, plus what the reduction step computes (class-token scores, similarities).
     """
     vit = _vit(model)
-    units = UnitCosts.at(token_count(model, img_size), vit.embed_dim)
+    tokens = token_count(model, img_size)
+    schedule = getattr(vit, "hiap_token_schedule", None)
     if isinstance(model, HiAPViT):
         gates = StackedGates.of(model)
         if not all(bool(torch.isfinite(t).all()) for t in (gates.head, gates.qk, gates.v, gates.block, gates.neuron)):
             raise ValueError("count_macs: the gate logits contain NaN or inf (a diverged run); no decision exists")
-        return int(gates.decided_macs(units, static_macs(model, img_size)))
+        if schedule is None:
+            return int(gates.decided_macs(UnitCosts.at(tokens, vit.embed_dim), static_macs(model, img_size)))
+        kept = [[int(v) for v in per_layer.tolist()] for per_layer in gates.decided_per_layer()]
+        layers = list(zip(*kept))
+    else:
+        layers = [(*_attention_kept_dims(block.attn), _ffn_kept_neurons(block.mlp)) for block in vit.blocks]
+    prefix = vit.num_prefix_tokens
+    counts = [(tokens, tokens)] * len(layers) if schedule is None else schedule.token_counts(tokens - prefix, prefix)
+    steps = [None] * len(layers) if schedule is None else schedule.steps
     total = static_macs(model, img_size)
-    for block in vit.blocks:
-        qk_dims, v_dims = _attention_kept_dims(block.attn)
-        total += qk_dims * units.qk_dim + v_dims * units.v_dim + _ffn_kept_neurons(block.mlp) * units.neuron
+    for (qk_dims, v_dims, neurons), (n_in, n_out), step in zip(layers, counts, steps):
+        attention, ffn = UnitCosts.at(n_in, vit.embed_dim), UnitCosts.at(n_out, vit.embed_dim)
+        total += qk_dims * attention.qk_dim + v_dims * attention.v_dim + neurons * ffn.neuron
+        if step is not None and step.removes:
+            uses_cls = step.kind == "merge" or (step.kind == "prune" and schedule.importance_weight > 0)
+            total += step_overhead_macs(step.kind, n_in - prefix, step.r, qk_dims, n_in, uses_cls)
     return int(total)
 
 

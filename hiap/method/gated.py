@@ -66,6 +66,13 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        return self.attend(x, attn_mask, is_causal)[0]
+
+    def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward, also returning what token reduction reads: ``(out [B, N, D], q, k [B, H, N, Dh], live_qk
+        [H, Dh], live_heads [H])``, the last two bool: the q/k columns and heads a pruned copy would have (open gates;
+        a head without v columns is gone), so that reduction compares the keys the extracted model compares."""
         batch, tokens, _ = x.shape
         values = self.gates.values(self.gates.draw(), self.triton_kernel(x, self.qkv.weight))
         scale = self.gates.qkv_row_scale(values).to(self.qkv.weight.dtype)  # [3 * H * Dh]
@@ -78,7 +85,9 @@ class GatedAttention(KernelBackendMixin, nn.Module):
             dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
         )
         out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        return self.proj_drop(self.proj(out))
+        live_heads = scale[2 * self.attn_dim :].view(self.num_heads, self.head_dim).ne(0).any(dim=1)
+        live_qk = scale[: self.attn_dim].view(self.num_heads, self.head_dim).ne(0) & live_heads[:, None]
+        return self.proj_drop(self.proj(out)), q, k, live_qk, live_heads
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, layer={self.layer_index}"

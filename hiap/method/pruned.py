@@ -89,22 +89,33 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         return self.triton_kernel(qkv)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("PrunedAttention does not take attention masks")
+        return self.attend(x, attn_mask, is_causal)[0]
+
+    def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward, also returning the packed ``qkv [B, N, T]`` token reduction reads (None with no head left).
+
+        ``attn_mask``: an additive float bias broadcastable to ``[B, 1, N, N]`` (token reduction's ``log(size)`` per
+        key); with one, the SDPA path runs (the ragged kernel takes no bias).
+        """
+        if is_causal:
+            raise NotImplementedError("PrunedAttention does not take causal masks")
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            raise NotImplementedError("PrunedAttention takes an additive float attn_mask, not a boolean one")
         batch, tokens, _ = x.shape
         if self.num_heads == 0:
             bias = self.proj.bias
             if bias is None:
-                return x.new_zeros(batch, tokens, self.out_dim)
-            return bias.to(x.dtype).expand(batch, tokens, self.out_dim)
+                return x.new_zeros(batch, tokens, self.out_dim), None
+            return bias.to(x.dtype).expand(batch, tokens, self.out_dim), None
         qkv = self.qkv(x)
-        ragged_attention = self._kernel(qkv)
+        ragged_attention = self._kernel(qkv) if attn_mask is None else None
         if ragged_attention is not None:
             out = ragged_attention(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width,
                                    out_width=self.out_width)
         else:
-            out = ragged_attention_sdpa(qkv, self.runs, self.scale)
-        return self.proj(out)
+            out = ragged_attention_sdpa(qkv, self.runs, self.scale, attn_mask)
+        return self.proj(out), qkv
 
     def extra_repr(self) -> str:
         return f"qk_widths={self.qk_widths}, v_widths={self.v_widths}, scale={self.scale:.6g}"

@@ -53,49 +53,57 @@ def head_runs(qk_widths: Sequence[int], v_widths: Sequence[int]) -> tuple[HeadRu
     return tuple(runs)
 
 
-def ragged_attention_sdpa(qkv: torch.Tensor, runs: Sequence[HeadRun], scale: float) -> torch.Tensor:
+def ragged_attention_sdpa(qkv: torch.Tensor, runs: Sequence[HeadRun], scale: float,
+                          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Ragged attention over ``runs`` of equal-width heads, one SDPA call per run.
 
     Args:
         qkv: ``[B, N, T]`` packed output of the layer's qkv GEMM (any strides with a unit last stride).
         runs: from :func:`head_runs` of the layer's widths.
         scale: softmax scale (the dense model's ``1/sqrt(Dh)``).
+        attn_mask: optional additive float bias broadcastable to ``[B, 1, N, N]`` (the same for every head), e.g.
+            token reduction's ``log(size)`` of each key.
 
     Returns:
         ``[B, N, sum(v_w)]`` in qkv's dtype, heads packed in order for the proj Linear.
     """
     batch, tokens, _ = qkv.shape
     # Functional (no in-place writes into a preallocated output), so that ONNX export traces it as it runs.
-    outputs = [_run_attention(qkv, run, scale).transpose(1, 2).reshape(batch, tokens, run.heads * run.v_width)
+    outputs = [_run_attention(qkv, run, scale, attn_mask).transpose(1, 2).reshape(batch, tokens, run.heads * run.v_width)
                for run in runs]
     if not outputs:
         return qkv.new_zeros(batch, tokens, 0)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
-def _run_attention(qkv: torch.Tensor, run: HeadRun, scale: float) -> torch.Tensor:
+def _run_attention(qkv: torch.Tensor, run: HeadRun, scale: float, attn_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Attention of one run of equal-width heads: ``[B, heads, N, v_width]``."""
     batch, tokens, _ = qkv.shape
     # [B, N, heads * width] -> [B, heads, N, width], views of qkv
     v = qkv[..., run.v_start : run.v_start + run.heads * run.v_width]
     v = v.view(batch, tokens, run.heads, run.v_width).transpose(1, 2)
     if run.qk_width == 0:
-        # All scores zero: softmax is uniform over the keys.
-        return v.mean(dim=2, keepdim=True).expand(batch, run.heads, tokens, run.v_width)
+        # All scores zero: softmax is uniform over the keys (weighted by the bias when there is one).
+        if attn_mask is None:
+            return v.mean(dim=2, keepdim=True).expand(batch, run.heads, tokens, run.v_width)
+        weights = torch.softmax(attn_mask.float(), dim=-1).to(v.dtype)  # [B or 1, 1, 1 or N, N]
+        return torch.matmul(weights, v).expand(batch, run.heads, tokens, run.v_width)
     width = run.heads * run.qk_width
     q = qkv[..., run.q_start : run.q_start + width].view(batch, tokens, run.heads, run.qk_width).transpose(1, 2)
     k = qkv[..., run.k_start : run.k_start + width].view(batch, tokens, run.heads, run.qk_width).transpose(1, 2)
     if qkv.device.type == "cpu" and run.qk_width != run.v_width:
-        return _padded_to_one_width(q, k, v, scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return _padded_to_one_width(q, k, v, scale, attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
-def _padded_to_one_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _padded_to_one_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA with q, k (``[B, h, N, w_qk]``) and v (``[B, h, N, w_v]``) zero-padded to one head dim; ``[B, h, N, w_v]``."""
     qk_width, v_width = q.shape[-1], v.shape[-1]
     if qk_width < v_width:
         q = F.pad(q, (0, v_width - qk_width))
         k = F.pad(k, (0, v_width - qk_width))
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, qk_width - v_width)), scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, qk_width - v_width)), attn_mask=attn_mask, scale=scale)
     return out[..., :v_width]

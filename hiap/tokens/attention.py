@@ -1,0 +1,121 @@
+"""Attention that also hands token reduction its keys and the class token's attention, for every supported module.
+
+timm's ``Attention``, HiAP's ``GatedAttention`` and the extracted ``PrunedAttention`` each run their own forward with
+the proportional-attention bias (``log(size)`` per key) as ``attn_mask``; what the reduction step reads comes from the
+same q and k, so nothing is computed twice except the class token's scores (``N x W`` MACs, counted by ``count_macs``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.attention import Attention
+
+from hiap.method.gated import GatedAttention
+from hiap.method.pruned import PrunedAttention
+
+
+class AttentionStats(NamedTuple):
+    """``out [B, N, D]``; ``keys [B, N, W]`` (every head's key columns side by side); ``cls [B, N]`` or None."""
+
+    out: torch.Tensor
+    keys: torch.Tensor | None
+    cls: torch.Tensor | None
+
+
+SUPPORTED_ATTENTION = (Attention, GatedAttention, PrunedAttention)
+
+
+def check_attention(attn: nn.Module) -> None:
+    """Raise TypeError for an attention module token reduction cannot read."""
+    if type(attn) not in SUPPORTED_ATTENTION:
+        raise TypeError(f"token reduction supports timm Attention, GatedAttention and PrunedAttention, not "
+                        f"{type(attn).__name__}")
+
+
+def key_width(attn: nn.Module) -> int:
+    """W: the width of the concatenated keys the similarity metric compares (q/k dims kept)."""
+    if isinstance(attn, PrunedAttention):
+        return sum(attn.qk_widths)
+    return attn.num_heads * attn.head_dim
+
+
+def class_attention(q0: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                    live_heads: torch.Tensor | None = None) -> torch.Tensor:
+    """The class token's attention to every token, mean over the (live) heads: ``q0 [B, H, 1, d]``, ``k [B, H, N, d]``
+    -> ``[B, N]``."""
+    scores = torch.matmul(q0.float(), k.float().transpose(-1, -2)) * scale  # [B, H, 1, N]
+    if bias is not None:
+        scores = scores + bias.float()
+    weights = scores.softmax(dim=-1)
+    if live_heads is None:
+        return weights.mean(dim=1).squeeze(1)
+    live = live_heads.to(weights.dtype)[None, :, None, None]
+    return ((weights * live).sum(dim=1) / live.sum().clamp_min(1.0)).squeeze(1)
+
+
+def ragged_class_attention(qkv: torch.Tensor, runs: Sequence, scale: float, bias: torch.Tensor | None
+                           ) -> torch.Tensor:
+    """``class_attention`` over the runs of equal-width heads of a pruned layer's packed ``qkv [B, N, T]``."""
+    batch, tokens, _ = qkv.shape
+    per_head = []
+    for run in runs:
+        if run.qk_width == 0:
+            scores = qkv.new_zeros(batch, run.heads, 1, tokens, dtype=torch.float32)
+            if bias is not None:
+                scores = scores + bias.float()
+            per_head.append(scores.softmax(dim=-1))
+            continue
+        width = run.heads * run.qk_width
+        q0 = qkv[:, :1, run.q_start : run.q_start + width].reshape(batch, 1, run.heads, run.qk_width).transpose(1, 2)
+        k = qkv[..., run.k_start : run.k_start + width].reshape(batch, tokens, run.heads, run.qk_width).transpose(1, 2)
+        scores = torch.matmul(q0.float(), k.float().transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias.float()
+        per_head.append(scores.softmax(dim=-1))
+    return torch.cat(per_head, dim=1).mean(dim=1).squeeze(1)
+
+
+def _timm_attention(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm ``Attention.forward`` step for step (fused path) with ``bias`` as the mask: ``(out, q, k)``."""
+    batch, tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                         dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), q, k
+
+
+def attend(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, *, keys: bool, cls: bool) -> AttentionStats:
+    """Run ``attn`` on ``x [B, N, D]`` with the additive ``bias [B, 1, 1, N]``; return what was asked for as well."""
+    if isinstance(attn, PrunedAttention):
+        out, qkv = attn.attend(x, bias)
+        if qkv is None:  # no head left: nothing to compare, tokens are reduced by size alone
+            batch, tokens, _ = x.shape
+            empty = x.new_zeros(batch, tokens, 0) if keys else None
+            uniform = x.new_full((batch, tokens), 1.0 / tokens, dtype=torch.float32) if cls else None
+            return AttentionStats(out, empty, uniform)
+        qk_total = sum(attn.qk_widths)
+        return AttentionStats(out, qkv[..., qk_total : 2 * qk_total] if keys else None,
+                              ragged_class_attention(qkv, attn.runs, attn.scale, bias) if cls else None)
+    live_heads = None
+    if isinstance(attn, GatedAttention):
+        out, q, k, live_qk, live_heads = attn.attend(x, bias)
+        # Closed q/k columns and removed heads out of the metric: the keys an extracted copy compares.
+        metric = k * live_qk[None, :, None, :].to(k.dtype)
+    else:
+        out, q, k = _timm_attention(attn, x, bias)
+        metric = k
+    batch, heads, tokens, width = k.shape
+    return AttentionStats(out, metric.transpose(1, 2).reshape(batch, tokens, heads * width) if keys else None,
+                          class_attention(q[:, :, :1], k, attn.scale, bias, live_heads) if cls else None)

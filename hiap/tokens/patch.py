@@ -1,0 +1,172 @@
+"""Patch token reduction into a timm ViT, a gated HiAP model or an extracted pruned model, and take it out again.
+
+``reduce_tokens(model, schedule)`` changes the forward of the blocks in place (the model object, its parameters and
+its state_dict stay what they were; Liger-style instance patching) and ``restore_tokens(model)`` puts timm's forward
+back. Blocks before the first one that removes tokens keep timm's forward untouched, so a schedule that removes
+nothing leaves the model bit for bit what it was. From the first reducing block on, each block runs:
+
+    x = x + ls1(attn(norm1(x), bias = log(size)))      proportional attention over merged tokens
+    x = prefix tokens + step(patch tokens)             prune / merge / ToMe, r fixed per block
+    x = x + ls2(mlp(norm2(x)))
+
+The sizes travel in a small state object the blocks share; the first reducing block starts it afresh on every
+forward, so nothing leaks from one batch to the next.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from hiap.method.convert import HiAPViT
+from hiap.tokens.attention import attend, check_attention
+from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
+from hiap.tokens.schedule import LayerStep, TokenSchedule, as_schedule
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+@dataclass
+class _TokenState:
+    """Sizes of the current patch tokens ``[B, P, 1]`` (float32), None while every token is one patch."""
+
+    size: torch.Tensor | None = None
+
+
+def _vit(model: nn.Module) -> nn.Module:
+    vit = model.vit if isinstance(model, HiAPViT) else model
+    if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+        raise TypeError(f"token reduction needs a timm VisionTransformer, a gated or a pruned model, got "
+                        f"{type(model).__name__}")
+    return vit
+
+
+def _check_model(vit: nn.Module, schedule: TokenSchedule) -> None:
+    for index, block in enumerate(vit.blocks):
+        missing = [part for part in _BLOCK_PARTS if not hasattr(block, part)]
+        if missing:
+            raise TypeError(f"token reduction: block {index} ({type(block).__name__}) is not a timm Block "
+                            f"(no {', '.join(missing)})")
+        check_attention(block.attn)
+    if schedule.removes_nothing:
+        return
+    if getattr(vit, "global_pool", "token") != "token" or getattr(vit, "cls_token", None) is None:
+        raise ValueError("token reduction needs a class-token model (global_pool='token'): an average over merged "
+                         f"tokens would weigh them wrongly; this model pools by {getattr(vit, 'global_pool', None)!r}")
+
+
+def _patches(vit: nn.Module) -> int:
+    return vit.patch_embed.num_patches
+
+
+def _proportional_bias(size: torch.Tensor | None, prefix: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``log(size)`` per key, 0 for the prefix tokens: ``[B, 1, 1, N]`` (None while every size is 1)."""
+    if size is None:
+        return None
+    log_size = size.squeeze(-1).log()
+    bias = torch.cat([log_size.new_zeros(log_size.shape[0], prefix), log_size], dim=1)
+    return bias[:, None, None, :].to(dtype)
+
+
+@dataclass
+class _BlockPlan:
+    """What a patched block does; the state is shared by all blocks of a model (and stays shared in a deepcopy)."""
+
+    step: LayerStep
+    prefix: int
+    first: bool
+    importance_weight: float
+    state: _TokenState
+
+
+def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                           is_causal: bool = False) -> torch.Tensor:
+    """The forward of a patched block (bound to it as a method, so a deepcopy of the model stays self-contained)."""
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("a token-reduced block takes no attention mask")
+    plan: _BlockPlan = block.hiap_token_plan
+    step, prefix = plan.step, plan.prefix
+    if plan.first:
+        plan.state.size = None
+    size = plan.state.size
+    wants_cls = step.kind == "merge" or (step.kind == "prune" and plan.importance_weight > 0)
+    stats = attend(block.attn, block.norm1(x), _proportional_bias(size, prefix, x.dtype),
+                   keys=step.removes > 0, cls=step.removes > 0 and wants_cls)
+    x = x + block.drop_path1(block.ls1(stats.out))
+    if step.removes:
+        head, patches = x[:, :prefix], x[:, prefix:]
+        if size is None:
+            size = patches.new_ones(patches.shape[0], patches.shape[1], 1, dtype=torch.float32)
+        keys = stats.keys[:, prefix:]
+        cls = None if stats.cls is None else stats.cls[:, prefix:]
+        if step.kind == "prune":
+            patches, size = redundancy_prune(patches, size, keys, cls, step.r, plan.importance_weight)
+        elif step.kind == "merge":
+            patches, size = importance_merge(patches, size, keys, cls, step.r)
+        else:
+            patches, size = bipartite_soft_matching(patches, size, keys, step.r)
+        x = torch.cat([head, patches], dim=1)
+        plan.state.size = size
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def reduce_tokens(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep] | str) -> nn.Module:
+    """Patch ``model`` to remove tokens per ``schedule`` (a ``TokenSchedule``, its steps or its text form, see
+    ``hiap.tokens.schedule``); returns the same model. Patching again replaces the previous schedule.
+
+    Input images ``[B, C, H, W]`` at the model's own size; the logits are ``[B, classes]`` as before.
+
+    Raises:
+        ValueError: a schedule that removes more tokens than a block has, has the wrong length, or a model that
+            pools by averaging (removing tokens needs a class token).
+        TypeError: a model or attention module token reduction does not support.
+    """
+    vit = _vit(model)
+    blocks = list(vit.blocks)
+    prefix = vit.num_prefix_tokens
+    schedule = as_schedule(schedule, len(blocks), _patches(vit), prefix)
+    _check_model(vit, schedule)
+    restore_tokens(model)
+    state = _TokenState()
+    reduced_before = False
+    for step, block in zip(schedule.steps, blocks):
+        if reduced_before or step.removes:
+            block.hiap_token_plan = _BlockPlan(step, prefix, not reduced_before, schedule.importance_weight, state)
+            block.forward = types.MethodType(_reduced_block_forward, block)
+        reduced_before = reduced_before or step.removes > 0
+    vit.hiap_token_schedule = schedule
+    return model
+
+
+def restore_tokens(model: nn.Module) -> nn.Module:
+    """Undo ``reduce_tokens``: every block runs timm's forward again. A model never patched is returned as it is."""
+    vit = _vit(model)
+    for block in vit.blocks:
+        if "forward" in block.__dict__:
+            del block.forward
+        block.__dict__.pop("hiap_token_plan", None)
+    vit.__dict__.pop("hiap_token_schedule", None)
+    return model
+
+
+def token_schedule(model: nn.Module) -> TokenSchedule | None:
+    """The schedule a model is patched with, or None."""
+    return getattr(_vit(model), "hiap_token_schedule", None)
+
+
+def token_counts(model: nn.Module, patches: int | None = None) -> list[tuple[int, int]]:
+    """``(tokens in, tokens out)`` of every block (the same in and out without a schedule)."""
+    vit = _vit(model)
+    patches = _patches(vit) if patches is None else patches
+    prefix = vit.num_prefix_tokens
+    schedule = token_schedule(model)
+    if schedule is None:
+        return [(patches + prefix, patches + prefix)] * len(vit.blocks)
+    return schedule.token_counts(patches, prefix)
+
+
+__all__ = ["reduce_tokens", "restore_tokens", "token_counts", "token_schedule"]

@@ -1,0 +1,115 @@
+"""The token-reduction steps, in plain PyTorch: RAPID's redundancy pruning and importance merging, and ToMe.
+
+Every step works on the patch tokens of one block (class and register tokens are split off before and never touched)
+after its attention, on:
+
+    x     [B, P, C]  the residual stream
+    size  [B, P, 1]  how many original patches each token stands for (float32; ones before any merge)
+    keys  [B, P, W]  the block's attention keys, every head's kept columns side by side (the similarity metric)
+    cls   [B, P]     the class token's attention to each token, mean over heads (RAPID only)
+
+and returns ``(x [B, P - r, C], size [B, P - r, 1])``. Merged tokens are size-weighted means, and their size is the sum
+of what they absorbed, so attention can weight them by it (``log(size)`` added to the scores: ToMe's proportional
+attention). Static shapes: r is fixed per block, so a reduced model compiles and replays from a CUDA graph.
+
+This package's reading of RAPID (arXiv 2606.08156, of which only the abstract is public), configurable:
+
+* prune (shallow to middle blocks): a token's redundancy is its mean cosine similarity to the other patch tokens
+  (computed as its similarity to the sum of all, ``O(P W)`` instead of ``O(P^2 W)``: the same number); its importance
+  is the class token's attention to it, normalised to mean 1. The r tokens with the highest
+  ``redundancy - importance_weight * importance`` are dropped: over-represented patterns go first, unless the class
+  token attends to them.
+* merge (deep blocks): the r tokens the class token attends to least are merged, each into its most similar token
+  among the rest, which keeps the tokens the class token relies on intact.
+* Token order is kept by both (the kept tokens stay in their original order).
+
+ToMe (Bolya et al. 2023), as published: tokens alternate into sets A and B; every A token's most similar B token is its
+edge; the r A tokens with the strongest edges merge into their B partners; the output is the unmerged A tokens (in
+order) followed by B. ToMe averages the keys over heads; pruned heads have no common width, so here both methods
+compare the concatenated keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor [B, P, X]`` at ``index [B, K]`` along the token axis: ``[B, K, X]``."""
+    return torch.gather(tensor, 1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+
+
+def _merge_into(x_dst: torch.Tensor, size_dst: torch.Tensor, x_src: torch.Tensor, size_src: torch.Tensor,
+                target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of ``x_src [B, R, C]`` into ``x_dst [B, D, C]`` at ``target [B, R]`` (indices into D)."""
+    dtype = x_dst.dtype
+    weighted = (x_dst.float() * size_dst).scatter_add(1, target[..., None].expand(-1, -1, x_dst.shape[-1]),
+                                                      x_src.float() * size_src)
+    size = size_dst.scatter_add(1, target[..., None], size_src)
+    return (weighted / size).to(dtype), size
+
+
+def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor | None, r: int,
+                     importance_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAPID's shallow step: drop the ``r`` most redundant, least attended patch tokens (module docstring)."""
+    if r == 0:
+        return x, size
+    patches = x.shape[1]
+    metric = F.normalize(keys.float(), dim=-1)  # [B, P, W]
+    # Mean cosine similarity to the other tokens: (m_i . sum_j m_j - 1) / (P - 1).
+    total = metric.sum(dim=1, keepdim=True)  # [B, 1, W]
+    redundancy = (torch.matmul(metric, total.transpose(1, 2)).squeeze(-1) - 1.0) / max(patches - 1, 1)  # [B, P]
+    score = redundancy
+    if cls is not None and importance_weight:
+        importance = cls.float() / cls.float().sum(dim=-1, keepdim=True).clamp_min(1e-12) * patches
+        score = score - importance_weight * importance
+    keep = torch.topk(score, patches - r, dim=1, largest=False, sorted=False).indices.sort(dim=1).values  # [B, P-r]
+    return _gather_tokens(x, keep), _gather_tokens(size, keep)
+
+
+def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, r: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAPID's deep step: merge the ``r`` least attended tokens into their most similar kept token."""
+    if r == 0:
+        return x, size
+    order = torch.argsort(cls.float(), dim=1, stable=True)  # least attended first, [B, P]
+    source = order[:, :r]
+    destination = order[:, r:].sort(dim=1).values  # kept in their original order, [B, P - r]
+    metric = F.normalize(keys.float(), dim=-1)
+    similarity = torch.matmul(_gather_tokens(metric, source), _gather_tokens(metric, destination).transpose(1, 2))
+    target = similarity.argmax(dim=-1)  # [B, r], index into destination
+    return _merge_into(_gather_tokens(x, destination), _gather_tokens(size, destination), _gather_tokens(x, source),
+                       _gather_tokens(size, source), target)
+
+
+def bipartite_soft_matching(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's step: merge ``r`` tokens of set A (even positions) into their most similar token of set B (odd)."""
+    if r == 0:
+        return x, size
+    metric = F.normalize(keys.float(), dim=-1)
+    scores = torch.matmul(metric[:, ::2], metric[:, 1::2].transpose(1, 2))  # [B, |A|, |B|]
+    edge, partner = scores.max(dim=-1)  # [B, |A|]
+    ranked = torch.argsort(edge, dim=-1, descending=True, stable=True)
+    source = ranked[:, :r]
+    unmerged = ranked[:, r:].sort(dim=1).values
+    target = torch.gather(partner, 1, source)
+    x_a, x_b = x[:, ::2], x[:, 1::2]
+    size_a, size_b = size[:, ::2], size[:, 1::2]
+    x_b, size_b = _merge_into(x_b, size_b, _gather_tokens(x_a, source), _gather_tokens(size_a, source), target)
+    return (torch.cat([_gather_tokens(x_a, unmerged), x_b], dim=1),
+            torch.cat([_gather_tokens(size_a, unmerged), size_b], dim=1))
+
+
+def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: int, class_attention: bool) -> int:
+    """MACs one step adds per image (what a FLOP counter sees): the class-attention scores (when the step uses them)
+    and the similarity; ``patches`` and ``tokens`` are the block's input counts without and with the prefix."""
+    if kind == "keep" or r == 0:
+        return 0
+    if kind == "tome":
+        return ((patches + 1) // 2) * (patches // 2) * key_width
+    class_attention = tokens * key_width if class_attention else 0
+    if kind == "prune":
+        return class_attention + patches * key_width
+    return class_attention + r * (patches - r) * key_width
