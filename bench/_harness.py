@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
-
 from _providers import (
     CompileTimeout,
     budget_skip_reason,

@@ -18,7 +18,6 @@ import shutil
 from typing import Callable
 
 import torch
-
 from _settings import ON_GPU, seconds_left
 
 PROVIDERS = ("reference", "compiled", "triton")

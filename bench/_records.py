@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from _settings import DEVICE, ON_GPU, REPO_DIR, precision_label, results_dir
 from _timing import CPU_TIMING, CPU_TIMING_HEAVY, GPU_TIMING, MachinePeaks, Work, measure_peaks
 
@@ -70,6 +69,12 @@ TARGETS = (
            "extracted/optimized", "dense/reference", 0.95, batch=1, device="cpu", of_mac_ratio=True),
     Target("extracted DeiT-S on a CPU: speedup >= 0.95x its MAC ratio (batch 16)", "deit_s_inference",
            "extracted/optimized", "dense/reference", 0.95, batch=16, device="cpu", of_mac_ratio=True),
+    Target("DeiT-S with RAPID (~40% of token work removed) throughput vs dense timm eager", "token_reduction",
+           "rapid/compiled", "dense/reference", 1.5, batch=256),
+    Target("HiAP-pruned DeiT-S (~2/3 MACs) + RAPID throughput vs dense timm eager", "token_reduction",
+           "pruned+rapid/compiled", "dense/reference", 2.0, batch=256),
+    Target("DeiT-S with RAPID on a CPU: speedup >= 0.95x its MAC ratio (batch 16)", "token_reduction",
+           "rapid/reference", "dense/reference", 0.95, batch=16, device="cpu", of_mac_ratio=True),
 )
 
 

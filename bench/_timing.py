@@ -18,7 +18,6 @@ from functools import partial
 from typing import Callable
 
 import torch
-
 from _providers import first_call_watchdog
 from _settings import DEVICE, ON_GPU
 

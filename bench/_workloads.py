@@ -15,12 +15,11 @@ from functools import lru_cache
 
 import timm
 import torch
+from _settings import DEVICE
+from _timing import Work
 
 import hiap
 from hiap.method.cost import UnitCosts
-
-from _settings import DEVICE
-from _timing import Work
 
 EMBED_DIM = 384
 NUM_HEADS = 6

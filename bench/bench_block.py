@@ -21,12 +21,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import hiap
-from hiap.app.train import build_optimizer
-from hiap.method.gates import step_seed
-from hiap.method.losses import distillation_loss
-
 from _harness import CaseRun
 from _providers import PROVIDERS, compile_reference
 from _settings import DEVICE, ON_GPU, autocast_context, batch_sizes
@@ -42,6 +36,11 @@ from _workloads import (
     images,
     training_step_work,
 )
+
+import hiap
+from hiap.app.train import build_optimizer
+from hiap.method.gates import step_seed
+from hiap.method.losses import distillation_loss
 
 MODULE_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 CPU_MODULE_REDUCTION = "batch 2 instead of 64/256 (per-image shapes are DeiT-S's), fp32"

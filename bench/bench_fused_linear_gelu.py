@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hiap_kernels import linear_gelu_reference
-
 from _harness import CaseRun
 from _providers import PROVIDERS, compile_reference
 from _settings import ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, FFN_DIM, TOKENS, activations, linear_gelu_inference_work
+
+from hiap_kernels import linear_gelu_reference
 
 BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 PRUNED_WIDTH = 1024

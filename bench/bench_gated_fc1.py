@@ -13,9 +13,6 @@ layer's counter offset), held fixed while timing, so every provider draws the sa
 from __future__ import annotations
 
 import pytest
-
-from hiap_kernels import gated_fc1_reference
-
 from _harness import CaseRun
 from _providers import PROVIDERS, compile_reference
 from _settings import autocast_context, batch_sizes
@@ -30,6 +27,8 @@ from _workloads import (
     linear_training_work,
     output_gradient,
 )
+
+from hiap_kernels import gated_fc1_reference
 
 # CPU: batch 2 keeps the case to seconds on two shared cores; the shapes per image are DeiT-S's.
 BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))

@@ -17,11 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-import hiap
-from hiap.method.gates import GateDraw
-from hiap_kernels import gated_qkv_reference
-
 from _harness import CaseRun
 from _providers import PROVIDERS, compile_reference
 from _settings import autocast_context, batch_sizes
@@ -37,6 +32,10 @@ from _workloads import (
     linear_training_work,
     output_gradient,
 )
+
+import hiap
+from hiap.method.gates import GateDraw
+from hiap_kernels import gated_qkv_reference
 
 # CPU: batch 2 keeps the case to seconds on two shared cores; the shapes per image are DeiT-S's.
 BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))

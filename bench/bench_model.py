@@ -25,12 +25,11 @@ from functools import lru_cache
 
 import pytest
 import torch
-
-import hiap
-
 from _harness import CaseRun
 from _settings import DEVICE, ON_GPU
 from _workloads import DEIT_S_SHAPES, dense_deit_s, extracted_deit_s, images, inference_work, regular_deit_s_at
+
+import hiap
 
 BATCHES = (1, 256) if ON_GPU else (1, 16)
 VARIANTS = ("dense/reference", "dense/compiled", "regular/reference", "regular/compiled", "extracted/reference",

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _harness import CaseRun
+from _providers import compile_reference
+from _settings import DEVICE, ON_GPU, batch_sizes
+from _workloads import DEIT_S_SHAPES, HEAD_DIM, TOKENS, default_layout, ragged_attention_work
 
 from hiap_kernels.ragged_attn.reference import (
     build_head_table,
@@ -26,11 +30,6 @@ from hiap_kernels.ragged_attn.reference import (
     ragged_attention_padded,
 )
 from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
-
-from _harness import CaseRun
-from _providers import compile_reference
-from _settings import DEVICE, ON_GPU, batch_sizes
-from _workloads import DEIT_S_SHAPES, HEAD_DIM, TOKENS, default_layout, ragged_attention_work
 
 BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 RAGGED_PROVIDERS = ("reference", "compiled", "sdpa_runs", "triton", "per_head_loop")

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hiap_kernels import gumbel_sigmoid
-
 from _harness import CaseRun
 from _providers import PROVIDERS, compile_reference
 from _timing import drop_gradients
 from _workloads import DEIT_S_GATES, DEPTH, GATES_PER_LAYER, activations, gate_sampling_work
+
+from hiap_kernels import gumbel_sigmoid
 
 TAU = 1.0
 SEED = 2603

@@ -62,7 +62,8 @@ def kernel_specs() -> list[KernelSpec]:
     import triton
     from triton.runtime.jit import MockTensor as T
 
-    from hiap_kernels.gated_linear import fc1_kernels as fc1, qkv_kernels as qkv
+    from hiap_kernels.gated_linear import fc1_kernels as fc1
+    from hiap_kernels.gated_linear import qkv_kernels as qkv
     from hiap_kernels.gates.kernel import _sample_gates_kernel
     from hiap_kernels.linear_gelu.kernel import _linear_gelu_kernel
     from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel

@@ -24,7 +24,6 @@ import gc
 
 import pytest
 import torch
-
 from _providers import allow_many_compiled_variants
 from _records import Recorder, current_recorder, session_recorder
 from _settings import BENCH_DIR, set_cpu_threads

@@ -11,7 +11,8 @@ one run against an analytic MAC budget; the smaller physical network is then ext
 
 Layout: ``hiap.method`` is the method (gates, gated modules, MAC model, losses, extraction, pruned modules);
 ``hiap.app`` is the application around it (CLI, pipeline, training loop, data, reports, baselines);
-``hiap.config`` (HiAPConfig) and ``hiap.backend`` (the kernel switch) are leaves both use.
+``hiap.tokens`` is the second method, token reduction (RAPID-style prune/merge and the ToMe baseline), which patches
+any of the models above; ``hiap.config`` (HiAPConfig) and ``hiap.backend`` (the kernel switch) are leaves all use.
 """
 
 from hiap.backend import kernels_in_use, use_reference_kernels, use_triton_kernels
@@ -25,6 +26,7 @@ from hiap.method.gates import AttentionGates, FfnGates, GateDraw, GateSchedule, 
 from hiap.method.inference import optimize
 from hiap.method.losses import BudgetLoss, HiAPObjective, distillation_loss, feasibility_loss
 from hiap.method.pruned import PrunedAttention, PrunedMlp
+from hiap.tokens import TokenSchedule, reduce_tokens, restore_tokens
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,7 @@ __all__ = [
     "HiAPViT",
     "PrunedAttention",
     "PrunedMlp",
+    "TokenSchedule",
     "UnsupportedModelError",
     "build_vit",
     "count_macs",
@@ -57,6 +60,8 @@ __all__ = [
     "optimize",
     "pruned_layout",
     "read_layout",
+    "reduce_tokens",
+    "restore_tokens",
     "save_pruned",
     "temperature_at",
     "use_reference_kernels",

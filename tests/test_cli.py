@@ -194,3 +194,32 @@ def test_prune_and_eval_a_timm_model_on_an_imagefolder_tree(tmp_path, capsys):
     assert run_cli("eval", output / "pruned.safetensors", "--data", tmp_path / "data", "--model",
                    "vit_tiny_patch16_224", "--latency-batch", "2", "--latency-repeats", "1") == 0
     assert f"accuracy {100 * report['pruned']['accuracy']:.2f}%" in capsys.readouterr().out
+
+
+# Token reduction from the command line (hiap.tokens)
+
+
+def test_eval_with_tokens_reports_both_models_and_bad_schedules_are_one_line(warm_run, tmp_path, capsys):
+    numbers = tmp_path / "numbers.json"
+    pruned = warm_run.output / "pruned.safetensors"
+    assert run_cli("eval", pruned, "--tokens", "rapid:r=2", "--json", numbers, "--latency-repeats", "1") == 0
+    record = json.loads(numbers.read_text())
+    assert record["tokens"]["spec"] == "rapid:r=2"
+    assert record["tokens"]["macs"] < record["macs"]
+    assert "with token reduction 'rapid:r=2' (p2,m2)" in capsys.readouterr().out
+    for spec, message in (("t9,-", "at most half"), ("rapid:r=2,speed=1", "unknown option"), ("p1", "2 blocks")):
+        assert run_cli("eval", pruned, "--tokens", spec) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and message in error, error
+
+
+def test_prune_with_tokens_reports_channels_tokens_and_both(warm_run, tmp_path):
+    output = tmp_path / "run"
+    assert run_cli("prune", "-o", output, "--cache-dir", warm_run.cache, *TINY, "--tokens", "tome:r=3") == 0
+    report = json.loads((output / "report.json").read_text())
+    tokens = report["tokens"]
+    assert tokens["schedule"] == "t3,t3" and set(tokens) >= {"dense", "pruned"}
+    assert tokens["pruned"]["macs"] < report["pruned"]["macs"] < report["dense"]["macs"]
+    assert tokens["dense"]["macs"] < report["dense"]["macs"]
+    markdown = (output / "report.md").read_text()
+    assert "## Token reduction `tome:r=3` (per block: t3,t3)" in markdown and "pruned + tokens (both)" in markdown

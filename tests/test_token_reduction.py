@@ -211,3 +211,4 @@ def test_keep_fraction_picks_the_smallest_r_that_reaches_it():
     assert schedule.work_fraction(196, 1) <= 0.7
     smaller = TokenSchedule(tuple(LayerStep("tome", schedule.steps[0].r - 1) for _ in range(12)))
     assert smaller.work_fraction(196, 1) > 0.7
+

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hiap
-from hiap.app.runtime import InputError, atomic_torch_save
 from hiap.app.checkpoint import JsonlLog, config_difference, read_checkpoint
+from hiap.app.runtime import InputError, atomic_torch_save
 from hiap.method.losses import budget_cost
 from tests.cli_runs import TINY, cli_command, run_cli, subprocess_env, warm_run  # noqa: F401
 from tests.helpers import randomize_logits, tiny_vit

@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from hiap.app.flags import check_positive, build_parser, check_numbers, hiap_config_from_args
+from hiap.app.flags import build_parser, check_numbers, check_positive, hiap_config_from_args
 from hiap.app.runtime import InputError
 
 __all__ = ["build_parser", "hiap_config_from_args", "main"]
@@ -37,7 +37,7 @@ def settings_from_args(args: argparse.Namespace):
         log_every=max(1, args.log_every), eval_batch_size=args.eval_batch_size, device=args.device, amp=args.amp,
         threads=args.threads, cache_dir=args.cache_dir, show_progress=args.show_progress, resume=args.resume,
         latency_batch=args.latency_batch, latency_repeats=args.latency_repeats, compile=args.compile,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, tokens=getattr(args, "tokens", None),
     )
 
 
@@ -148,6 +148,10 @@ def command_eval(args: argparse.Namespace) -> int:
         if pretrained_cfg is None:
             raise InputError(f"unknown model {args.model!r}: not a timm model name")
         model.pretrained_cfg = {"mean": pretrained_cfg.mean, "std": pretrained_cfg.std}
+    if args.tokens is not None:
+        from hiap.app.pipeline import check_token_schedule
+
+        check_token_schedule(model, args.tokens)
     configure_threads(args.threads, device, count_macs(model))
     data = build_datasets(args.data, model, args.val_fraction, args.split_seed)
     loader = eval_loader(data.val, args.eval_batch_size, workers=args.workers)
@@ -155,22 +159,32 @@ def command_eval(args: argparse.Namespace) -> int:
     if args.json is not None and Path(args.json).expanduser().parent.exists() \
             and not Path(args.json).expanduser().parent.is_dir():
         raise InputError(f"--json {args.json}: {Path(args.json).parent} is a file, not a folder")
-    summary = summarize({kind: model.to(device)}, loader, device, amp=args.amp, latency_batch=args.latency_batch,
-                        latency_rounds=args.latency_repeats, compile=args.compile,
-                        show_progress=args.show_progress)[kind]
-    latency = summary["latency"]
+    from hiap.app.pipeline import with_tokens
+
+    summaries = summarize(with_tokens({kind: model.to(device)}, args.tokens), loader, device, amp=args.amp,
+                          latency_batch=args.latency_batch, latency_rounds=args.latency_repeats, compile=args.compile,
+                          show_progress=args.show_progress)
     print(f"{kind} model {args.path} on {data.description}")
-    print(f"  accuracy {100 * summary['accuracy']:.2f}% (val loss {summary['loss']:.4f}), "
-          f"{summary['macs'] / 1e6:.3f} M MACs, {summary['params'] / 1e3:.1f} K params")
-    print(f"  latency {latency['ms_per_batch']:.2f} ms per batch of {latency['batch']} (quartiles "
-          f"{latency['q1_ms']:.2f}-{latency['q3_ms']:.2f} ms over {latency['rounds']} rounds; "
-          f"{latency['images_per_second']:.0f} images/s; {latency['threads']} thread"
-          f"{'s' if latency['threads'] != 1 else ''}, {latency['device']}{', compiled' if latency['compiled'] else ''}; "
-          f"{latency['paths']})")
+    for name, summary in summaries.items():
+        latency = summary["latency"]
+        if name.endswith("+tokens"):
+            from hiap.tokens import schedule_for
+
+            print(f"with token reduction {args.tokens!r} ({schedule_for(model, args.tokens).describe()}):")
+        print(f"  accuracy {100 * summary['accuracy']:.2f}% (val loss {summary['loss']:.4f}), "
+              f"{summary['macs'] / 1e6:.3f} M MACs, {summary['params'] / 1e3:.1f} K params")
+        print(f"  latency {latency['ms_per_batch']:.2f} ms per batch of {latency['batch']} (quartiles "
+              f"{latency['q1_ms']:.2f}-{latency['q3_ms']:.2f} ms over {latency['rounds']} rounds; "
+              f"{latency['images_per_second']:.0f} images/s; {latency['threads']} thread"
+              f"{'s' if latency['threads'] != 1 else ''}, {latency['device']}"
+              f"{', compiled' if latency['compiled'] else ''}; {latency['paths']})")
     if args.json:
         from hiap.app.runtime import atomic_write_json
 
-        atomic_write_json({"kind": kind, "path": str(args.path), "data": data.description, **summary}, args.json)
+        record = {"kind": kind, "path": str(args.path), "data": data.description, **summaries[kind]}
+        if args.tokens is not None:
+            record["tokens"] = {"spec": args.tokens, **summaries[f"{kind}+tokens"]}
+        atomic_write_json(record, args.json)
     return 0
 
 

@@ -154,6 +154,11 @@ def _add_training_flags(parser: argparse.ArgumentParser, defaults) -> None:
                        help="replace the outputs of an earlier run in the output folder (refused without it)")
 
 
+TOKENS_HELP = ("also evaluate with token reduction: rapid:r=N or rapid:keep=F (prune shallow, merge deep), "
+               "tome:r=N or tome:keep=F (ToMe), or one entry per block (p<N>, m<N>, t<N>, -); keep=0.6 removes "
+               "about 40%% of the token-layer work")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hiap import __version__
     from hiap.app.pipeline import PipelineSettings
@@ -172,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_training_flags, _add_model_flags, _add_data_flags, _add_runtime_flags):
         add(prune, defaults)
     add_hiap_config_flags(prune)
+    prune.add_argument("--tokens", default=None, metavar="SCHEDULE", help=TOKENS_HELP)
 
     compare = commands.add_parser("compare", help="HiAP vs uniform-ratio and l1-structured baselines at one budget")
     for add in (_add_training_flags, _add_model_flags, _add_data_flags, _add_runtime_flags):
@@ -196,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(evaluate, defaults, weights=False)
     _add_data_flags(evaluate, defaults)
     _add_runtime_flags(evaluate, defaults)
+    evaluate.add_argument("--tokens", default=None, metavar="SCHEDULE", help=TOKENS_HELP)
     evaluate.add_argument("--json", default=None, help="also write the numbers to this JSON file")
 
     export = commands.add_parser("export", help="pruned model -> ONNX, verified with onnxruntime")

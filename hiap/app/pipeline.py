@@ -8,6 +8,7 @@ writes files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ from hiap.method.cost import count_macs, dense_macs
 from hiap.method.extract import extract, save_pruned
 from hiap.method.gates import resolve_groups
 from hiap.method.losses import HiAPObjective
+from hiap.tokens import reduce_tokens, schedule_for
 
 DEFAULT_OUTPUT = "hiap-runs/prune"
 
@@ -81,6 +83,7 @@ class PipelineSettings:
     latency_repeats: int = 30
     compile: bool = False
     overwrite: bool = False
+    tokens: str | None = None
 
     def loop(self, epochs: int, seed: int, warmup_steps: int = 0) -> LoopSettings:
         return LoopSettings(epochs=epochs, batch_size=self.batch_size, weight_decay=self.weight_decay,
@@ -144,6 +147,22 @@ def _check_gate_groups(dense: nn.Module, cfg: HiAPConfig) -> None:
                          f"width {mlp.fc1.out_features}")
 
 
+def check_token_schedule(model: nn.Module, spec: str) -> None:
+    """``--tokens`` must fit the model (blocks, tokens, a class token): refused before anything is trained."""
+    try:
+        schedule_for(model, spec)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"--tokens {spec!r}: {error}") from None
+
+
+def with_tokens(models: dict[str, nn.Module], spec: str | None) -> dict[str, nn.Module]:
+    """``models`` and, with a schedule, each of them token-reduced as ``<name>+tokens`` (copies; originals kept)."""
+    if spec is None:
+        return models
+    reduced = {f"{name}+tokens": reduce_tokens(copy.deepcopy(model), spec) for name, model in models.items()}
+    return {**models, **reduced}
+
+
 def _check_resume(settings: PipelineSettings, output: Path) -> None:
     """A --resume whose settings differ from the checkpoint's is refused before anything is trained."""
     checkpoint = output / "checkpoint.pt"
@@ -167,6 +186,8 @@ def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session
     dense = create_dense_model(settings.model, num_classes_of(settings.data), model_args=settings.model_args,
                                pretrained=settings.pretrained)
     _check_gate_groups(dense, settings.hiap)
+    if settings.tokens is not None:
+        check_token_schedule(dense, settings.tokens)
     if settings.checkpoint is not None:
         notes += load_dense_weights(dense, settings.checkpoint)
     threads = configure_threads(settings.threads, device, count_macs(dense))
@@ -260,7 +281,7 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
         raise RuntimeError("extracted MACs differ from the gated model's decision")
     _try_triton(pruned, session)
     models = {"pruned": pruned} if dense_summary is not None else {"dense": session.teacher, "pruned": pruned}
-    summaries = _summaries(session, models, settings)
+    summaries = _summaries(session, with_tokens(models, settings.tokens), settings)
     summaries.setdefault("dense", dense_summary)
     checksums = gather_floats(gate_checksums(gated), ctx, session.device)
     target = settings.hiap.target if settings.hiap.budget == "target" else None
@@ -281,6 +302,10 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
         "gates_in_sync": all(c == checksums[0] for c in checksums),
         "data": session.data.description, "model": settings.model, "notes": session.notes,
         "settings": settings_record(settings),
+        "tokens": None if settings.tokens is None else {
+            "schedule": schedule_for(pruned, settings.tokens).describe(),
+            "spec": settings.tokens, **{name.removesuffix("+tokens"): summaries[name]
+                                        for name in summaries if name.endswith("+tokens")}},
     }
     if ctx.is_main:
         save_pruned(pruned, output / "pruned.safetensors")

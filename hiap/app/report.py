@@ -305,6 +305,7 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
         _markdown_table(["model", "accuracy", "MACs", "params", "latency (ms/batch, quartiles)"],
                         [[name, f"{100 * s['accuracy']:.2f}%", f"{s['macs']:,}", f"{s['params']:,}", _latency_ms(s)]
                          for name, s in (("dense", dense), ("pruned", pruned))]),
+        *_token_section(outcome),
         "", "## Pruned structure (per original head; 0 = removed)", "",
         _markdown_table(["layer", "heads kept", "q/k widths", "v widths", "FFN width"], structure_rows),
         "", "## Training", "",
@@ -325,6 +326,29 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
     lines += [f"![{name}]({path.relative_to(output)})" for name, path in plots.items()]
     atomic_write_text("\n".join(lines) + "\n", output / "report.md")
     return plots
+
+
+def _token_section(outcome: dict) -> list[str]:
+    """Report lines for ``--tokens``: fewer channels, fewer tokens and both, each against dense."""
+    tokens = outcome.get("tokens")
+    if not tokens:
+        return []
+    dense = outcome["dense"]
+    rows = []
+    for name, label in (("dense", "dense"), ("dense+tokens", "dense + tokens"), ("pruned", "pruned (channels)"),
+                        ("pruned+tokens", "pruned + tokens (both)")):
+        summary = outcome["dense"] if name == "dense" else outcome["pruned"] if name == "pruned" else \
+            tokens.get(name.removesuffix("+tokens"))
+        if summary is None:
+            continue
+        speedup = ""
+        if summary.get("latency") and dense.get("latency"):
+            speedup = f"{dense['latency']['ms_per_batch'] / summary['latency']['ms_per_batch']:.2f}x"
+        rows.append([label, f"{100 * summary['accuracy']:.2f}%", f"{summary['macs']:,}",
+                     f"{summary['macs'] / dense['macs']:.3f}", _latency_ms(summary), speedup])
+    return ["", f"## Token reduction `{tokens['spec']}` (per block: {tokens['schedule']})", "",
+            _markdown_table(["model", "accuracy", "MACs", "of dense", "latency (ms/batch, quartiles)",
+                             "speedup vs dense"], rows)]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -9,7 +9,7 @@ Works on a timm ViT, a gated HiAP model and an extracted pruned model; ``count_m
 it sees, plus what the reduction itself computes.
 """
 
-from hiap.tokens.patch import reduce_tokens, restore_tokens, token_counts, token_schedule
+from hiap.tokens.patch import reduce_tokens, restore_tokens, schedule_for, token_counts, token_schedule
 from hiap.tokens.schedule import LayerStep, TokenSchedule, parse_schedule, rapid_schedule, tome_schedule
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "rapid_schedule",
     "reduce_tokens",
     "restore_tokens",
+    "schedule_for",
     "token_counts",
     "token_schedule",
     "tome_schedule",

@@ -80,20 +80,26 @@ def ragged_class_attention(qkv: torch.Tensor, runs: Sequence, scale: float, bias
 
 
 def _timm_attention(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm ``Attention.forward`` step for step (fused path) with ``bias`` as the mask: ``(out, q, k)``."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm ``Attention.forward`` step for step (fused path) with ``bias`` as the mask: ``(out, q, k, keys)``, keys
+    ``[B, N, H * Dh]`` the heads' keys side by side."""
     batch, tokens, _ = x.shape
+    width = attn.num_heads * attn.head_dim
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    packed = attn.qkv(x)  # [B, N, 3 * H * Dh]
+    qkv = packed.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    # Without a key norm the keys side by side are a slice of the packed projection: no copy.
+    keys = packed[..., width : 2 * width] if isinstance(attn.k_norm, nn.Identity) else \
+        k.transpose(1, 2).reshape(batch, tokens, width)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                          dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale)
     out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), q, k
+    return attn.proj_drop(attn.proj(out)), q, k, keys
 
 
 def attend(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, *, keys: bool, cls: bool) -> AttentionStats:
@@ -112,10 +118,9 @@ def attend(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, *, keys:
     if isinstance(attn, GatedAttention):
         out, q, k, live_qk, live_heads = attn.attend(x, bias)
         # Closed q/k columns and removed heads out of the metric: the keys an extracted copy compares.
-        metric = k * live_qk[None, :, None, :].to(k.dtype)
+        batch, heads, tokens, width = k.shape
+        metric = (k * live_qk[None, :, None, :].to(k.dtype)).transpose(1, 2).reshape(batch, tokens, heads * width)
     else:
-        out, q, k = _timm_attention(attn, x, bias)
-        metric = k
-    batch, heads, tokens, width = k.shape
-    return AttentionStats(out, metric.transpose(1, 2).reshape(batch, tokens, heads * width) if keys else None,
+        out, q, k, metric = _timm_attention(attn, x, bias)
+    return AttentionStats(out, metric if keys else None,
                           class_attention(q[:, :, :1], k, attn.scale, bias, live_heads) if cls else None)

@@ -99,12 +99,16 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
     x = x + block.drop_path1(block.ls1(stats.out))
     if step.removes:
         head, patches = x[:, :prefix], x[:, prefix:]
-        if size is None:
-            size = patches.new_ones(patches.shape[0], patches.shape[1], 1, dtype=torch.float32)
         keys = stats.keys[:, prefix:]
         cls = None if stats.cls is None else stats.cls[:, prefix:]
+        if size is None and step.kind != "prune":
+            size = patches.new_ones(patches.shape[0], patches.shape[1], 1, dtype=torch.float32)
         if step.kind == "prune":
-            patches, size = redundancy_prune(patches, size, keys, cls, step.r, plan.importance_weight)
+            # Pruning moves no mass: while no token was merged every size is 1 and attention needs no bias.
+            ones = size is None
+            patches, size = redundancy_prune(patches, patches.new_ones(1, 1, 1) if ones else size, keys, cls, step.r,
+                                             plan.importance_weight)
+            size = None if ones else size
         elif step.kind == "merge":
             patches, size = importance_merge(patches, size, keys, cls, step.r)
         else:
@@ -112,6 +116,16 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
         x = torch.cat([head, patches], dim=1)
         plan.state.size = size
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def schedule_for(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep] | str) -> TokenSchedule:
+    """``schedule`` as a ``TokenSchedule`` checked against ``model`` (blocks, tokens, class token), nothing patched.
+
+    Raises ValueError or TypeError as ``reduce_tokens`` does."""
+    vit = _vit(model)
+    schedule = as_schedule(schedule, len(vit.blocks), _patches(vit), vit.num_prefix_tokens)
+    _check_model(vit, schedule)
+    return schedule
 
 
 def reduce_tokens(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep] | str) -> nn.Module:
@@ -128,8 +142,7 @@ def reduce_tokens(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep
     vit = _vit(model)
     blocks = list(vit.blocks)
     prefix = vit.num_prefix_tokens
-    schedule = as_schedule(schedule, len(blocks), _patches(vit), prefix)
-    _check_model(vit, schedule)
+    schedule = schedule_for(model, schedule)
     restore_tokens(model)
     state = _TokenState()
     reduced_before = False
@@ -169,4 +182,4 @@ def token_counts(model: nn.Module, patches: int | None = None) -> list[tuple[int
     return schedule.token_counts(patches, prefix)
 
 
-__all__ = ["reduce_tokens", "restore_tokens", "token_counts", "token_schedule"]
+__all__ = ["reduce_tokens", "restore_tokens", "schedule_for", "token_counts", "token_schedule"]

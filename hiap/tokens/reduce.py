@@ -65,6 +65,8 @@ def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
         importance = cls.float() / cls.float().sum(dim=-1, keepdim=True).clamp_min(1e-12) * patches
         score = score - importance_weight * importance
     keep = torch.topk(score, patches - r, dim=1, largest=False, sorted=False).indices.sort(dim=1).values  # [B, P-r]
+    if size.shape[1] == 1:  # a broadcast size (every token 1) stays one
+        return _gather_tokens(x, keep), size
     return _gather_tokens(x, keep), _gather_tokens(size, keep)
 
 
@@ -76,9 +78,15 @@ def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
     order = torch.argsort(cls.float(), dim=1, stable=True)  # least attended first, [B, P]
     source = order[:, :r]
     destination = order[:, r:].sort(dim=1).values  # kept in their original order, [B, P - r]
+    is_source = torch.zeros_like(cls, dtype=torch.bool).scatter_(1, source, True)  # [B, P]
     metric = F.normalize(keys.float(), dim=-1)
-    similarity = torch.matmul(_gather_tokens(metric, source), _gather_tokens(metric, destination).transpose(1, 2))
-    target = similarity.argmax(dim=-1)  # [B, r], index into destination
+    # Sources against every token (sources masked out): no gather of the destinations' keys.
+    similarity = torch.matmul(_gather_tokens(metric, source), metric.transpose(1, 2))  # [B, r, P]
+    similarity = similarity.masked_fill(is_source[:, None, :], float("-inf"))
+    nearest = similarity.argmax(dim=-1)  # [B, r], a token index
+    # A kept token's place among the destinations: how many kept tokens come before it.
+    place = torch.cumsum((~is_source).to(torch.int64), dim=1) - 1  # [B, P]
+    target = torch.gather(place, 1, nearest)
     return _merge_into(_gather_tokens(x, destination), _gather_tokens(size, destination), _gather_tokens(x, source),
                        _gather_tokens(size, source), target)
 
@@ -112,4 +120,4 @@ def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: 
     class_attention = tokens * key_width if class_attention else 0
     if kind == "prune":
         return class_attention + patches * key_width
-    return class_attention + r * (patches - r) * key_width
+    return class_attention + r * patches * key_width
