@@ -78,9 +78,9 @@ def kernel_specs() -> list[KernelSpec]:
     widths = [{"BLOCK_QK": w, "BLOCK_V": w} for w in (64, 32, 16)]  # widest head of the layer, rounded up
 
     def ragged(dt):  # strides of a dense layer (T = 3 * H * Dh); those of any layout of 16-column groups divide by 16
-        return dict(qkv_ptr=T(dt), table_ptr=T(i32), out_ptr=T(dt), num_tokens=N, num_heads=H,
+        return dict(qkv_ptr=T(dt), table_ptr=T(i32), out_ptr=T(dt), key_bias_ptr=T(f32), num_tokens=N, num_heads=H,
                     qkv_stride_b=N * 3 * H * DH, qkv_stride_n=3 * H * DH, out_stride_b=N * H * DH, out_stride_n=H * DH,
-                    scale_log2e=DH**-0.5 * 1.4426950408889634, DOT_PRECISION="ieee")
+                    scale_log2e=DH**-0.5 * 1.4426950408889634, HAS_KEY_BIAS=False, DOT_PRECISION="ieee")
 
     return [
         # Logits in the row's dtype (the kernel accepts any float logits); BLOCK 128 as in sample_gates.
@@ -113,7 +113,9 @@ def kernel_specs() -> list[KernelSpec]:
                                    grad_pre_ptr=T(dt), mask_grad_partial_ptr=T(f32), bias_grad_partial_ptr=T(f32),
                                    M=M, N_OUT=F, GROUP=64, APPROXIMATE_TANH=False, **GATES),
                    configs=[triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps)]),
-        KernelSpec("_ragged_attention_kernel", _ragged_attention_kernel, ragged, variants=widths),
+        # The last variant adds token reduction's per-key bias (log of merged sizes).
+        KernelSpec("_ragged_attention_kernel", _ragged_attention_kernel, ragged,
+                   variants=widths + [{"BLOCK_QK": 64, "BLOCK_V": 64, "HAS_KEY_BIAS": True}]),
         KernelSpec("_linear_gelu_kernel", _linear_gelu_kernel,
                    lambda dt: dict(x_ptr=T(dt), weight_ptr=T(dt), bias_ptr=T(dt), out_ptr=T(dt), num_rows=M,
                                    num_features=F, in_features=D, x_stride_m=D, weight_stride_f=D, out_stride_m=F,

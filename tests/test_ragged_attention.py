@@ -170,6 +170,30 @@ def test_kernel_and_references_match_fp64(layout, tokens, dtype):
 
 
 @needs_triton
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["mixed", "qk_zero_heads"])
+def test_key_bias_matches_both_references(layout, dtype):
+    """The per-key bias (token reduction's log(size)) is added to every head's scores, as in the references."""
+    qk, v, head_dim = LAYOUTS[layout]
+    tokens = 17
+    qkv = make_qkv(qk, v, 2, tokens, dtype)
+    key_bias = torch.rand(2, tokens).mul(3.0).log1p()  # log of sizes in [1, 4]
+    ref = ragged_attention_naive(qkv.double(), qk, v, head_dim**-0.5, key_bias=key_bias.double())
+    unbiased = ragged_attention_naive(qkv.double(), qk, v, head_dim**-0.5)
+    ragged_attention = triton_attention()
+    out = ragged_attention(qkv, build_head_table(qk, v), head_dim**-0.5, max(qk), max(v), key_bias=key_bias)
+    padded = ragged_attention_padded(qkv, *padded_gather_indices(qk, v), head_dim**-0.5, key_bias=key_bias)
+    assert rel_error(unbiased, ref) > 1e-3  # the bias matters
+    for name, result in (("triton", out), ("padded", padded)):
+        assert rel_error(result, ref) < TOLERANCES[dtype], name
+    with pytest.raises(ValueError, match="key_bias must have shape"):
+        ragged_attention(qkv, build_head_table(qk, v), head_dim**-0.5, max(qk), max(v), key_bias=key_bias[:, 1:])
+    with pytest.raises(TypeError):
+        ragged_attention(qkv, build_head_table(qk, v), head_dim**-0.5, max(qk), max(v), key_bias=key_bias.double())
+
+
+@needs_triton
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on the NaN it is fed
 @pytest.mark.parametrize("part", ["q", "k", "v"])
 @pytest.mark.parametrize("tokens", [5, 40])

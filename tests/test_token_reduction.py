@@ -10,9 +10,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import hiap
+import hiap_kernels
 from hiap.tokens import LayerStep, TokenSchedule, parse_schedule, reduce_tokens, restore_tokens, token_counts
 from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
 from tests.helpers import images, randomize_logits, tiny_vit
+from tests.kernel_checks import needs_triton
 
 # 64 px with 8 px patches: 64 patch tokens and a class token per image.
 SCHEDULES = ["rapid:r=6", "rapid:r=4,switch=0.25,weight=0", "tome:r=6", "p5,m7,t4", "-,m9,-", "rapid:keep=0.6"]
@@ -212,3 +214,31 @@ def test_keep_fraction_picks_the_smallest_r_that_reaches_it():
     smaller = TokenSchedule(tuple(LayerStep("tome", schedule.steps[0].r - 1) for _ in range(12)))
     assert smaller.work_fraction(196, 1) > 0.7
 
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", ["m6,p6,m6", "tome:r=6"])
+def test_pruned_model_on_the_ragged_kernel_takes_the_size_bias(spec):
+    """Once tokens are merged the ragged Triton kernel adds log(size) per key, as SDPA's mask does."""
+    gated = hiap.gate_vit(_vit(), hiap.HiAPConfig(dim_group=1, min_heads=1, min_dim_fraction=0.0,
+                                                  min_neuron_fraction=0.0))
+    randomize_logits(gated, torch.Generator().manual_seed(5))
+    pruned = reduce_tokens(hiap.extract(gated.eval()), spec)
+    x = images(pruned)
+    with torch.no_grad():
+        expected = pruned(x)
+        hiap.use_triton_kernels(pruned)
+        for block in pruned.blocks:
+            block.attn.attention_path = "triton"
+        calls = []
+        original = hiap_kernels.ragged_attention
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs.get("key_bias") is not None)
+            return original(*args, **kwargs)
+
+        for block in pruned.blocks:
+            block.attn.triton_kernel = lambda *args, _spy=spy: _spy
+        got = pruned(x)
+    assert calls and any(calls)  # the kernel ran, and with a bias after the first merge
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

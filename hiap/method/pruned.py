@@ -39,6 +39,13 @@ def _without_autograd(module: nn.Module, x: torch.Tensor) -> bool:
     return not x.requires_grad and not any(p.requires_grad for p in module.parameters())
 
 
+def _per_key_bias(attn_mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor | None:
+    """A mask of shape ``[B or 1, 1, 1, N]`` as the ragged kernel's ``key_bias [B, N]`` (float32); None otherwise."""
+    if attn_mask.dim() != 4 or attn_mask.shape[1:3] != (1, 1) or attn_mask.shape[-1] != tokens:
+        return None
+    return attn_mask[:, 0, 0, :].float().expand(batch, tokens).contiguous()
+
+
 class PrunedAttention(KernelBackendMixin, nn.Module):
     """Attention over ragged per-head widths. Input ``[B, N, D]``, output ``[B, N, D_out]``.
 
@@ -95,8 +102,8 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward, also returning the packed ``qkv [B, N, T]`` token reduction reads (None with no head left).
 
-        ``attn_mask``: an additive float bias broadcastable to ``[B, 1, N, N]`` (token reduction's ``log(size)`` per
-        key); with one, the SDPA path runs (the ragged kernel takes no bias).
+        ``attn_mask``: an additive float bias broadcastable to ``[B, 1, N, N]``. One per key (``[B, 1, 1, N]``, token
+        reduction's ``log(size)``) the ragged kernel takes as its ``key_bias``; any other runs the SDPA path.
         """
         if is_causal:
             raise NotImplementedError("PrunedAttention does not take causal masks")
@@ -109,10 +116,11 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
                 return x.new_zeros(batch, tokens, self.out_dim), None
             return bias.to(x.dtype).expand(batch, tokens, self.out_dim), None
         qkv = self.qkv(x)
-        ragged_attention = self._kernel(qkv) if attn_mask is None else None
+        key_bias = None if attn_mask is None else _per_key_bias(attn_mask, batch, tokens)
+        ragged_attention = self._kernel(qkv) if attn_mask is None or key_bias is not None else None
         if ragged_attention is not None:
             out = ragged_attention(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width,
-                                   out_width=self.out_width)
+                                   out_width=self.out_width, key_bias=key_bias)
         else:
             out = ragged_attention_sdpa(qkv, self.runs, self.scale, attn_mask)
         return self.proj(out), qkv

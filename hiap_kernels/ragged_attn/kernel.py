@@ -48,6 +48,7 @@ def _ragged_attention_kernel(
     qkv_ptr,
     table_ptr,
     out_ptr,
+    key_bias_ptr,
     num_tokens,
     num_heads,
     qkv_stride_b,
@@ -55,6 +56,7 @@ def _ragged_attention_kernel(
     out_stride_b,
     out_stride_n,
     scale_log2e,
+    HAS_KEY_BIAS: tl.constexpr,
     BLOCK_QK: tl.constexpr,
     BLOCK_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -125,6 +127,10 @@ def _ragged_attention_kernel(
 
         # [BLOCK_M, BLOCK_N], in log2 units so the exponentials are exp2.
         scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2e
+        if HAS_KEY_BIAS:
+            # [BLOCK_N]: an additive bias per key (token reduction's log(size)), natural-log units -> log2.
+            key_bias = tl.load(key_bias_ptr + batch.to(tl.int64) * num_tokens + keys, mask=key_valid, other=0.0)
+            scores += key_bias.to(tl.float32)[None, :] * 1.4426950408889634
         scores = tl.where(key_valid[None, :], scores, float("-inf"))
 
         # Every key block holds at least one valid key, so the new maximum is finite and no row turns into NaN.
@@ -180,7 +186,7 @@ def validate_head_table(head_table: torch.Tensor, qkv_width: int, max_qk_width: 
 
 
 def _launch(qkv: torch.Tensor, table: torch.Tensor, out: torch.Tensor, scale: float, max_qk_width: int,
-            max_v_width: int) -> None:
+            max_v_width: int, key_bias: torch.Tensor | None = None) -> None:
     batch, tokens, _ = qkv.shape
     num_heads = table.shape[0]
     if batch == 0 or tokens == 0 or num_heads == 0:
@@ -193,6 +199,7 @@ def _launch(qkv: torch.Tensor, table: torch.Tensor, out: torch.Tensor, scale: fl
         qkv,
         table,
         out,
+        key_bias if key_bias is not None else table,
         tokens,
         num_heads,
         qkv.stride(0),
@@ -200,6 +207,7 @@ def _launch(qkv: torch.Tensor, table: torch.Tensor, out: torch.Tensor, scale: fl
         out.stride(0),
         out.stride(1),
         float(scale) * _LOG2E,
+        HAS_KEY_BIAS=key_bias is not None,
         BLOCK_QK=next_power_of_2_at_least_16(max_qk_width),
         BLOCK_V=next_power_of_2_at_least_16(max_v_width),
         DOT_PRECISION=dot_precision(qkv.dtype),
@@ -208,10 +216,12 @@ def _launch(qkv: torch.Tensor, table: torch.Tensor, out: torch.Tensor, scale: fl
 
 @torch.library.custom_op(
     "hiap_kernels::ragged_attention", mutates_args=(),
-    schema="(Tensor qkv, Tensor head_table, float scale, int max_qk_width, int max_v_width, int out_width) -> Tensor",
+    schema="(Tensor qkv, Tensor head_table, float scale, int max_qk_width, int max_v_width, int out_width, "
+           "Tensor? key_bias=None) -> Tensor",
 )
 def packed_ragged_attention(
-    qkv: torch.Tensor, head_table: torch.Tensor, scale: float, max_qk_width: int, max_v_width: int, out_width: int
+    qkv: torch.Tensor, head_table: torch.Tensor, scale: float, max_qk_width: int, max_v_width: int, out_width: int,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ragged attention op on a validated layout (no checks, no host synchronisation); see :func:`ragged_attention`.
 
@@ -224,12 +234,13 @@ def packed_ragged_attention(
     out = runtime.empty((batch, tokens, out_width), qkv.dtype, qkv.device)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    _launch(qkv, head_table.contiguous(), out, scale, max_qk_width, max_v_width)
+    _launch(qkv, head_table.contiguous(), out, scale, max_qk_width, max_v_width,
+            None if key_bias is None else key_bias.contiguous())
     return out
 
 
 @packed_ragged_attention.register_fake
-def _packed_ragged_attention_fake(qkv, head_table, scale, max_qk_width, max_v_width, out_width):
+def _packed_ragged_attention_fake(qkv, head_table, scale, max_qk_width, max_v_width, out_width, key_bias=None):
     return qkv.new_empty((qkv.shape[0], qkv.shape[1], out_width))
 
 
@@ -242,6 +253,7 @@ def ragged_attention(
     *,
     out: torch.Tensor | None = None,
     out_width: int | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over heads of different q/k and v widths, read from and written to packed layouts, one launch.
 
@@ -261,6 +273,8 @@ def ragged_attention(
         out: optional ``[B, N, sum(v_w)]`` buffer, same dtype and device as qkv, last stride 1; written in full
             (eager use only: the op that ``torch.compile`` sees allocates its output).
         out_width: ``sum(v_w)`` of a table validated beforehand; skips the host-side table check.
+        key_bias: optional ``[B, N]`` float32 added to every head's scores of each key (natural-log units, after
+            the scale): token reduction's ``log(size)``, ToMe's proportional attention.
 
     Returns:
         ``[B, N, sum(v_w)]`` in qkv's dtype, head ``h`` at columns ``out_off[h] : out_off[h] + v_w[h]``.
@@ -275,17 +289,21 @@ def ragged_attention(
         raise ValueError(f"scale must be finite, got {scale}")
 
     batch, tokens, qkv_width = qkv.shape
+    if key_bias is not None:
+        check_tensor("key_bias", key_bias, ndim=2, dtypes=(torch.float32,), device=qkv.device)
+        if tuple(key_bias.shape) != (batch, tokens):
+            raise ValueError(f"key_bias must have shape {(batch, tokens)} ([B, N]), got {tuple(key_bias.shape)}")
     if out_width is None:
         out_width = _validated_out_width(head_table, qkv_width, max_qk_width, max_v_width)
     if out is None:
-        return packed_ragged_attention(qkv, head_table, float(scale), max_qk_width, max_v_width, out_width)
+        return packed_ragged_attention(qkv, head_table, float(scale), max_qk_width, max_v_width, out_width, key_bias)
     check_tensor("out", out, ndim=3, dtypes=(qkv.dtype,), device=qkv.device)
     if tuple(out.shape) != (batch, tokens, out_width):
         raise ValueError(f"out must have shape {(batch, tokens, out_width)}, got {tuple(out.shape)}")
     if out.stride(-1) != 1:
         raise ValueError("out must have a contiguous last dimension")
     _launch(qkv if qkv.stride(-1) == 1 else qkv.contiguous(), head_table.contiguous(), out, scale, max_qk_width,
-            max_v_width)
+            max_v_width, None if key_bias is None else key_bias.contiguous())
     return out
 
 

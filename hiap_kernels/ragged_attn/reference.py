@@ -123,6 +123,7 @@ def ragged_attention_padded(
     v_index: torch.Tensor,
     out_index: torch.Tensor,
     scale: float,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ragged attention by zero-padding every head to the widest one and one SDPA call.
 
@@ -136,6 +137,7 @@ def ragged_attention_padded(
         v_index: int64 ``[Hk, max_v]``.
         out_index: int64 ``[V]`` with ``V = sum(v_w)``.
         scale: softmax scale (the dense model's ``1/sqrt(Dh)``).
+        key_bias: optional ``[B, N]`` added to the scores of each key in every head (after the scale).
 
     Returns:
         ``[B, N, V]`` in ``qkv``'s dtype, heads packed for the proj Linear.
@@ -153,13 +155,15 @@ def ragged_attention_padded(
     q = heads(q_index, max_qk)
     k = heads(k_index, max_qk)
     v = heads(v_index, max_v)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, Hk, N, max_v]
+    mask = None if key_bias is None else key_bias[:, None, None, :].to(qkv.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, Hk, N, max_v]
     out = out.transpose(1, 2).reshape(batch, tokens, num_heads * max_v)
     return torch.index_select(out, -1, out_index)
 
 
 def ragged_attention_naive(
-    qkv: torch.Tensor, qk_widths: Sequence[int], v_widths: Sequence[int], scale: float
+    qkv: torch.Tensor, qk_widths: Sequence[int], v_widths: Sequence[int], scale: float,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ragged attention head by head with an explicit softmax: the readable second reference.
 
@@ -170,6 +174,7 @@ def ragged_attention_naive(
         qk_widths: ``[Hk]`` kept q/k width of each head (0 = uniform attention).
         v_widths: ``[Hk]`` kept v width of each head.
         scale: softmax scale (the dense model's ``1/sqrt(Dh)``).
+        key_bias: optional ``[B, N]`` added to the scores of each key in every head (after the scale).
 
     Returns:
         ``[B, N, sum(v_w)]`` in ``qkv``'s dtype.
@@ -187,6 +192,8 @@ def ragged_attention_naive(
         k = x[..., qk_total + q_off : qk_total + q_off + qk[head]]  # [B, N, qk_w]
         values = x[..., 2 * qk_total + out_off : 2 * qk_total + out_off + v[head]]  # [B, N, v_w]
         scores = (q @ k.transpose(-1, -2)) * scale  # [B, N, N]; all zero when qk_w == 0
+        if key_bias is not None:
+            scores = scores + key_bias.to(compute_dtype)[:, None, :]
         scores = scores - scores.amax(dim=-1, keepdim=True)
         weights = scores.exp()
         weights = weights / weights.sum(dim=-1, keepdim=True)
