@@ -92,3 +92,36 @@ def test_an_input_error_in_a_loader_worker_stays_one_line():
     with pytest.raises(InputError) as caught:
         next(iter(eval_loader(_UnreadableDataset(), 2, workers=1)))
     assert str(caught.value) == "image 0.png is not a readable image (UnidentifiedImageError)"
+
+
+def test_mnist1d_is_generated_without_download_split_like_the_digits_and_leaves_the_random_state():
+    import random
+
+    import numpy as np
+
+    from hiap.app.data import MNIST1D
+
+    pytest.importorskip("mnist1d")
+    model = create_dense_model("mnist1d_vit", 10)
+    numpy_before, python_before = np.random.get_state()[1].copy(), random.getstate()
+    bundle = build_datasets(MNIST1D, model)
+    assert np.array_equal(np.random.get_state()[1], numpy_before) and random.getstate() == python_before
+    assert (len(bundle.train), len(bundle.val), bundle.num_classes) == (9600, 2400, 10)
+    signal, label = bundle.val[0]
+    assert signal.shape == (1, 1, 40) and signal.dtype == torch.float32 and 0 <= int(label) < 10
+    with torch.no_grad():
+        assert model(signal[None]).shape == (1, 10)
+    labels = torch.stack([bundle.val[i][1] for i in range(len(bundle.val))])
+    assert torch.bincount(labels, minlength=10).tolist() == [240] * 10  # stratified
+    with pytest.raises(InputError, match="mnist1d_vit"):
+        build_datasets(MNIST1D, create_dense_model("digits_vit", 10))
+
+
+def test_the_paper_table3_preset_is_the_six_block_vit_tiny():
+    import hiap
+
+    model = create_dense_model("paper_table3_vit", 10)
+    assert (len(model.blocks), model.embed_dim, model.blocks[0].attn.num_heads) == (6, 192, 3)
+    linear_macs = 6 * 65 * 12 * 192 * 192 + 64 * 192 * 48 + 192 * 10  # what the paper's 174 M counts
+    assert round(linear_macs / 1e6) == 173
+    assert hiap.count_macs(model) == linear_macs + 6 * 2 * 65 * 65 * 192  # plus the attention matrices

@@ -25,9 +25,10 @@ def settings_from_args(args: argparse.Namespace):
     if args.teacher_epochs < 0:
         raise InputError(f"--teacher-epochs must be >= 0, got {args.teacher_epochs}")
     if args.data is not None:
-        from hiap.app.data import check_imagefolder
+        from hiap.app.data import BUILTIN_DATA, check_imagefolder
 
-        check_imagefolder(args.data)
+        if args.data not in BUILTIN_DATA:
+            check_imagefolder(args.data)
     return PipelineSettings(
         output=args.output, model=args.model, model_args=parse_model_args(args.model_args),
         checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data, val_fraction=args.val_fraction,
@@ -131,7 +132,7 @@ def _load_for_eval(args: argparse.Namespace, num_classes: int):
 def command_eval(args: argparse.Namespace) -> int:
     from hiap.app.data import build_datasets, eval_loader, num_classes_of
     from hiap.app.evaluation import summarize
-    from hiap.app.models import DIGITS_VIT
+    from hiap.app.models import PRESETS
     from hiap.app.runtime import configure_threads, resolve_device
     from hiap.method.cost import count_macs
 
@@ -140,7 +141,7 @@ def command_eval(args: argparse.Namespace) -> int:
     model, kind = _load_for_eval(args, num_classes)
     if model.num_classes != num_classes:
         raise InputError(f"the model predicts {model.num_classes} classes but the dataset has {num_classes}")
-    if kind == "pruned" and args.model != DIGITS_VIT:
+    if kind == "pruned" and args.model not in PRESETS:
         # A pruned file stores no input normalisation: take the named timm model's.
         import timm
 

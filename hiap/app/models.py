@@ -21,6 +21,17 @@ DIGITS_VIT = "digits_vit"
 DIGITS_VIT_BASE = "vit_tiny_patch16_224"
 DIGITS_VIT_ARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4)
 
+# Named presets: (timm architecture, its keyword arguments). None has pretrained weights.
+PRESETS = {
+    DIGITS_VIT: (DIGITS_VIT_BASE, DIGITS_VIT_ARGS),
+    # MNIST-1D (``--data mnist1d``): a 40-sample signal read as a 1 x 40 image, patches of 4 (10 tokens + class).
+    "mnist1d_vit": (DIGITS_VIT_BASE, dict(img_size=(1, 40), patch_size=(1, 4), in_chans=1, embed_dim=64, depth=4,
+                                          num_heads=4)),
+    # The paper's Table 3 setting: a 6-block ViT-Tiny (embed 192, 3 heads) on 32 px CIFAR-10 with 4 px patches.
+    # 173 M MACs counting the linear layers as the paper does; count_macs adds the attention matrices (182 M).
+    "paper_table3_vit": (DIGITS_VIT_BASE, dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)),
+}
+
 
 def parse_model_args(pairs: list[str] | None) -> dict[str, Any]:
     """``["depth=2", "embed_dim=32", "qkv_bias=false"]`` -> keyword arguments for ``timm.create_model``."""
@@ -44,7 +55,7 @@ def parse_model_args(pairs: list[str] | None) -> dict[str, Any]:
 
 def create_dense_model(name: str, num_classes: int, *, model_args: dict[str, Any] | None = None,
                        pretrained: bool = False) -> nn.Module:
-    """A dense timm VisionTransformer: ``digits_vit`` or any timm model name, with ``num_classes`` outputs.
+    """A dense timm VisionTransformer: a preset (``PRESETS``) or any timm model name, with ``num_classes`` outputs.
 
     Raises InputError for an unknown name, a model HiAP cannot prune, bad keyword arguments or pretrained weights that
     cannot be fetched.
@@ -52,10 +63,11 @@ def create_dense_model(name: str, num_classes: int, *, model_args: dict[str, Any
     import timm
 
     args = dict(model_args or {})
-    if name == DIGITS_VIT:
-        timm_name, args = DIGITS_VIT_BASE, {**DIGITS_VIT_ARGS, **args}
+    if name in PRESETS:
+        timm_name, preset = PRESETS[name]
+        args = {**preset, **args}
         if pretrained:
-            raise InputError(f"{DIGITS_VIT} has no pretrained weights; train it (the default) or pass --checkpoint")
+            raise InputError(f"{name} has no pretrained weights; train it (the default) or pass --checkpoint")
     else:
         timm_name = name
         if not timm.is_model(name):
