@@ -63,3 +63,46 @@ def test_baselines_keep_the_hardware_alignment_of_the_default_config():
     for block in pruned.blocks:
         assert all(w % head == 0 for w in block.attn.qk_widths + block.attn.v_widths)
         assert block.mlp.hidden_features % ffn == 0
+
+
+@pytest.mark.parametrize("target", [2 / 3, 0.5])
+def test_torch_pruning_picks_its_units_and_our_extraction_builds_them(target):
+    pytest.importorskip("torch_pruning")
+    from hiap.app.peers import apply_torch_pruning, torch_pruning_choice
+
+    dense = tiny_vit(depth=2, embed_dim=64, num_heads=4)
+    per_dim = hiap.HiAPConfig(dim_group=1, neuron_group=1, min_heads=0, min_dim_fraction=0.0, min_neuron_fraction=0.0)
+    gated = hiap.gate_vit(dense, per_dim).eval()
+    choice = apply_torch_pruning(gated, dense, target, round_to=4)
+    assert abs(choice["fraction"] / target - 1) < 0.1  # the closest its rounded widths allow
+    pruned = hiap.extract(gated)
+    for block in pruned.blocks:
+        assert len(set(block.attn.qk_widths)) == 1 and block.attn.qk_widths == block.attn.v_widths
+        assert block.attn.qk_widths[0] % 4 == 0 and block.mlp.hidden_features % 4 == 0
+        assert block.attn.scale == dense.blocks[0].attn.scale  # the dense softmax scale
+    # The extracted model computes what the gates say, and the gates say what Torch-Pruning kept.
+    x = images(pruned)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), gated(x), rtol=1e-5, atol=1e-5)
+    layer = torch_pruning_choice(dense, choice["pruning_ratio"], 4)[0]
+    assert int(layer["neuron"].sum()) == pruned.blocks[0].mlp.hidden_features
+    # Its importance is l1 magnitude: the kept FFN neurons of layer 0 outweigh the dropped ones on average.
+    norms = dense.blocks[0].mlp.fc1.weight.abs().sum(dim=1) + dense.blocks[0].mlp.fc2.weight.abs().sum(dim=0)
+    assert norms[layer["neuron"]].mean() > norms[~layer["neuron"]].mean()
+
+
+def test_torch_pruning_missing_is_one_line(monkeypatch):
+    import builtins
+
+    from hiap.app import peers
+
+    real_import = builtins.__import__
+
+    def no_torch_pruning(name, *args, **kwargs):
+        if name == "torch_pruning":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch_pruning)
+    with pytest.raises(InputError, match=r"pip install 'hiap-kernels\[peers\]'"):
+        peers.require_torch_pruning()

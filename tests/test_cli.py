@@ -223,3 +223,15 @@ def test_prune_with_tokens_reports_channels_tokens_and_both(warm_run, tmp_path):
     assert tokens["dense"]["macs"] < report["dense"]["macs"]
     markdown = (output / "report.md").read_text()
     assert "## Token reduction `tome:r=3` (per block: t3,t3)" in markdown and "pruned + tokens (both)" in markdown
+
+
+def test_compare_with_torch_pruning_at_the_same_budget(warm_run, tmp_path):
+    pytest.importorskip("torch_pruning")
+    output = tmp_path / "compare"
+    assert run_cli("compare", "-o", output, "--cache-dir", warm_run.cache, *TINY, "--epochs", "1",
+                   "--methods", "torch-pruning") == 0
+    report = json.loads((output / "compare.json").read_text())
+    run = report["runs"][0]
+    assert run["method"] == "torch-pruning" and 0 < run["choice"]["pruning_ratio"] < 1
+    assert abs(run["fraction"] / report["targets"][0] - 1) < 0.1
+    assert (output / "torch-pruning-t0.667-s0" / "pruned.safetensors").is_file()

@@ -70,6 +70,10 @@ def command_compare(args: argparse.Namespace) -> int:
     for target in targets:
         if not 0.0 < target <= 1.0:
             raise InputError(f"--targets: every budget must lie in (0, 1], got {target}")
+    if "torch-pruning" in args.methods:
+        from hiap.app.peers import require_torch_pruning
+
+        require_torch_pruning()  # before any teacher is trained
     report = compare(settings, seeds=args.seeds, targets=targets, methods=list(dict.fromkeys(args.methods)))
     if _is_main():
         print(compare_table(report))

@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--targets", type=float, nargs="+", default=None,
                          help="MAC fractions to compare at (default: --target)")
     compare.add_argument("--methods", nargs="+", default=["hiap", "uniform", "l1"],
-                         choices=["hiap", "uniform", "l1"], help="methods to run (default: all three)")
+                         choices=["hiap", "uniform", "l1", "torch-pruning"],
+                         help="methods to run (default: hiap uniform l1; torch-pruning needs the [peers] extra)")
     add_hiap_config_flags(compare)
 
     extract = commands.add_parser("extract", help="HiAP training checkpoint -> pruned model (safetensors)")

@@ -25,6 +25,7 @@ from hiap.app.checkpoint import JsonlLog, config_difference, read_checkpoint
 from hiap.app.data import DataBundle, build_datasets, describe_source, eval_loader, num_classes_of
 from hiap.app.evaluation import summarize
 from hiap.app.models import create_dense_model, load_dense_weights
+from hiap.app.peers import PEERS, apply_torch_pruning
 from hiap.app.report import TOLERANCE, layer_structure, write_prune_report
 from hiap.app.runtime import (
     DistContext,
@@ -319,8 +320,19 @@ def run_baseline(method: str, settings: PipelineSettings, session: Session, outp
     """Baseline ``method`` at ``settings.hiap.target``: fixed gates, extraction, then the HiAP run's KD budget."""
     ctx = session.ctx
     log = _run_log(output, settings, ctx)
-    gated = gate_vit(session.teacher, settings.hiap).eval()
-    choice = apply_baseline(method, gated, settings.hiap.target)
+    if method in PEERS:
+        # Its own choice of single dims and neurons: a per-dim gated copy without hard minimums records it exactly;
+        # its widths are rounded to HiAP's groups so that both methods leave equally aligned layers.
+        dense_block = session.teacher.blocks[0]
+        round_to, _ = resolve_groups(settings.hiap.dim_group, settings.hiap.neuron_group, dense_block.attn.head_dim,
+                                     dense_block.mlp.fc1.out_features)
+        per_dim = replace(settings.hiap, dim_group=1, neuron_group=1, min_heads=0, min_dim_fraction=0.0,
+                          min_neuron_fraction=0.0)
+        gated = gate_vit(session.teacher, per_dim).eval()
+        choice = apply_torch_pruning(gated, session.teacher, settings.hiap.target, round_to)
+    else:
+        gated = gate_vit(session.teacher, settings.hiap).eval()
+        choice = apply_baseline(method, gated, settings.hiap.target)
     pruned = extract(gated)
     pruned.pretrained_cfg = getattr(session.teacher, "pretrained_cfg", None)
     cfg = settings.hiap
