@@ -229,3 +229,12 @@ def inference_work(model: torch.nn.Module, batch: int, weight_bytes: int) -> Wor
     parameters = sum(p.numel() for p in model.parameters())
     bytes_ = weight_bytes * parameters + weight_bytes * batch * TOKENS * EMBED_DIM * 2 * DEPTH
     return Work(flops, bytes_)
+
+
+def merge_tokens_work(batch: int, tokens: int, kept: int, sources: int, channels: int) -> Work:
+    """One size-weighted merge: reads the kept and merged rows and their sizes, writes the merged rows and sizes.
+    The FLOPs are the weighted sum (2 per merged element); the kernel's D x R product is overhead, not work."""
+    act = activation_bytes()
+    flops = 2 * batch * (kept + sources) * channels
+    bytes_ = batch * (act * (kept + sources + kept) * channels + 4 * (tokens + kept) + 8 * (kept + 2 * sources))
+    return Work(flops, bytes_)

@@ -67,6 +67,7 @@ def kernel_specs() -> list[KernelSpec]:
     from hiap_kernels.gates.kernel import _sample_gates_kernel
     from hiap_kernels.linear_gelu.kernel import _linear_gelu_kernel
     from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel
+    from hiap_kernels.token_merge import kernel as token_merge
 
     f32, i32 = torch.float32, torch.int32
     GATES = dict(seed_ptr=T(torch.int64), tau_ptr=T(f32), **GATE_FLAGS)
@@ -116,6 +117,13 @@ def kernel_specs() -> list[KernelSpec]:
         # The last variant adds token reduction's per-key bias (log of merged sizes).
         KernelSpec("_ragged_attention_kernel", _ragged_attention_kernel, ragged,
                    variants=widths + [{"BLOCK_QK": 64, "BLOCK_V": 64, "HAS_KEY_BIAS": True}]),
+        KernelSpec("_merge_tokens_kernel", token_merge._merge_tokens_kernel,  # blocks as in its launcher
+                   lambda dt: dict(x_ptr=T(dt), size_ptr=T(f32), keep_ptr=T(torch.int64), source_ptr=T(torch.int64),
+                                   target_ptr=T(torch.int64), out_ptr=T(dt), out_size_ptr=T(f32), num_tokens=N - 1,
+                                   num_kept=N - 17, num_sources=16, channels=D, x_stride_b=(N - 1) * D, x_stride_p=D,
+                                   out_stride_b=(N - 17) * D, out_stride_d=D),
+                   configs=[triton.Config(dict(zip(("BLOCK_D", "BLOCK_R", "BLOCK_C"), token_merge._GPU_BLOCKS[:3])),
+                                          num_warps=token_merge._GPU_BLOCKS[3])]),
         KernelSpec("_linear_gelu_kernel", _linear_gelu_kernel,
                    lambda dt: dict(x_ptr=T(dt), weight_ptr=T(dt), bias_ptr=T(dt), out_ptr=T(dt), num_rows=M,
                                    num_features=F, in_features=D, x_stride_m=D, weight_stride_f=D, out_stride_m=F,

@@ -10,6 +10,7 @@ import), which the tests compare against and ``hiap`` uses as its reference path
     ragged_attn/    ragged_attention   attention over per-head q/k and v widths, packed in and out     (inference);
                                        its PyTorch path ragged_attention_sdpa: one SDPA call per run of equal heads
     linear_gelu/    fused_linear_gelu  fc1 GEMM with bias + GELU in the epilogue                       (inference)
+    token_merge/    merge_tokens       size-weighted gather + fold + divide of token reduction          (inference)
     common/         what every kernel shares: tile order, k-loop, GELU, precision policy, allocation
 
 This package never imports ``hiap``. The Triton ops are imported on first use, so ``import hiap_kernels`` works where
@@ -24,6 +25,7 @@ from hiap_kernels.gates.reference import gumbel_sigmoid, logistic_noise, philox_
 from hiap_kernels.linear_gelu.reference import linear_gelu_reference
 from hiap_kernels.ragged_attn.reference import build_head_table, ragged_attention_padded
 from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
+from hiap_kernels.token_merge.reference import merge_tokens_reference
 
 # Public Triton op -> the module that defines it. No module of this package is named like an op, so importing one
 # never replaces the function that ``__getattr__`` handed out.
@@ -33,6 +35,7 @@ _TRITON_OPS = {
     "gated_fc1": "hiap_kernels.gated_linear.fc1",
     "ragged_attention": "hiap_kernels.ragged_attn.kernel",
     "fused_linear_gelu": "hiap_kernels.linear_gelu.kernel",
+    "merge_tokens": "hiap_kernels.token_merge.kernel",
 }
 
 __all__ = [
@@ -48,6 +51,8 @@ __all__ = [
     "interpreter_active",
     "linear_gelu_reference",
     "logistic_noise",
+    "merge_tokens",
+    "merge_tokens_reference",
     "philox_uniform",
     "ragged_attention",
     "ragged_attention_padded",

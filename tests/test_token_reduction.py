@@ -218,8 +218,9 @@ def test_keep_fraction_picks_the_smallest_r_that_reaches_it():
 
 @needs_triton
 @pytest.mark.parametrize("spec", ["m6,p6,m6", "tome:r=6"])
-def test_pruned_model_on_the_ragged_kernel_takes_the_size_bias(spec):
-    """Once tokens are merged the ragged Triton kernel adds log(size) per key, as SDPA's mask does."""
+def test_pruned_model_on_the_triton_backend_merges_and_attends_as_the_reference(spec):
+    """On the Triton backend merges run through merge_tokens, and once tokens are merged the ragged kernel adds
+    log(size) per key, as SDPA's mask does: the outputs match the PyTorch path."""
     gated = hiap.gate_vit(_vit(), hiap.HiAPConfig(dim_group=1, min_heads=1, min_dim_fraction=0.0,
                                                   min_neuron_fraction=0.0))
     randomize_logits(gated, torch.Generator().manual_seed(5))
@@ -239,6 +240,13 @@ def test_pruned_model_on_the_ragged_kernel_takes_the_size_bias(spec):
 
         for block in pruned.blocks:
             block.attn.triton_kernel = lambda *args, _spy=spy: _spy
-        got = pruned(x)
+        merges = []
+        merge_tokens = hiap.backend.load_triton_op("merge_tokens")
+        hiap.backend._LOADED_OPS["merge_tokens"] = lambda *args: merges.append(1) or merge_tokens(*args)
+        try:
+            got = pruned(x)
+        finally:
+            hiap.backend._LOADED_OPS["merge_tokens"] = merge_tokens
     assert calls and any(calls)  # the kernel ran, and with a bias after the first merge
+    assert merges  # and the merges went through the Triton merge_tokens
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

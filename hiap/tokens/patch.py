@@ -22,10 +22,12 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from hiap.backend import kernels_in_use, load_triton_op
 from hiap.method.convert import HiAPViT
 from hiap.tokens.attention import attend, check_attention
 from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
 from hiap.tokens.schedule import LayerStep, TokenSchedule, as_schedule
+from hiap_kernels.token_merge.reference import merge_tokens_reference
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -83,6 +85,19 @@ class _BlockPlan:
     state: _TokenState
 
 
+def _merge_op(block: nn.Module, tokens: torch.Tensor):
+    """The Triton ``merge_tokens`` when the block's attention (or the process) is on the Triton backend and it runs
+    on ``tokens``; else its PyTorch reference."""
+    backend = getattr(block.attn, "kernel_backend", None) or kernels_in_use()
+    if backend == "triton":
+        try:
+            if load_triton_op("can_run_triton")(tokens):
+                return load_triton_op("merge_tokens")
+        except (ImportError, AttributeError):
+            pass
+    return merge_tokens_reference
+
+
 def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                            is_causal: bool = False) -> torch.Tensor:
     """The forward of a patched block (bound to it as a method, so a deepcopy of the model stays self-contained)."""
@@ -110,9 +125,9 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
                                              plan.importance_weight)
             size = None if ones else size
         elif step.kind == "merge":
-            patches, size = importance_merge(patches, size, keys, cls, step.r)
+            patches, size = importance_merge(patches, size, keys, cls, step.r, _merge_op(block, patches))
         else:
-            patches, size = bipartite_soft_matching(patches, size, keys, step.r)
+            patches, size = bipartite_soft_matching(patches, size, keys, step.r, _merge_op(block, patches))
         x = torch.cat([head, patches], dim=1)
         plan.state.size = size
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

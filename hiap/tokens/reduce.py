@@ -34,20 +34,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hiap_kernels.token_merge.reference import merge_tokens_reference
+
 
 def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tensor [B, P, X]`` at ``index [B, K]`` along the token axis: ``[B, K, X]``."""
     return torch.gather(tensor, 1, index[..., None].expand(-1, -1, tensor.shape[-1]))
 
 
-def _merge_into(x_dst: torch.Tensor, size_dst: torch.Tensor, x_src: torch.Tensor, size_src: torch.Tensor,
-                target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted merge of ``x_src [B, R, C]`` into ``x_dst [B, D, C]`` at ``target [B, R]`` (indices into D)."""
-    dtype = x_dst.dtype
-    weighted = (x_dst.float() * size_dst).scatter_add(1, target[..., None].expand(-1, -1, x_dst.shape[-1]),
-                                                      x_src.float() * size_src)
-    size = size_dst.scatter_add(1, target[..., None], size_src)
-    return (weighted / size).to(dtype), size
+def _merge(merge, x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, source: torch.Tensor,
+           target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge`` (``merge_tokens_reference`` or the Triton ``merge_tokens``) with sizes kept as ``[B, P, 1]``."""
+    out, out_size = merge(x, size.squeeze(-1).float(), keep, source, target)
+    return out, out_size[..., None]
 
 
 def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor | None, r: int,
@@ -70,8 +69,8 @@ def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
     return _gather_tokens(x, keep), _gather_tokens(size, keep)
 
 
-def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, r: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, r: int,
+                     merge=merge_tokens_reference) -> tuple[torch.Tensor, torch.Tensor]:
     """RAPID's deep step: merge the ``r`` least attended tokens into their most similar kept token."""
     if r == 0:
         return x, size
@@ -87,12 +86,11 @@ def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
     # A kept token's place among the destinations: how many kept tokens come before it.
     place = torch.cumsum((~is_source).to(torch.int64), dim=1) - 1  # [B, P]
     target = torch.gather(place, 1, nearest)
-    return _merge_into(_gather_tokens(x, destination), _gather_tokens(size, destination), _gather_tokens(x, source),
-                       _gather_tokens(size, source), target)
+    return _merge(merge, x, size, destination, source, target)
 
 
-def bipartite_soft_matching(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def bipartite_soft_matching(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int,
+                            merge=merge_tokens_reference) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe's step: merge ``r`` tokens of set A (even positions) into their most similar token of set B (odd)."""
     if r == 0:
         return x, size
@@ -102,12 +100,11 @@ def bipartite_soft_matching(x: torch.Tensor, size: torch.Tensor, keys: torch.Ten
     ranked = torch.argsort(edge, dim=-1, descending=True, stable=True)
     source = ranked[:, :r]
     unmerged = ranked[:, r:].sort(dim=1).values
-    target = torch.gather(partner, 1, source)
-    x_a, x_b = x[:, ::2], x[:, 1::2]
-    size_a, size_b = size[:, ::2], size[:, 1::2]
-    x_b, size_b = _merge_into(x_b, size_b, _gather_tokens(x_a, source), _gather_tokens(size_a, source), target)
-    return (torch.cat([_gather_tokens(x_a, unmerged), x_b], dim=1),
-            torch.cat([_gather_tokens(size_a, unmerged), size_b], dim=1))
+    # In token positions: A is 0, 2, 4, ... and B is 1, 3, 5, ...; the output is [unmerged A | all of B].
+    b_tokens = torch.arange(1, x.shape[1], 2, device=x.device).expand(x.shape[0], -1)
+    keep = torch.cat([2 * unmerged, b_tokens], dim=1)
+    target = torch.gather(partner, 1, source) + unmerged.shape[1]
+    return _merge(merge, x, size, keep, 2 * source, target)
 
 
 def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: int, class_attention: bool) -> int:

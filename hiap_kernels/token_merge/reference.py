@@ -1,0 +1,42 @@
+"""The contract of ``merge_tokens``, in PyTorch.
+
+A merge step keeps ``D`` of a block's ``P`` tokens (``keep``) and folds ``R`` others (``source``) into them, source
+``r`` into kept token ``target[r]``; every token carries a size (how many original patches it stands for). The result
+is the size-weighted mean of each kept token and the sources folded into it, with the sizes summed:
+
+    out[d]      = (x[keep[d]] * size[keep[d]] + sum_{r: target[r] = d} x[source[r]] * size[source[r]]) / out_size[d]
+    out_size[d] = size[keep[d]] + sum_{r: target[r] = d} size[source[r]]
+
+ToMe's bipartite step and RAPID's importance merge are both this with their own index choices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor [B, P, X]`` at ``index [B, K]``: ``[B, K, X]``."""
+    return torch.gather(tensor, 1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+
+
+def merge_tokens_reference(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, source: torch.Tensor,
+                           target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge (module docstring), accumulated in float32.
+
+    Args:
+        x: ``[B, P, C]`` tokens (any float dtype).
+        size: ``[B, P]`` float32 sizes (> 0).
+        keep: int64 ``[B, D]`` tokens that stay, in output order.
+        source: int64 ``[B, R]`` tokens folded away.
+        target: int64 ``[B, R]`` for each source, the output row (index into ``keep``) it joins.
+
+    Returns:
+        ``out [B, D, C]`` in x's dtype and ``out_size [B, D]`` float32.
+    """
+    size = size.float()[..., None]
+    weighted = _rows(x.float(), keep) * _rows(size, keep)
+    weighted = weighted.scatter_add(1, target[..., None].expand(-1, -1, x.shape[-1]),
+                                    _rows(x.float(), source) * _rows(size, source))
+    out_size = _rows(size, keep).scatter_add(1, target[..., None], _rows(size, source))
+    return (weighted / out_size).to(x.dtype), out_size.squeeze(-1)
