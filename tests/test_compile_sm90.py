@@ -24,6 +24,7 @@ KERNELS = {
     "fc1_backward_pointwise_kernel",
     "_ragged_attention_kernel",
     "_linear_gelu_kernel",
+    "_merge_tokens_kernel",
 }
 
 
