@@ -5,10 +5,12 @@
     pipeline.py     teacher (cached) -> gate -> HiAP training -> extract -> evaluate -> report; baselines alike
     train.py        one resumable, DDP-aware training loop and the jobs it runs (teacher, HiAP, KD fine-tuning)
     checkpoint.py   the JSONL run log and the atomic, strictly read training checkpoint
-    data.py         digits (ships with scikit-learn) or an ImageFolder tree; deterministic sharded batch order
-    models.py       dense models by timm name, the small digits ViT, local dense weights
+    data.py         digits (ships with scikit-learn), MNIST-1D (generated, no download) or an ImageFolder tree;
+                    deterministic sharded batch order
+    models.py       dense models by timm name, the presets (digits_vit, mnist1d_vit, paper_table3_vit), local weights
     evaluation.py   accuracy, loss, MACs, parameters, latency
     baselines.py    uniform-ratio and l1-structured pruning at a MAC budget
+    peers.py        Torch-Pruning's ViT recipe at a MAC budget (the [peers] extra)
     report.py       report.md / report.json, the console table, plots
     export.py       ONNX export checked with onnxruntime
     runtime.py      devices, threads, distributed setup, atomic writes, progress bars, InputError
