@@ -238,3 +238,11 @@ def merge_tokens_work(batch: int, tokens: int, kept: int, sources: int, channels
     flops = 2 * batch * (kept + sources) * channels
     bytes_ = batch * (act * (kept + sources + kept) * channels + 4 * (tokens + kept) + 8 * (kept + 2 * sources))
     return Work(flops, bytes_)
+
+
+def linear_residual_inference_work(rows: int, in_features: int, out_features: int) -> Work:
+    """y = r + gamma * (x W^T + b), forward only: reads x, W, b, gamma, r; writes y."""
+    act = activation_bytes()
+    flops = 2 * rows * in_features * out_features
+    bytes_ = act * (rows * in_features + out_features * in_features + 2 * out_features + 2 * rows * out_features)
+    return Work(flops, bytes_)

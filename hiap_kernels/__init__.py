@@ -10,6 +10,7 @@ import), which the tests compare against and ``hiap`` uses as its reference path
     ragged_attn/    ragged_attention   attention over per-head q/k and v widths, packed in and out     (inference);
                                        its PyTorch path ragged_attention_sdpa: one SDPA call per run of equal heads
     linear_gelu/    fused_linear_gelu  fc1 GEMM with bias + GELU in the epilogue                       (inference)
+    linear_residual/ fused_linear_residual  proj / fc2 GEMM with bias, LayerScale and residual add  (inference)
     token_merge/    merge_tokens       size-weighted gather + fold + divide of token reduction          (inference)
     common/         what every kernel shares: tile order, k-loop, GELU, precision policy, allocation
 
@@ -23,6 +24,7 @@ from hiap_kernels.common.runtime import can_run_triton, interpreter_active, trit
 from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
 from hiap_kernels.gates.reference import gumbel_sigmoid, logistic_noise, philox_uniform
 from hiap_kernels.linear_gelu.reference import linear_gelu_reference
+from hiap_kernels.linear_residual.reference import linear_residual_reference
 from hiap_kernels.ragged_attn.reference import build_head_table, ragged_attention_padded
 from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
 from hiap_kernels.token_merge.reference import merge_tokens_reference
@@ -36,12 +38,14 @@ _TRITON_OPS = {
     "ragged_attention": "hiap_kernels.ragged_attn.kernel",
     "fused_linear_gelu": "hiap_kernels.linear_gelu.kernel",
     "merge_tokens": "hiap_kernels.token_merge.kernel",
+    "fused_linear_residual": "hiap_kernels.linear_residual.kernel",
 }
 
 __all__ = [
     "build_head_table",
     "can_run_triton",
     "fused_linear_gelu",
+    "fused_linear_residual",
     "gated_fc1",
     "gated_fc1_reference",
     "gated_qkv",
@@ -50,6 +54,7 @@ __all__ = [
     "head_runs",
     "interpreter_active",
     "linear_gelu_reference",
+    "linear_residual_reference",
     "logistic_noise",
     "merge_tokens",
     "merge_tokens_reference",

@@ -142,3 +142,41 @@ def test_a_pruned_model_in_float64_on_the_triton_backend_says_so_in_one_line():
     with torch.no_grad(), pytest.raises(TypeError, match="float64") as error:
         model(images(model).double())
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_active()), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_fused_block_forward_equals_the_block(init_values):
+    """proj and fc2 with bias, LayerScale and the residual add in their GEMM epilogues give the block's output."""
+    from hiap.method.pruned import fused_block_forward
+
+    gated = hiap.gate_vit(tiny_vit(init_values=init_values), hiap.HiAPConfig(dim_group=1, min_heads=1))
+    randomize_logits(gated, torch.Generator().manual_seed(4))
+    model = hiap.extract(gated.eval()).requires_grad_(False)
+    x = torch.randn(2, 17, model.embed_dim)
+    with torch.no_grad():
+        for block in model.blocks:
+            torch.testing.assert_close(fused_block_forward(block, x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_fuses_a_block_only_when_that_measured_faster(monkeypatch):
+    from hiap.method.pruned import fused_block_forward
+
+    model = pruned_model(seed=3)
+    block = model.blocks[0]
+    layer_input = torch.randn(2, 17, 96)
+    timings = {"modules": 1.0, "fused": 2.0}
+    calls = iter(["modules", "fused"] * 4)
+    monkeypatch.setattr(inference, "_median_ms", lambda call, device: timings[next(calls)])
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    assert inference._choose_block(block, layer_input, ("b",)) == "modules" and "forward" not in block.__dict__
+    timings.update(fused=0.5)
+    assert inference._choose_block(block, layer_input, ("b2",)) == "fused"
+    assert block.forward.__func__ is fused_block_forward and block.forward.__self__ is block
+    # Chosen again for another shape: the patched forward is taken off before timing and put back only if it wins.
+    timings.update(fused=3.0)
+    assert inference._choose_block(block, layer_input, ("b3",)) == "modules" and "forward" not in block.__dict__
+    # A block that token reduction patched keeps its forward.
+    hiap.reduce_tokens(model, "t2,-,-")
+    assert inference._choose_block(model.blocks[0], layer_input, ("b4",)) == "modules"
+    assert "hiap_token_plan" in model.blocks[0].__dict__

@@ -1,8 +1,10 @@
 """``hiap.optimize``: the one entry point that prepares a model for inference on the device it will run on.
 
 For every pruned layer it times the paths that run there on inputs of the layer's own shape and keeps the fastest:
-attention through SDPA (one call per run of equal-width heads) or through the ragged Triton kernel, and the FFN's
-first half through ``nn.Linear`` + GELU or the fused Triton kernel. A path that loses is never used; on a machine
+attention through SDPA (one call per run of equal-width heads) or through the ragged Triton kernel, the FFN's
+first half through ``nn.Linear`` + GELU or the fused Triton kernel, and then the whole block as timm runs it or with
+its output projections fused (bias, LayerScale and residual add in the GEMM epilogues,
+``hiap.method.pruned.fused_block_forward``). A path that loses is never used; on a machine
 without a GPU (no Triton) there is nothing to choose and the PyTorch paths stay. Choices are remembered per device,
 dtype and shape for the life of the process, and written on the model (``model.hiap_paths``) for the user to see.
 """
@@ -11,13 +13,14 @@ from __future__ import annotations
 
 import statistics
 import time
+import types
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from hiap.backend import load_triton_op
-from hiap.method.pruned import PrunedAttention, PrunedMlp
+from hiap.method.pruned import PrunedAttention, PrunedMlp, fused_block_forward
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_DEVICES = ("cpu", "cuda")
@@ -77,6 +80,22 @@ def _choose(module: nn.Module, attribute: str, candidates: tuple[str, str], laye
     return _CHOICES[key]
 
 
+def _choose_block(block: nn.Module, layer_input: torch.Tensor, key: tuple) -> str:
+    """Time a pruned block as timm runs it (``modules``) and with its output projections fused (``fused``); keep the
+    faster. A block patched by token reduction keeps its forward."""
+    if "hiap_token_plan" in block.__dict__:
+        return "modules"
+    block.__dict__.pop("forward", None)
+    if key not in _CHOICES:
+        with torch.inference_mode():
+            timings = {"modules": _median_ms(lambda: block(layer_input), layer_input.device),
+                       "fused": _median_ms(lambda: fused_block_forward(block, layer_input), layer_input.device)}
+        _CHOICES[key] = min(timings, key=timings.get)
+    if _CHOICES[key] == "fused":
+        block.forward = types.MethodType(fused_block_forward, block)
+    return _CHOICES[key]
+
+
 def _layer_inputs(model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     vit = getattr(model, "vit", model)
     tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
@@ -111,7 +130,7 @@ def optimize(model: nn.Module, *, device: str | torch.device | None = None, dtyp
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for index, block in enumerate(blocks):
         attn, mlp = block.attn, block.mlp
-        choice = {"layer": index, "attention": None, "ffn": None}
+        choice = {"layer": index, "attention": None, "ffn": None, "block": None}
         shape_key = (device_name, dtype, batch_size, None if layer_input is None else layer_input.shape[1])
         if isinstance(attn, PrunedAttention) and attn.num_heads:
             if triton_here:
@@ -129,6 +148,9 @@ def optimize(model: nn.Module, *, device: str | torch.device | None = None, dtyp
             else:
                 mlp.ffn_path = "linear"
                 choice["ffn"] = "linear"
+        if triton_here and isinstance(attn, PrunedAttention) and isinstance(mlp, PrunedMlp):
+            key = (*shape_key, "block", tuple(attn.qk_widths), tuple(attn.v_widths), mlp.hidden_features)
+            choice["block"] = _choose_block(block, layer_input, key)
         paths.append(choice)
     model.hiap_paths = paths
     if compile:
@@ -142,10 +164,12 @@ def describe_paths(model: nn.Module) -> str:
     if not paths:
         return "attention and FFN: timm's own modules"
     parts = []
-    for kind in ("attention", "ffn"):
+    for kind in ("attention", "ffn", "block"):
         counts: dict[str, int] = {}
         for choice in paths:
-            if choice[kind] is not None:
+            if choice.get(kind) is not None:
                 counts[choice[kind]] = counts.get(choice[kind], 0) + 1
+        if kind == "block" and not counts:
+            continue  # no block-level choice where Triton does not run
         parts.append(f"{kind}: " + (", ".join(f"{path} x{n}" for path, n in sorted(counts.items())) or "none left"))
     return "; ".join(parts)

@@ -115,6 +115,13 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
             if bias is None:
                 return x.new_zeros(batch, tokens, self.out_dim), None
             return bias.to(x.dtype).expand(batch, tokens, self.out_dim), None
+        out, qkv = self.attention_output(x, attn_mask)
+        return self.proj(out), qkv
+
+    def attention_output(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention before ``proj``: ``(out [B, N, sum(v_w)], qkv [B, N, T])``; needs at least one head."""
+        batch, tokens, _ = x.shape
         qkv = self.qkv(x)
         key_bias = None if attn_mask is None else _per_key_bias(attn_mask, batch, tokens)
         ragged_attention = self._kernel(qkv) if attn_mask is None or key_bias is not None else None
@@ -123,7 +130,7 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
                                    out_width=self.out_width, key_bias=key_bias)
         else:
             out = ragged_attention_sdpa(qkv, self.runs, self.scale, attn_mask)
-        return self.proj(out), qkv
+        return out, qkv
 
     def extra_repr(self) -> str:
         return f"qk_widths={self.qk_widths}, v_widths={self.v_widths}, scale={self.scale:.6g}"
@@ -178,3 +185,36 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_features}"
+
+
+def _layer_scale(module: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    """timm LayerScale's ``gamma`` in ``dtype`` (None for Identity)."""
+    gamma = getattr(module, "gamma", None)
+    return None if gamma is None else gamma.to(dtype)
+
+
+def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                        is_causal: bool = False) -> torch.Tensor:
+    """A pruned timm Block's forward with its output projections fused (bound to the block by ``hiap.optimize``).
+
+    ``x + ls1(proj(attention))`` and ``x + ls2(fc2(GELU(fc1)))`` each end in one ``fused_linear_residual`` GEMM
+    with bias, LayerScale and the residual add in its epilogue, and fc1 + GELU is ``fused_linear_gelu``: three GEMM
+    epilogues instead of separate bias, scale, activation and add kernels. Inference only (eval, no gradients); the
+    attention and FFN paths are the modules' own. ``x [B, N, D] -> [B, N, D]``.
+    """
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("the fused block takes no attention mask")
+    from hiap.backend import load_triton_op
+
+    linear_residual = load_triton_op("fused_linear_residual")
+    attn, mlp = block.attn, block.mlp
+    if attn.num_heads:
+        out, _ = attn.attention_output(block.norm1(x))
+        x = linear_residual(out, attn.proj.weight, attn.proj.bias, x, _layer_scale(block.ls1, x.dtype))
+    else:
+        x = x + block.ls1(attn(block.norm1(x)))
+    if mlp.hidden_features and type(mlp.act) is nn.GELU:
+        hidden = load_triton_op("fused_linear_gelu")(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias,
+                                                     approximate=mlp.act.approximate)
+        return linear_residual(hidden, mlp.fc2.weight, mlp.fc2.bias, x, _layer_scale(block.ls2, x.dtype))
+    return x + block.ls2(mlp(block.norm2(x)))
