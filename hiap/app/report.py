@@ -165,7 +165,8 @@ def accuracy_vs_macs_figure(points: list[dict], title: str = "Accuracy vs MACs")
     """The figure ``plot_accuracy_vs_macs`` saves (returned for inspection); see there."""
     figure, axes = _figure(7, 4.5)
     axis = axes[0]
-    styles = {"dense": ("*", "black"), "hiap": ("o", "#e76f51"), "uniform": ("s", "#457b9d"), "l1": ("^", "#2a9d8f")}
+    styles = {"dense": ("*", "black"), "hiap": ("o", "#e76f51"), "uniform": ("s", "#457b9d"), "l1": ("^", "#2a9d8f"),
+              "torch-pruning": ("D", "#6d597a")}
     means = []
     dense_macs = max((p["macs"] for p in points if p["method"] == "dense"), default=max(p["macs"] for p in points))
     for method in dict.fromkeys(p["method"] for p in points):
