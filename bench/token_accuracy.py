@@ -1,10 +1,11 @@
 """Accuracy of token reduction at equal token counts: RAPID-style against ToMe on the default digits teacher.
 
     python bench/token_accuracy.py [--out bench/results/compare/tokens_digits_<date>.json] [--removals 1 2 3]
+    python bench/token_accuracy.py --data mnist1d --model mnist1d_vit [--cache-dir DIR] [--out ...]
 
-Training-free, so one teacher (the one ``hiap prune`` trains and caches with its defaults) and no seeds: every
-schedule is evaluated on the same 360 validation images, where one image is 0.28 points; the validation
-cross-entropy tells apart what accuracy ties. Per ``r`` (tokens removed per block): RAPID (prune in the first half,
+Training-free, so one teacher (the one ``hiap prune`` trains and caches for that data and model with its defaults)
+and no seeds: every schedule is evaluated on the same validation split (digits: 360 images, one is 0.28 points;
+MNIST-1D: 2,400 signals, one is 0.04 points); the validation cross-entropy tells apart what accuracy ties. Per ``r`` (tokens removed per block): RAPID (prune in the first half,
 merge in the second), RAPID without the importance term in its prune score, merging only, and ToMe. Each row states
 its MAC fraction (``count_macs``, reduction included) so equal token counts can be checked.
 """
@@ -33,8 +34,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="JSON record (a Markdown table is written beside it)")
     parser.add_argument("--removals", type=int, nargs="+", default=[1, 2, 3], help="tokens removed per block")
+    parser.add_argument("--data", default=None, help="as hiap prune's --data (default: the digits)")
+    parser.add_argument("--model", default="digits_vit", help="as hiap prune's --model (default: %(default)s)")
+    parser.add_argument("--cache-dir", default="~/.cache/hiap", help="where the teacher is cached")
     args = parser.parse_args()
-    session = prepare_session(PipelineSettings(show_progress=False), None)
+    session = prepare_session(PipelineSettings(show_progress=False, data=args.data, model=args.model,
+                                               cache_dir=args.cache_dir), None)
     teacher = session.teacher.eval()
     loader = eval_loader(session.data.val, 512)
     device = torch.device("cpu")
