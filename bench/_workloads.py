@@ -246,3 +246,12 @@ def linear_residual_inference_work(rows: int, in_features: int, out_features: in
     flops = 2 * rows * in_features * out_features
     bytes_ = act * (rows * in_features + out_features * in_features + 2 * out_features + 2 * rows * out_features)
     return Work(flops, bytes_)
+
+
+def layernorm_linear_inference_work(rows: int, in_features: int, out_features: int) -> Work:
+    """y = act(LN(x) W^T + b), forward only: reads x, gamma, beta, W, b; writes y (LN's own FLOPs not counted)."""
+    act = activation_bytes()
+    flops = 2 * rows * in_features * out_features
+    bytes_ = act * (rows * in_features + 2 * in_features + out_features * in_features + out_features
+                    + rows * out_features)
+    return Work(flops, bytes_)

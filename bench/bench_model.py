@@ -10,8 +10,8 @@ and inputs in bf16. CPU: latency at batch 1 and 16 in fp32. Variants, named ``mo
                                     pruning has to clear, since a user could train that model instead
     extracted/reference             the pruned model on its PyTorch paths (SDPA per run of equal heads, nn.Linear)
     extracted/optimized             ``hiap.optimize(pruned)``: per layer, the fastest of SDPA / the ragged Triton kernel
-                                    and of nn.Linear + GELU / the fused kernel, then per block timm's forward or the
-                                    one with fused output projections (bias, LayerScale, residual), timed here
+                                    and of nn.Linear + GELU / the fused kernel, then per block timm's forward or fused
+                                    GEMMs (LayerNorm prologues; bias, GELU, LayerScale, residual epilogues)
     extracted/compiled              ``hiap.optimize(pruned, compile=True)``: the same, in one compiled graph
     extracted-perdim/optimized      the paper's per-dim gates (``dim_group=1``) at the same budget: odd widths
     extracted-g32/optimized         q/k, v widths in 32s and FFN widths in 128s (the default is 16s and 64s)

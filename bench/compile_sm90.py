@@ -65,6 +65,7 @@ def kernel_specs() -> list[KernelSpec]:
     from hiap_kernels.gated_linear import fc1_kernels as fc1
     from hiap_kernels.gated_linear import qkv_kernels as qkv
     from hiap_kernels.gates.kernel import _sample_gates_kernel
+    from hiap_kernels.layernorm_linear.kernel import _layernorm_linear_kernel
     from hiap_kernels.linear_gelu.kernel import _linear_gelu_kernel
     from hiap_kernels.linear_residual.kernel import _linear_residual_kernel
     from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel
@@ -125,6 +126,11 @@ def kernel_specs() -> list[KernelSpec]:
                                    out_stride_b=(N - 17) * D, out_stride_d=D),
                    configs=[triton.Config(dict(zip(("BLOCK_D", "BLOCK_R", "BLOCK_C"), token_merge._GPU_BLOCKS[:3])),
                                           num_warps=token_merge._GPU_BLOCKS[3])]),
+        KernelSpec("_layernorm_linear_kernel", _layernorm_linear_kernel,  # norm2 -> fc1 -> GELU at the dense width
+                   lambda dt: dict(x_ptr=T(dt), norm_weight_ptr=T(dt), norm_bias_ptr=T(dt), weight_ptr=T(dt),
+                                   bias_ptr=T(dt), out_ptr=T(dt), num_rows=M, num_features=F, in_features=D,
+                                   x_stride_m=D, weight_stride_f=D, out_stride_m=F, eps=1e-6, HAS_NORM_WEIGHT=True,
+                                   HAS_NORM_BIAS=True, HAS_BIAS=True, ACTIVATION=1, DOT_PRECISION="ieee")),
         KernelSpec("_linear_residual_kernel", _linear_residual_kernel,  # fc2 at the dense width, into the stream
                    lambda dt: dict(x_ptr=T(dt), weight_ptr=T(dt), bias_ptr=T(dt), scale_ptr=T(dt), residual_ptr=T(dt),
                                    out_ptr=T(dt), num_rows=M, num_features=D, in_features=F, x_stride_m=F,

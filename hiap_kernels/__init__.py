@@ -10,6 +10,7 @@ import), which the tests compare against and ``hiap`` uses as its reference path
     ragged_attn/    ragged_attention   attention over per-head q/k and v widths, packed in and out     (inference);
                                        its PyTorch path ragged_attention_sdpa: one SDPA call per run of equal heads
     linear_gelu/    fused_linear_gelu  fc1 GEMM with bias + GELU in the epilogue                       (inference)
+    layernorm_linear/ fused_layernorm_linear  LayerNorm in the prologue of the GEMM that reads it    (inference)
     linear_residual/ fused_linear_residual  proj / fc2 GEMM with bias, LayerScale and residual add  (inference)
     token_merge/    merge_tokens       size-weighted gather + fold + divide of token reduction          (inference)
     common/         what every kernel shares: tile order, k-loop, GELU, precision policy, allocation
@@ -23,6 +24,7 @@ import importlib
 from hiap_kernels.common.runtime import can_run_triton, interpreter_active, triton_available
 from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
 from hiap_kernels.gates.reference import gumbel_sigmoid, logistic_noise, philox_uniform
+from hiap_kernels.layernorm_linear.reference import layernorm_linear_reference
 from hiap_kernels.linear_gelu.reference import linear_gelu_reference
 from hiap_kernels.linear_residual.reference import linear_residual_reference
 from hiap_kernels.ragged_attn.reference import build_head_table, ragged_attention_padded
@@ -39,11 +41,13 @@ _TRITON_OPS = {
     "fused_linear_gelu": "hiap_kernels.linear_gelu.kernel",
     "merge_tokens": "hiap_kernels.token_merge.kernel",
     "fused_linear_residual": "hiap_kernels.linear_residual.kernel",
+    "fused_layernorm_linear": "hiap_kernels.layernorm_linear.kernel",
 }
 
 __all__ = [
     "build_head_table",
     "can_run_triton",
+    "fused_layernorm_linear",
     "fused_linear_gelu",
     "fused_linear_residual",
     "gated_fc1",
@@ -53,6 +57,7 @@ __all__ = [
     "gumbel_sigmoid",
     "head_runs",
     "interpreter_active",
+    "layernorm_linear_reference",
     "linear_gelu_reference",
     "linear_residual_reference",
     "logistic_noise",

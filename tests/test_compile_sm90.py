@@ -26,6 +26,7 @@ KERNELS = {
     "_linear_gelu_kernel",
     "_merge_tokens_kernel",
     "_linear_residual_kernel",
+    "_layernorm_linear_kernel",
 }
 
 

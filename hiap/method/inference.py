@@ -2,8 +2,8 @@
 
 For every pruned layer it times the paths that run there on inputs of the layer's own shape and keeps the fastest:
 attention through SDPA (one call per run of equal-width heads) or through the ragged Triton kernel, the FFN's
-first half through ``nn.Linear`` + GELU or the fused Triton kernel, and then the whole block as timm runs it or with
-its output projections fused (bias, LayerScale and residual add in the GEMM epilogues,
+first half through ``nn.Linear`` + GELU or the fused Triton kernel, and then the whole block as timm runs it or as
+fused GEMMs (LayerNorm in the qkv / fc1 prologues; bias, GELU, LayerScale and residual add in the epilogues;
 ``hiap.method.pruned.fused_block_forward``). A path that loses is never used; on a machine
 without a GPU (no Triton) there is nothing to choose and the PyTorch paths stay. Choices are remembered per device,
 dtype and shape for the life of the process, and written on the model (``model.hiap_paths``) for the user to see.

@@ -118,11 +118,13 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         out, qkv = self.attention_output(x, attn_mask)
         return self.proj(out), qkv
 
-    def attention_output(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention before ``proj``: ``(out [B, N, sum(v_w)], qkv [B, N, T])``; needs at least one head."""
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x)
+    def attention_output(self, x: torch.Tensor | None, attn_mask: torch.Tensor | None = None,
+                         qkv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention before ``proj``: ``(out [B, N, sum(v_w)], qkv [B, N, T])``; needs at least one head. ``qkv``
+        given (e.g. from a GEMM with LayerNorm fused into it) replaces ``self.qkv(x)``."""
+        if qkv is None:
+            qkv = self.qkv(x)
+        batch, tokens, _ = qkv.shape
         key_bias = None if attn_mask is None else _per_key_bias(attn_mask, batch, tokens)
         ragged_attention = self._kernel(qkv) if attn_mask is None or key_bias is not None else None
         if ragged_attention is not None:
@@ -193,28 +195,44 @@ def _layer_scale(module: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
     return None if gamma is None else gamma.to(dtype)
 
 
+def _plain_layer_norm(norm: nn.Module) -> bool:
+    """A LayerNorm over the last dim only (what the fused GEMM prologue computes)."""
+    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+
+
 def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                         is_causal: bool = False) -> torch.Tensor:
-    """A pruned timm Block's forward with its output projections fused (bound to the block by ``hiap.optimize``).
+    """A pruned timm Block's forward as fused GEMMs (bound to the block by ``hiap.optimize``).
 
-    ``x + ls1(proj(attention))`` and ``x + ls2(fc2(GELU(fc1)))`` each end in one ``fused_linear_residual`` GEMM
-    with bias, LayerScale and the residual add in its epilogue, and fc1 + GELU is ``fused_linear_gelu``: three GEMM
-    epilogues instead of separate bias, scale, activation and add kernels. Inference only (eval, no gradients); the
-    attention and FFN paths are the modules' own. ``x [B, N, D] -> [B, N, D]``.
+    Each half of the block opens with its LayerNorm folded into the prologue of the GEMM that reads it
+    (``fused_layernorm_linear``: norm1 -> qkv, norm2 -> fc1 with GELU in the epilogue) and ends in one
+    ``fused_linear_residual`` GEMM (proj, fc2) with bias, LayerScale and the residual add in its epilogue: four
+    kernels and the attention per block instead of separate norm, bias, activation, scale and add kernels.
+    Inference only (eval, no gradients); attention runs on the module's own path. ``x [B, N, D] -> [B, N, D]``.
     """
     if attn_mask is not None or is_causal:
         raise NotImplementedError("the fused block takes no attention mask")
     from hiap.backend import load_triton_op
 
+    layernorm_linear = load_triton_op("fused_layernorm_linear")
     linear_residual = load_triton_op("fused_linear_residual")
-    attn, mlp = block.attn, block.mlp
+    attn, mlp, norm1, norm2 = block.attn, block.mlp, block.norm1, block.norm2
     if attn.num_heads:
-        out, _ = attn.attention_output(block.norm1(x))
+        if _plain_layer_norm(norm1):
+            qkv = layernorm_linear(x, norm1.weight, norm1.bias, norm1.eps, attn.qkv.weight, attn.qkv.bias)
+            out, _ = attn.attention_output(None, qkv=qkv)
+        else:
+            out, _ = attn.attention_output(norm1(x))
         x = linear_residual(out, attn.proj.weight, attn.proj.bias, x, _layer_scale(block.ls1, x.dtype))
     else:
-        x = x + block.ls1(attn(block.norm1(x)))
+        x = x + block.ls1(attn(norm1(x)))
     if mlp.hidden_features and type(mlp.act) is nn.GELU:
-        hidden = load_triton_op("fused_linear_gelu")(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias,
-                                                     approximate=mlp.act.approximate)
+        activation = "gelu_tanh" if mlp.act.approximate == "tanh" else "gelu"
+        if _plain_layer_norm(norm2):
+            hidden = layernorm_linear(x, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight, mlp.fc1.bias,
+                                      activation)
+        else:
+            hidden = load_triton_op("fused_linear_gelu")(norm2(x), mlp.fc1.weight, mlp.fc1.bias,
+                                                         approximate=mlp.act.approximate)
         return linear_residual(hidden, mlp.fc2.weight, mlp.fc2.bias, x, _layer_scale(block.ls2, x.dtype))
-    return x + block.ls2(mlp(block.norm2(x)))
+    return x + block.ls2(mlp(norm2(x)))
