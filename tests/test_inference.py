@@ -180,3 +180,33 @@ def test_optimize_fuses_a_block_only_when_that_measured_faster(monkeypatch):
     hiap.reduce_tokens(model, "t2,-,-")
     assert inference._choose_block(model.blocks[0], layer_input, ("b4",)) == "modules"
     assert "hiap_token_plan" in model.blocks[0].__dict__
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(in_chans=1, patch_size=4), dict(embed_dim=48, img_size=(32, 48))])
+def test_patch_embedding_as_one_gemm_equals_the_convolution(overrides):
+    model = tiny_vit(**overrides)
+    x = images(model, batch=3)
+    with torch.no_grad():
+        expected = model.patch_embed(x)
+        got = inference.gemm_patch_embed_forward(model.patch_embed, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert inference._gemm_patch_embed_applies(model.patch_embed)
+    assert not inference._gemm_patch_embed_applies(tiny_vit(dynamic_img_size=True).patch_embed)
+
+
+def test_optimize_takes_the_patch_embedding_gemm_only_when_it_measured_faster(monkeypatch):
+    model = tiny_vit()
+    x = images(model, batch=2)
+    timings = {"conv": 1.0, "gemm": 2.0}
+    calls = iter(["conv", "gemm"] * 3)
+    monkeypatch.setattr(inference, "_median_ms", lambda call, device: timings[next(calls)])
+    monkeypatch.setattr(inference, "_CHOICES", {})
+    assert inference._choose_patch_embed(model.patch_embed, x, ("p",)) == "conv"
+    assert "forward" not in model.patch_embed.__dict__
+    timings.update(gemm=0.5)
+    assert inference._choose_patch_embed(model.patch_embed, x, ("p2",)) == "gemm"
+    assert model.patch_embed.forward.__func__ is inference.gemm_patch_embed_forward
+    with torch.no_grad():
+        patched = model(x)
+        del model.patch_embed.forward
+        torch.testing.assert_close(patched, model(x), rtol=1e-5, atol=1e-5)

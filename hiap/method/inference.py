@@ -4,7 +4,8 @@ For every pruned layer it times the paths that run there on inputs of the layer'
 attention through SDPA (one call per run of equal-width heads) or through the ragged Triton kernel, the FFN's
 first half through ``nn.Linear`` + GELU or the fused Triton kernel, and then the whole block as timm runs it or as
 fused GEMMs (LayerNorm in the qkv / fc1 prologues; bias, GELU, LayerScale and residual add in the epilogues;
-``hiap.method.pruned.fused_block_forward``). A path that loses is never used; on a machine
+``hiap.method.pruned.fused_block_forward``), and the patch embedding as timm's convolution or as one GEMM over the
+unfolded patches. A path that loses is never used; on a machine
 without a GPU (no Triton) there is nothing to choose and the PyTorch paths stay. Choices are remembered per device,
 dtype and shape for the life of the process, and written on the model (``model.hiap_paths``) for the user to see.
 """
@@ -80,6 +81,48 @@ def _choose(module: nn.Module, attribute: str, candidates: tuple[str, str], laye
     return _CHOICES[key]
 
 
+def gemm_patch_embed_forward(patch_embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``PatchEmbed`` with its convolution (kernel = stride, no padding) as one GEMM over the unfolded patches.
+
+    Non-overlapping patches are a reshape of the image: ``[B, C, H, W] -> [B, N, C * p * p]``, times the flattened
+    kernel ``[D, C * p * p]``, the same sums the convolution takes. Bound to the module by ``hiap.optimize`` where it
+    measured faster than the convolution. ``x [B, C, H, W] -> [B, N, D]``.
+    """
+    batch, channels, height, width = x.shape
+    ph, pw = patch_embed.patch_size
+    if (height, width) != tuple(patch_embed.img_size):
+        raise ValueError(f"input is {height} x {width} but the model takes {tuple(patch_embed.img_size)}")
+    proj = patch_embed.proj
+    patches = (x.reshape(batch, channels, height // ph, ph, width // pw, pw).permute(0, 2, 4, 1, 3, 5)
+               .reshape(batch, (height // ph) * (width // pw), channels * ph * pw))
+    out = torch.nn.functional.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+    return patch_embed.norm(out)
+
+
+def _gemm_patch_embed_applies(patch_embed: nn.Module) -> bool:
+    """Whether the patch embedding is a plain non-overlapping convolution flattened to tokens (timm's default)."""
+    proj = getattr(patch_embed, "proj", None)
+    return (isinstance(proj, nn.Conv2d) and getattr(patch_embed, "flatten", False)
+            and not getattr(patch_embed, "dynamic_img_pad", False) and getattr(patch_embed, "img_size", None) is not None
+            and tuple(proj.kernel_size) == tuple(proj.stride) == tuple(patch_embed.patch_size)
+            and tuple(proj.padding) == (0, 0) and tuple(proj.dilation) == (1, 1) and proj.groups == 1)
+
+
+def _choose_patch_embed(patch_embed: nn.Module, images: torch.Tensor, key: tuple) -> str:
+    """Time the patch embedding as timm's convolution (``conv``) and as one GEMM (``gemm``); keep the faster."""
+    patch_embed.__dict__.pop("forward", None)
+    if not _gemm_patch_embed_applies(patch_embed):
+        return "conv"
+    if key not in _CHOICES:
+        with torch.inference_mode():
+            timings = {"conv": _median_ms(lambda: patch_embed(images), images.device),
+                       "gemm": _median_ms(lambda: gemm_patch_embed_forward(patch_embed, images), images.device)}
+        _CHOICES[key] = min(timings, key=timings.get)
+    if _CHOICES[key] == "gemm":
+        patch_embed.forward = types.MethodType(gemm_patch_embed_forward, patch_embed)
+    return _CHOICES[key]
+
+
 def _choose_block(block: nn.Module, layer_input: torch.Tensor, key: tuple) -> str:
     """Time a pruned block as timm runs it (``modules``) and with its output projections fused (``fused``); keep the
     faster. A block patched by token reduction keeps its forward."""
@@ -152,6 +195,14 @@ def optimize(model: nn.Module, *, device: str | torch.device | None = None, dtyp
             key = (*shape_key, "block", tuple(attn.qk_widths), tuple(attn.v_widths), mlp.hidden_features)
             choice["block"] = _choose_block(block, layer_input, key)
         paths.append(choice)
+    vit = getattr(model, "vit", model)
+    if triton_here and hasattr(vit, "patch_embed"):
+        patch_embed = vit.patch_embed
+        channels, (height, width) = patch_embed.proj.in_channels, patch_embed.img_size
+        images = torch.randn(batch_size, channels, height, width, device=device, dtype=dtype)
+        model.hiap_patch_embed = _choose_patch_embed(
+            patch_embed, images, (device_name, dtype, batch_size, "patch_embed", channels, height, width,
+                                  patch_embed.proj.out_channels, tuple(patch_embed.patch_size)))
     model.hiap_paths = paths
     if compile:
         return torch.compile(model, fullgraph=True)
@@ -160,7 +211,8 @@ def optimize(model: nn.Module, *, device: str | torch.device | None = None, dtyp
 
 def describe_paths(model: nn.Module) -> str:
     """One line per distinct choice, e.g. ``attention: sdpa x10, triton x2; ffn: linear x12``."""
-    paths = getattr(model, "hiap_paths", None) or getattr(getattr(model, "_orig_mod", None), "hiap_paths", None)
+    model = getattr(model, "_orig_mod", model)
+    paths = getattr(model, "hiap_paths", None)
     if not paths:
         return "attention and FFN: timm's own modules"
     parts = []
@@ -172,4 +224,6 @@ def describe_paths(model: nn.Module) -> str:
         if kind == "block" and not counts:
             continue  # no block-level choice where Triton does not run
         parts.append(f"{kind}: " + (", ".join(f"{path} x{n}" for path, n in sorted(counts.items())) or "none left"))
+    if getattr(model, "hiap_patch_embed", None):
+        parts.append(f"patch embedding: {model.hiap_patch_embed}")
     return "; ".join(parts)
