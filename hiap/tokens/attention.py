@@ -36,21 +36,20 @@ def check_attention(attn: nn.Module) -> None:
                         f"{type(attn).__name__}")
 
 
-def key_width(attn: nn.Module) -> int:
-    """W: the width of the concatenated keys the similarity metric compares (q/k dims kept)."""
-    if isinstance(attn, PrunedAttention):
-        return sum(attn.qk_widths)
-    return attn.num_heads * attn.head_dim
+def _class_weights(q0: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """Softmax of the class query's scores per head: ``q0 [B, H, 1, d]``, ``k [B, H, N, d]`` -> ``[B, H, 1, N]``
+    (fp32; a head of width 0 scores every key 0, i.e. uniform attention, as the pruned model means it)."""
+    scores = torch.matmul(q0.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    return scores.softmax(dim=-1)
 
 
 def class_attention(q0: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
                     live_heads: torch.Tensor | None = None) -> torch.Tensor:
     """The class token's attention to every token, mean over the (live) heads: ``q0 [B, H, 1, d]``, ``k [B, H, N, d]``
     -> ``[B, N]``."""
-    scores = torch.matmul(q0.float(), k.float().transpose(-1, -2)) * scale  # [B, H, 1, N]
-    if bias is not None:
-        scores = scores + bias.float()
-    weights = scores.softmax(dim=-1)
+    weights = _class_weights(q0, k, scale, bias)
     if live_heads is None:
         return weights.mean(dim=1).squeeze(1)
     live = live_heads.to(weights.dtype)[None, :, None, None]
@@ -63,19 +62,10 @@ def ragged_class_attention(qkv: torch.Tensor, runs: Sequence, scale: float, bias
     batch, tokens, _ = qkv.shape
     per_head = []
     for run in runs:
-        if run.qk_width == 0:
-            scores = qkv.new_zeros(batch, run.heads, 1, tokens, dtype=torch.float32)
-            if bias is not None:
-                scores = scores + bias.float()
-            per_head.append(scores.softmax(dim=-1))
-            continue
         width = run.heads * run.qk_width
         q0 = qkv[:, :1, run.q_start : run.q_start + width].reshape(batch, 1, run.heads, run.qk_width).transpose(1, 2)
         k = qkv[..., run.k_start : run.k_start + width].reshape(batch, tokens, run.heads, run.qk_width).transpose(1, 2)
-        scores = torch.matmul(q0.float(), k.float().transpose(-1, -2)) * scale
-        if bias is not None:
-            scores = scores + bias.float()
-        per_head.append(scores.softmax(dim=-1))
+        per_head.append(_class_weights(q0, k, scale, bias))
     return torch.cat(per_head, dim=1).mean(dim=1).squeeze(1)
 
 

@@ -34,9 +34,11 @@ _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "dr
 
 @dataclass
 class _TokenState:
-    """Sizes of the current patch tokens ``[B, P, 1]`` (float32), None while every token is one patch."""
+    """Sizes of the current patch tokens ``[B, P, 1]`` (float32) and the attention bias ``log(size)`` made from them
+    once per change (``[B, 1, 1, N]``); both None while every token is one patch."""
 
     size: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
 
 def _vit(model: nn.Module) -> nn.Module:
@@ -106,11 +108,11 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
     plan: _BlockPlan = block.hiap_token_plan
     step, prefix = plan.step, plan.prefix
     if plan.first:
-        plan.state.size = None
+        plan.state.size = plan.state.bias = None
     size = plan.state.size
     wants_cls = step.kind == "merge" or (step.kind == "prune" and plan.importance_weight > 0)
-    stats = attend(block.attn, block.norm1(x), _proportional_bias(size, prefix, x.dtype),
-                   keys=step.removes > 0, cls=step.removes > 0 and wants_cls)
+    stats = attend(block.attn, block.norm1(x), plan.state.bias, keys=step.removes > 0,
+                   cls=step.removes > 0 and wants_cls)
     x = x + block.drop_path1(block.ls1(stats.out))
     if step.removes:
         head, patches = x[:, :prefix], x[:, prefix:]
@@ -130,6 +132,7 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
             patches, size = bipartite_soft_matching(patches, size, keys, step.r, _merge_op(block, patches))
         x = torch.cat([head, patches], dim=1)
         plan.state.size = size
+        plan.state.bias = _proportional_bias(size, prefix, x.dtype)  # the blocks after this one all read it
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 

@@ -34,12 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hiap_kernels.token_merge.reference import merge_tokens_reference
-
-
-def _gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tensor [B, P, X]`` at ``index [B, K]`` along the token axis: ``[B, K, X]``."""
-    return torch.gather(tensor, 1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+from hiap_kernels.token_merge.reference import gather_rows, merge_tokens_reference
 
 
 def _merge(merge, x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, source: torch.Tensor,
@@ -65,8 +60,8 @@ def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
         score = score - importance_weight * importance
     keep = torch.topk(score, patches - r, dim=1, largest=False, sorted=False).indices.sort(dim=1).values  # [B, P-r]
     if size.shape[1] == 1:  # a broadcast size (every token 1) stays one
-        return _gather_tokens(x, keep), size
-    return _gather_tokens(x, keep), _gather_tokens(size, keep)
+        return gather_rows(x, keep), size
+    return gather_rows(x, keep), gather_rows(size, keep)
 
 
 def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, r: int,
@@ -80,7 +75,7 @@ def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
     is_source = torch.zeros_like(cls, dtype=torch.bool).scatter_(1, source, True)  # [B, P]
     metric = F.normalize(keys.float(), dim=-1)
     # Sources against every token (sources masked out): no gather of the destinations' keys.
-    similarity = torch.matmul(_gather_tokens(metric, source), metric.transpose(1, 2))  # [B, r, P]
+    similarity = torch.matmul(gather_rows(metric, source), metric.transpose(1, 2))  # [B, r, P]
     similarity = similarity.masked_fill(is_source[:, None, :], float("-inf"))
     nearest = similarity.argmax(dim=-1)  # [B, r], a token index
     # A kept token's place among the destinations: how many kept tokens come before it.

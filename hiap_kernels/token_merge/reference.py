@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 
-def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tensor [B, P, X]`` at ``index [B, K]``: ``[B, K, X]``."""
+def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor [B, P, X]`` at ``index [B, K]`` along the token axis: ``[B, K, X]``."""
     return torch.gather(tensor, 1, index[..., None].expand(-1, -1, tensor.shape[-1]))
 
 
@@ -35,8 +35,8 @@ def merge_tokens_reference(x: torch.Tensor, size: torch.Tensor, keep: torch.Tens
         ``out [B, D, C]`` in x's dtype and ``out_size [B, D]`` float32.
     """
     size = size.float()[..., None]
-    weighted = _rows(x.float(), keep) * _rows(size, keep)
+    weighted = gather_rows(x.float(), keep) * gather_rows(size, keep)
     weighted = weighted.scatter_add(1, target[..., None].expand(-1, -1, x.shape[-1]),
-                                    _rows(x.float(), source) * _rows(size, source))
-    out_size = _rows(size, keep).scatter_add(1, target[..., None], _rows(size, source))
+                                    gather_rows(x.float(), source) * gather_rows(size, source))
+    out_size = gather_rows(size, keep).scatter_add(1, target[..., None], gather_rows(size, source))
     return (weighted / out_size).to(x.dtype), out_size.squeeze(-1)
