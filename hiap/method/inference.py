@@ -108,35 +108,35 @@ def _gemm_patch_embed_applies(patch_embed: nn.Module) -> bool:
             and tuple(proj.padding) == (0, 0) and tuple(proj.dilation) == (1, 1) and proj.groups == 1)
 
 
-def _choose_patch_embed(patch_embed: nn.Module, images: torch.Tensor, key: tuple) -> str:
-    """Time the patch embedding as timm's convolution (``conv``) and as one GEMM (``gemm``); keep the faster."""
-    patch_embed.__dict__.pop("forward", None)
-    if not _gemm_patch_embed_applies(patch_embed):
-        return "conv"
+def _choose_forward(module: nn.Module, replacement: Callable, names: tuple[str, str], example: torch.Tensor,
+                    key: tuple) -> str:
+    """Time ``module`` as it is (``names[0]``) and with ``replacement`` as its forward (``names[1]``); keep the faster,
+    binding ``replacement`` to the module only when it won. A replacement bound earlier is taken off first."""
+    module.__dict__.pop("forward", None)
     if key not in _CHOICES:
         with torch.inference_mode():
-            timings = {"conv": _median_ms(lambda: patch_embed(images), images.device),
-                       "gemm": _median_ms(lambda: gemm_patch_embed_forward(patch_embed, images), images.device)}
+            timings = {names[0]: _median_ms(lambda: module(example), example.device),
+                       names[1]: _median_ms(lambda: replacement(module, example), example.device)}
         _CHOICES[key] = min(timings, key=timings.get)
-    if _CHOICES[key] == "gemm":
-        patch_embed.forward = types.MethodType(gemm_patch_embed_forward, patch_embed)
+    if _CHOICES[key] == names[1]:
+        module.forward = types.MethodType(replacement, module)
     return _CHOICES[key]
+
+
+def _choose_patch_embed(patch_embed: nn.Module, images: torch.Tensor, key: tuple) -> str:
+    """The patch embedding as timm's convolution (``conv``) or as one GEMM (``gemm``), whichever is faster."""
+    if not _gemm_patch_embed_applies(patch_embed):
+        patch_embed.__dict__.pop("forward", None)
+        return "conv"
+    return _choose_forward(patch_embed, gemm_patch_embed_forward, ("conv", "gemm"), images, key)
 
 
 def _choose_block(block: nn.Module, layer_input: torch.Tensor, key: tuple) -> str:
-    """Time a pruned block as timm runs it (``modules``) and with its output projections fused (``fused``); keep the
-    faster. A block patched by token reduction keeps its forward."""
+    """A pruned block as timm runs it (``modules``) or as fused GEMMs (``fused``), whichever is faster. A block patched
+    by token reduction keeps its forward."""
     if "hiap_token_plan" in block.__dict__:
         return "modules"
-    block.__dict__.pop("forward", None)
-    if key not in _CHOICES:
-        with torch.inference_mode():
-            timings = {"modules": _median_ms(lambda: block(layer_input), layer_input.device),
-                       "fused": _median_ms(lambda: fused_block_forward(block, layer_input), layer_input.device)}
-        _CHOICES[key] = min(timings, key=timings.get)
-    if _CHOICES[key] == "fused":
-        block.forward = types.MethodType(fused_block_forward, block)
-    return _CHOICES[key]
+    return _choose_forward(block, fused_block_forward, ("modules", "fused"), layer_input, key)
 
 
 def _layer_inputs(model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
