@@ -96,6 +96,11 @@ def check_tensor(
 _poison_depth = 0
 
 
+def unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when its last stride is 1 (the kernels read any other strides), else a contiguous copy."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """``torch.empty`` for kernel outputs and workspaces; NaN-filled (integers: -1) inside ``poisoned_allocations``."""
     if isinstance(shape, int):

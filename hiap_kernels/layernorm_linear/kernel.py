@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from hiap_kernels.common import runtime
-from hiap_kernels.common.runtime import check_tensor, dot_precision
-from hiap_kernels.common.tiles import GEMM_CONFIGS, autotune, gelu, swizzled_tile
+from hiap_kernels.common.runtime import check_tensor, dot_precision, unit_last_stride
+from hiap_kernels.common.tiles import GEMM_CONFIGS, autotune, gelu, output_tile_grid, swizzled_tile
 from hiap_kernels.layernorm_linear.reference import ACTIVATIONS
 
 __all__ = ["fused_layernorm_linear"]
@@ -147,20 +147,14 @@ def fused_layernorm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, no
 def _layernorm_linear(rows: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
                       eps: float, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """``[M, K] -> [M, F]`` on checked inputs; the output is contiguous."""
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
+    rows, weight = unit_last_stride(rows), unit_last_stride(weight)
     num_rows, (num_features, in_features) = rows.shape[0], weight.shape
     out = runtime.empty((num_rows, num_features), rows.dtype, rows.device)
     if num_rows == 0:
         return out
 
-    def grid(meta):
-        return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_features, meta["BLOCK_N"]),)
-
     unused = weight  # a pointer never read when its flag is off
-    _layernorm_linear_kernel[grid](
+    _layernorm_linear_kernel[output_tile_grid(num_rows, num_features)](
         rows,
         norm_weight.contiguous() if norm_weight is not None else unused,
         norm_bias.contiguous() if norm_bias is not None else unused,

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from hiap_kernels.common import runtime
-from hiap_kernels.common.runtime import check_tensor, dot_precision
-from hiap_kernels.common.tiles import GEMM_CONFIGS, autotune, gelu, swizzled_tile, x_times_weight_t
+from hiap_kernels.common.runtime import check_tensor, dot_precision, unit_last_stride
+from hiap_kernels.common.tiles import GEMM_CONFIGS, autotune, gelu, output_tile_grid, swizzled_tile, x_times_weight_t
 from hiap_kernels.linear_gelu.reference import GELU_APPROXIMATIONS
 
 __all__ = ["fused_linear_gelu"]
@@ -105,20 +105,14 @@ def fused_linear_gelu(
 )
 def _linear_gelu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     """``[M, D] -> [M, F]`` on checked inputs; the output is contiguous."""
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
+    rows, weight = unit_last_stride(rows), unit_last_stride(weight)
     num_rows, (num_features, in_features) = rows.shape[0], weight.shape
     bias_arg = bias.contiguous() if bias is not None else weight  # never read when HAS_BIAS is False
     out = runtime.empty((num_rows, num_features), rows.dtype, rows.device)
     if num_rows == 0:
         return out
 
-    def grid(meta):
-        return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_features, meta["BLOCK_N"]),)
-
-    _linear_gelu_kernel[grid](
+    _linear_gelu_kernel[output_tile_grid(num_rows, num_features)](
         rows,
         weight,
         bias_arg,

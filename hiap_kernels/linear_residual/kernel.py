@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from hiap_kernels.common import runtime
-from hiap_kernels.common.runtime import check_tensor, dot_precision
-from hiap_kernels.common.tiles import GEMM_CONFIGS, autotune, swizzled_tile, x_times_weight_t
+from hiap_kernels.common.runtime import check_tensor, dot_precision, unit_last_stride
+from hiap_kernels.common.tiles import GEMM_CONFIGS, autotune, output_tile_grid, swizzled_tile, x_times_weight_t
 
 __all__ = ["fused_linear_residual"]
 
@@ -106,21 +106,13 @@ def fused_linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def _linear_residual(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
                      layer_scale: torch.Tensor | None) -> torch.Tensor:
     """``[M, K], [D, K], [M, D] -> [M, D]`` on checked inputs; the output is contiguous."""
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
-    if residual.stride(-1) != 1:
-        residual = residual.contiguous()
+    rows, weight, residual = unit_last_stride(rows), unit_last_stride(weight), unit_last_stride(residual)
     num_rows, (num_features, in_features) = rows.shape[0], weight.shape
     out = runtime.empty((num_rows, num_features), rows.dtype, rows.device)
     if num_rows == 0:
         return out
 
-    def grid(meta):
-        return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_features, meta["BLOCK_N"]),)
-
-    _linear_residual_kernel[grid](
+    _linear_residual_kernel[output_tile_grid(num_rows, num_features)](
         rows, weight,
         bias.contiguous() if bias is not None else weight,  # never read without HAS_BIAS
         layer_scale.contiguous() if layer_scale is not None else weight,  # never read without HAS_SCALE

@@ -24,7 +24,13 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from hiap_kernels.common import runtime
-from hiap_kernels.common.runtime import check_tensor, dot_precision, next_power_of_2_at_least_16, pick_configs
+from hiap_kernels.common.runtime import (
+    check_tensor,
+    dot_precision,
+    next_power_of_2_at_least_16,
+    pick_configs,
+    unit_last_stride,
+)
 from hiap_kernels.common.tiles import autotune
 from hiap_kernels.ragged_attn.reference import HEAD_TABLE_COLUMNS, build_head_table
 
@@ -232,8 +238,7 @@ def packed_ragged_attention(
     """
     batch, tokens, _ = qkv.shape
     out = runtime.empty((batch, tokens, out_width), qkv.dtype, qkv.device)
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
+    qkv = unit_last_stride(qkv)
     _launch(qkv, head_table.contiguous(), out, scale, max_qk_width, max_v_width,
             None if key_bias is None else key_bias.contiguous())
     return out

@@ -69,8 +69,8 @@ def ragged_attention_sdpa(qkv: torch.Tensor, runs: Sequence[HeadRun], scale: flo
     """
     batch, tokens, _ = qkv.shape
     # Functional (no in-place writes into a preallocated output), so that ONNX export traces it as it runs.
-    outputs = [_run_attention(qkv, run, scale, attn_mask).transpose(1, 2).reshape(batch, tokens, run.heads * run.v_width)
-               for run in runs]
+    outputs = [_run_attention(qkv, run, scale, attn_mask).transpose(1, 2)
+               .reshape(batch, tokens, run.heads * run.v_width) for run in runs]
     if not outputs:
         return qkv.new_zeros(batch, tokens, 0)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from hiap_kernels.common import runtime
-from hiap_kernels.common.runtime import check_tensor
+from hiap_kernels.common.runtime import check_tensor, unit_last_stride
 
 __all__ = ["merge_tokens"]
 
@@ -90,8 +90,7 @@ def _merge_tokens_op(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, so
     out_size = runtime.empty((batch, kept), torch.float32, x.device)
     if batch == 0 or kept == 0 or channels == 0:
         return out, out_size
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = unit_last_stride(x)
     block_d, block_r, block_c, warps = _INTERPRETER_BLOCKS if runtime.interpreter_active() else _GPU_BLOCKS
     grid = (batch, triton.cdiv(kept, block_d), triton.cdiv(channels, block_c))
     _merge_tokens_kernel[grid](
