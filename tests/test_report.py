@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from hiap.app.report import accuracy_axis_limits, accuracy_vs_macs_figure, aggregate_runs, paired_differences
+from hiap.app.plots import accuracy_axis_limits, accuracy_vs_macs_figure
+from hiap.app.report import aggregate_runs, paired_differences
 
 
 def _run(method, seed, accuracy, loss, target=0.5):
@@ -64,22 +65,22 @@ def test_structure_colorbars_are_labelled():
     import matplotlib
 
     matplotlib.use("Agg")
-    from hiap.app import report
+    from hiap.app import plots
 
     structure = [{"layer": i, "num_heads": 2, "head_dim": 16, "qk_widths": [16, 8], "v_widths": [16, 0],
                   "ffn_dense": 64, "ffn_width": 32 * i, "heads_kept": 1} for i in range(2)]
     captured = []
-    original = report._figure
+    original = plots._figure
 
     def spy(*args, **kwargs):
         figure, axes = original(*args, **kwargs)
         captured.append(figure)
         return figure, axes
 
-    report._figure = spy
+    plots._figure = spy
     try:
-        report.plot_structure(structure, Path(tempfile.mkdtemp()) / "structure.png")
+        plots.plot_structure(structure, Path(tempfile.mkdtemp()) / "structure.png")
     finally:
-        report._figure = original
+        plots._figure = original
     colorbar_labels = [axis.get_ylabel() for axis in captured[0].axes if axis.get_label() == "<colorbar>"]
     assert colorbar_labels == ["kept dims per head (of 16)"] * 2

@@ -11,7 +11,8 @@
     evaluation.py   accuracy, loss, MACs, parameters, latency
     baselines.py    uniform-ratio and l1-structured pruning at a MAC budget
     peers.py        Torch-Pruning's ViT recipe at a MAC budget (the [peers] extra)
-    report.py       report.md / report.json, the console table, plots
+    report.py       report.md / report.json, compare.md / compare.json, the console tables
+    plots.py        the plots they embed: structure, gates and MACs over training, accuracy vs MACs
     export.py       ONNX export checked with onnxruntime
     runtime.py      devices, threads, distributed setup, atomic writes, progress bars, InputError
 """

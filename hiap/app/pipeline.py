@@ -26,7 +26,7 @@ from hiap.app.data import DataBundle, build_datasets, describe_source, eval_load
 from hiap.app.evaluation import summarize
 from hiap.app.models import create_dense_model, load_dense_weights
 from hiap.app.peers import PEERS, apply_torch_pruning
-from hiap.app.report import TOLERANCE, layer_structure, write_prune_report
+from hiap.app.report import layer_structure, write_prune_report
 from hiap.app.runtime import (
     DistContext,
     InputError,
@@ -37,7 +37,7 @@ from hiap.app.runtime import (
     init_distributed,
     log_line,
 )
-from hiap.app.train import DenseJob, DistillJob, HiAPJob, LoopSettings, fit, settle_budget
+from hiap.app.train import TOLERANCE, DenseJob, DistillJob, HiAPJob, LoopSettings, fit, settle_budget
 from hiap.backend import use_triton_kernels
 from hiap.config import HiAPConfig
 from hiap.files import RunFolderBusy, RunFolderLock, remove_stale_temporaries, save_safetensors

@@ -36,6 +36,9 @@ from hiap.method.cost import count_macs, expected_cost
 from hiap.method.gates import temperature_at
 from hiap.method.losses import HiAPObjective, distillation_loss
 
+# How far the extracted MACs may end from a target-mode run's target (a fraction of it) before settle_budget acts.
+TOLERANCE = 0.02
+
 __all__ = ["DenseJob", "DistillJob", "FitResult", "HiAPJob", "LoopSettings", "TrainingJob", "fit", "settle_budget"]
 
 
@@ -148,7 +151,7 @@ class DistillJob(TrainingJob):
         return loss, {"loss": loss.detach()}
 
 
-def settle_budget(gated: HiAPViT, tolerance: float = 0.02, step_size: float = 0.01, max_steps: int = 5000) -> dict:
+def settle_budget(gated: HiAPViT, tolerance: float = TOLERANCE, step_size: float = 0.01, max_steps: int = 5000) -> dict:
     """Move the decided MACs of a target-mode run back within ``tolerance`` of the target; a no-op when they are.
 
     The training budget settles on average, but a cluster of logits near zero (a whole FFN block's gate among them)
