@@ -23,7 +23,7 @@ import torch
 import hiap
 from hiap.app.data import eval_loader
 from hiap.app.evaluation import evaluate_classifier
-from hiap.app.pipeline import PipelineSettings, prepare_session
+from hiap.app.session import PipelineSettings, prepare_session
 from hiap.tokens import reduce_tokens, token_schedule
 
 VARIANTS = {"rapid": "rapid:r={r}", "rapid (no importance)": "rapid:r={r},weight=0",

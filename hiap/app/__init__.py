@@ -2,6 +2,7 @@
 
     cli.py          the commands and main: one-line errors with exit status 2
     flags.py        the flags (every HiAPConfig field generated as one) and the up-front checks of their values
+    session.py      settings, the cached dense teacher, data, the checks that run before any training
     pipeline.py     teacher (cached) -> gate -> HiAP training -> extract -> evaluate -> report; baselines alike
     train.py        one resumable, DDP-aware training loop and the jobs it runs (teacher, HiAP, KD fine-tuning)
     checkpoint.py   the JSONL run log and the atomic, strictly read training checkpoint

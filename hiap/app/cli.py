@@ -19,7 +19,7 @@ __all__ = ["build_parser", "hiap_config_from_args", "main"]
 
 def settings_from_args(args: argparse.Namespace):
     from hiap.app.models import parse_model_args
-    from hiap.app.pipeline import PipelineSettings
+    from hiap.app.session import PipelineSettings
 
     check_positive(args, "epochs", "batch_size", "eval_batch_size", "latency_batch", "latency_repeats")
     if args.teacher_epochs < 0:
@@ -154,7 +154,7 @@ def command_eval(args: argparse.Namespace) -> int:
             raise InputError(f"unknown model {args.model!r}: not a timm model name")
         model.pretrained_cfg = {"mean": pretrained_cfg.mean, "std": pretrained_cfg.std}
     if args.tokens is not None:
-        from hiap.app.pipeline import check_token_schedule
+        from hiap.app.session import check_token_schedule
 
         check_token_schedule(model, args.tokens)
     configure_threads(args.threads, device, count_macs(model))
@@ -164,7 +164,7 @@ def command_eval(args: argparse.Namespace) -> int:
     if args.json is not None and Path(args.json).expanduser().parent.exists() \
             and not Path(args.json).expanduser().parent.is_dir():
         raise InputError(f"--json {args.json}: {Path(args.json).parent} is a file, not a folder")
-    from hiap.app.pipeline import with_tokens
+    from hiap.app.session import with_tokens
 
     summaries = summarize(with_tokens({kind: model.to(device)}, args.tokens), loader, device, amp=args.amp,
                           latency_batch=args.latency_batch, latency_rounds=args.latency_repeats, compile=args.compile,

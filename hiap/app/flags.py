@@ -164,7 +164,7 @@ TOKENS_HELP = ("also evaluate with token reduction: rapid:r=N or rapid:keep=F (p
 
 def build_parser() -> argparse.ArgumentParser:
     from hiap import __version__
-    from hiap.app.pipeline import PipelineSettings
+    from hiap.app.session import PipelineSettings
 
     defaults = PipelineSettings()
     parser = argparse.ArgumentParser(prog="hiap", description="HiAP: hierarchical auto-pruning of timm Vision Transformers")

@@ -1,5 +1,6 @@
-"""The HiAP pipeline behind ``hiap prune`` and ``hiap compare``: dense teacher (cached), gating, one single-stage HiAP
-run, extraction, evaluation, report; and the baselines trained at the same budget.
+"""The HiAP pipeline behind ``hiap prune`` and ``hiap compare``: on a session (``session.py``: settings, cached dense
+teacher, data), gating, one single-stage HiAP run, extraction, evaluation, report; and the baselines trained at the
+same budget.
 
 Every function here runs on every rank of a ``torchrun`` job (training and evaluation are collective); only rank 0
 writes files.
@@ -8,160 +9,47 @@ writes files.
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
-import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from hiap.app.baselines import apply_baseline
 from hiap.app.checkpoint import JsonlLog, config_difference, read_checkpoint
-from hiap.app.data import DataBundle, build_datasets, describe_source, eval_loader, num_classes_of
+from hiap.app.data import eval_loader
 from hiap.app.evaluation import summarize
-from hiap.app.models import create_dense_model, load_dense_weights
 from hiap.app.peers import PEERS, apply_torch_pruning
 from hiap.app.report import layer_structure, write_prune_report
 from hiap.app.runtime import (
     DistContext,
     InputError,
     atomic_write_json,
-    configure_threads,
     describe_machine,
     gather_floats,
-    init_distributed,
     log_line,
 )
-from hiap.app.train import TOLERANCE, DenseJob, DistillJob, HiAPJob, LoopSettings, fit, settle_budget
+from hiap.app.session import (
+    PipelineSettings,
+    Session,
+    _fingerprint_key,
+    prepare_session,
+    teacher_fingerprint,
+    with_tokens,
+)
+from hiap.app.train import TOLERANCE, DistillJob, HiAPJob, fit, settle_budget
 from hiap.backend import use_triton_kernels
 from hiap.config import HiAPConfig
-from hiap.files import RunFolderBusy, RunFolderLock, remove_stale_temporaries, save_safetensors
+from hiap.files import RunFolderBusy, RunFolderLock, remove_stale_temporaries
 from hiap.method.convert import HiAPViT, gate_vit
 from hiap.method.cost import count_macs, dense_macs
 from hiap.method.extract import extract, save_pruned
 from hiap.method.gates import resolve_groups
 from hiap.method.losses import HiAPObjective
-from hiap.tokens import reduce_tokens, schedule_for
-
-DEFAULT_OUTPUT = "hiap-runs/prune"
-
-
-@dataclass
-class PipelineSettings:
-    """Everything ``hiap prune`` / ``hiap compare`` take, with the defaults of the default digits run."""
-
-    output: str = DEFAULT_OUTPUT
-    model: str = "digits_vit"
-    model_args: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None
-    pretrained: bool = False
-    data: str | None = None
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    workers: int = 0
-    hiap: HiAPConfig = field(default_factory=HiAPConfig)
-    epochs: int = 25
-    batch_size: int = 64
-    weight_decay: float = 0.05
-    teacher_epochs: int = 40
-    teacher_lr: float = 2e-3
-    teacher_seed: int = 0
-    checkpoint_every: int = 200
-    log_every: int = 10
-    eval_batch_size: int = 256
-    device: str = "auto"
-    amp: bool = True
-    threads: int = 0
-    cache_dir: str = "~/.cache/hiap"
-    show_progress: bool = True
-    resume: bool = False
-    latency_batch: int = 64
-    latency_repeats: int = 30
-    compile: bool = False
-    overwrite: bool = False
-    tokens: str | None = None
-
-    def loop(self, epochs: int, seed: int, warmup_steps: int = 0) -> LoopSettings:
-        return LoopSettings(epochs=epochs, batch_size=self.batch_size, weight_decay=self.weight_decay,
-                            warmup_steps=warmup_steps, checkpoint_every=self.checkpoint_every,
-                            log_every=self.log_every, eval_batch_size=self.eval_batch_size, amp=self.amp,
-                            workers=self.workers, show_progress=self.show_progress, seed=seed)
-
-    def data_fingerprint(self) -> dict:
-        return {"data": describe_source(self.data), "val_fraction": self.val_fraction, "split_seed": self.split_seed,
-                "model": self.model, "model_args": self.model_args}
-
-
-@dataclass
-class Session:
-    """What every phase of one command shares: process placement, the dense teacher and the data."""
-
-    ctx: DistContext
-    device: torch.device
-    teacher: nn.Module
-    data: DataBundle
-    teacher_key: str
-    threads: int
-    notes: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Teacher
-# --------------------------------------------------------------------------------------------------------------------
-
-def _file_identity(path: str | None) -> dict | None:
-    if path is None:
-        return None
-    resolved = Path(path).expanduser().resolve()
-    stat = resolved.stat()
-    return {"path": str(resolved), "size": stat.st_size, "mtime": int(stat.st_mtime)}
-
-
-def teacher_fingerprint(settings: PipelineSettings) -> dict:
-    return {**settings.data_fingerprint(), "checkpoint": _file_identity(settings.checkpoint),
-            "pretrained": settings.pretrained, "teacher_epochs": settings.teacher_epochs,
-            "teacher_lr": settings.teacher_lr, "teacher_seed": settings.teacher_seed,
-            "batch_size": settings.batch_size, "weight_decay": settings.weight_decay}
-
-
-def _fingerprint_key(fingerprint: dict) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
-    save_safetensors(model.state_dict(), path, {"hiap_teacher": json.dumps(metadata)})
-
-
-def _check_gate_groups(dense: nn.Module, cfg: HiAPConfig) -> None:
-    """The gate groups must divide the model's head dim and FFN width: refused before a teacher is trained."""
-    attn, mlp = dense.blocks[0].attn, dense.blocks[0].mlp
-    head, neuron = resolve_groups(cfg.dim_group, cfg.neuron_group, attn.head_dim, mlp.fc1.out_features)
-    if attn.head_dim % head:
-        raise InputError(f"--dim-group {head} does not divide the model's head dim {attn.head_dim}")
-    if mlp.fc1.out_features % neuron:
-        raise InputError(f"the neuron group {neuron} (--dim-group / --neuron-group) does not divide the model's FFN "
-                         f"width {mlp.fc1.out_features}")
-
-
-def check_token_schedule(model: nn.Module, spec: str) -> None:
-    """``--tokens`` must fit the model (blocks, tokens, a class token): refused before anything is trained."""
-    try:
-        schedule_for(model, spec)
-    except (ValueError, TypeError) as error:
-        raise InputError(f"--tokens {spec!r}: {error}") from None
-
-
-def with_tokens(models: dict[str, nn.Module], spec: str | None) -> dict[str, nn.Module]:
-    """``models`` and, with a schedule, each of them token-reduced as ``<name>+tokens`` (copies; originals kept)."""
-    if spec is None:
-        return models
-    reduced = {f"{name}+tokens": reduce_tokens(copy.deepcopy(model), spec) for name, model in models.items()}
-    return {**models, **reduced}
+from hiap.tokens import schedule_for
 
 
 def _check_resume(settings: PipelineSettings, output: Path) -> None:
@@ -173,50 +61,6 @@ def _check_resume(settings: PipelineSettings, output: Path) -> None:
         if difference is not None:
             raise InputError(f"--resume: {checkpoint} was written with a different config ({difference}); "
                              "resume with the original settings or use a new --output")
-
-
-def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session:
-    """Process group, dense model (fresh, pretrained or from --checkpoint), data, and the trained teacher.
-
-    The teacher is trained for ``teacher_epochs`` and cached under ``cache_dir`` keyed by everything that shapes it;
-    a later run with the same settings loads it instead. Its own checkpoint lets a killed teacher phase resume.
-    """
-    ctx, device = init_distributed(settings.device)
-    notes: list[str] = []
-    torch.manual_seed(settings.teacher_seed)
-    dense = create_dense_model(settings.model, num_classes_of(settings.data), model_args=settings.model_args,
-                               pretrained=settings.pretrained)
-    _check_gate_groups(dense, settings.hiap)
-    if settings.tokens is not None:
-        check_token_schedule(dense, settings.tokens)
-    if settings.checkpoint is not None:
-        notes += load_dense_weights(dense, settings.checkpoint)
-    threads = configure_threads(settings.threads, device, count_macs(dense))
-    data = build_datasets(settings.data, dense, settings.val_fraction, settings.split_seed)
-    fingerprint = teacher_fingerprint(settings)
-    key = _fingerprint_key(fingerprint)
-    if settings.teacher_epochs == 0:
-        return Session(ctx, device, dense.to(device).eval(), data, key, threads, notes)
-    cache = Path(settings.cache_dir).expanduser()
-    weights_path = cache / f"teacher-{key}.safetensors"
-    ctx.barrier()
-    if weights_path.exists():
-        load_dense_weights(dense, weights_path)
-        log_line(f"[teacher] loaded from cache {weights_path}", ctx)
-    else:
-        job = DenseJob(dense, settings.teacher_lr)
-        steps_per_epoch = len(data.train) // settings.batch_size
-        loop = settings.loop(settings.teacher_epochs, settings.teacher_seed,
-                             warmup_steps=max(1, settings.teacher_epochs * steps_per_epoch // 10))
-        checkpoint = cache / f"teacher-{key}.checkpoint.pt"
-        # Always resumable: the cache key pins every setting, so a partial teacher of the same key is this teacher.
-        fit(job, data, loop, ctx=ctx, device=device, checkpoint_path=checkpoint, log=log,
-            fingerprint=fingerprint, resume=checkpoint.exists())
-        if ctx.is_main:
-            _save_weights(dense, weights_path, fingerprint)
-            checkpoint.unlink(missing_ok=True)
-        log_line(f"[teacher] trained and cached at {weights_path}", ctx)
-    return Session(ctx, device, dense.to(device).eval(), data, key, threads, notes)
 
 
 # --------------------------------------------------------------------------------------------------------------------
