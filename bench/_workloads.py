@@ -240,6 +240,16 @@ def merge_tokens_work(batch: int, tokens: int, kept: int, sources: int, channels
     return Work(flops, bytes_)
 
 
+def nearest_tokens_work(batch: int, queries: int, candidates: int, width: int, key_rows: int, masked: bool) -> Work:
+    """Each query's most cosine-similar candidate: reads ``key_rows`` rows of keys (ToMe's queries and candidates are
+    the two halves of one key tensor, read once) and the mask; writes a float32 score and an int64 index per query.
+    The FLOPs are the similarity products (2 per query, candidate and key column); the norms are overhead."""
+    act = activation_bytes()
+    flops = 2 * batch * queries * candidates * width
+    bytes_ = batch * (act * key_rows * width + (candidates if masked else 0) + 12 * queries)
+    return Work(flops, bytes_)
+
+
 def linear_residual_inference_work(rows: int, in_features: int, out_features: int) -> Work:
     """y = r + gamma * (x W^T + b), forward only: reads x, W, b, gamma, r; writes y."""
     act = activation_bytes()

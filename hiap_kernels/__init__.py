@@ -13,6 +13,7 @@ import), which the tests compare against and ``hiap`` uses as its reference path
     layernorm_linear/ fused_layernorm_linear  LayerNorm in the prologue of the GEMM that reads it    (inference)
     linear_residual/ fused_linear_residual  proj / fc2 GEMM with bias, LayerScale and residual add  (inference)
     token_merge/    merge_tokens       size-weighted gather + fold + divide of token reduction          (inference)
+    token_similarity/ nearest_tokens   each token's most cosine-similar candidate, no similarity matrix (inference)
     common/         what every kernel shares: tile order, k-loop, GELU, precision policy, allocation
 
 This package never imports ``hiap``. The Triton ops are imported on first use, so ``import hiap_kernels`` works where
@@ -30,6 +31,7 @@ from hiap_kernels.linear_residual.reference import linear_residual_reference
 from hiap_kernels.ragged_attn.reference import build_head_table, ragged_attention_padded
 from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
 from hiap_kernels.token_merge.reference import merge_tokens_reference
+from hiap_kernels.token_similarity.reference import nearest_tokens_reference
 
 # Public Triton op -> the module that defines it. No module of this package is named like an op, so importing one
 # never replaces the function that ``__getattr__`` handed out.
@@ -42,6 +44,7 @@ _TRITON_OPS = {
     "merge_tokens": "hiap_kernels.token_merge.kernel",
     "fused_linear_residual": "hiap_kernels.linear_residual.kernel",
     "fused_layernorm_linear": "hiap_kernels.layernorm_linear.kernel",
+    "nearest_tokens": "hiap_kernels.token_similarity.kernel",
 }
 
 __all__ = [
@@ -63,6 +66,8 @@ __all__ = [
     "logistic_noise",
     "merge_tokens",
     "merge_tokens_reference",
+    "nearest_tokens",
+    "nearest_tokens_reference",
     "philox_uniform",
     "ragged_attention",
     "ragged_attention_padded",

@@ -26,6 +26,9 @@ TOLERANCES = {
     "fused_linear_residual": {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2},
     # One rounding of the output after an fp32 weighted mean of a handful of rows.
     "merge_tokens": {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3},
+    # A cosine from fp32 sums of products that are exact in fp32 (half inputs included), against the float64 cosine of
+    # the same inputs; halves looser for the tensor cores' fp32 accumulation on a GPU.
+    "nearest_tokens": {torch.float32: 2e-6, torch.float16: 1e-5, torch.bfloat16: 1e-5},
 }
 
 # How much looser the bound of a one-element (fully reduced) gradient is than the elementwise one.
