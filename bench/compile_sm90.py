@@ -70,6 +70,7 @@ def kernel_specs() -> list[KernelSpec]:
     from hiap_kernels.linear_residual.kernel import _linear_residual_kernel
     from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel
     from hiap_kernels.token_merge import kernel as token_merge
+    from hiap_kernels.token_similarity import kernel as token_similarity
 
     f32, i32 = torch.float32, torch.int32
     GATES = dict(seed_ptr=T(torch.int64), tau_ptr=T(f32), **GATE_FLAGS)
@@ -126,6 +127,19 @@ def kernel_specs() -> list[KernelSpec]:
                                    out_stride_b=(N - 17) * D, out_stride_d=D),
                    configs=[triton.Config(dict(zip(("BLOCK_D", "BLOCK_R", "BLOCK_C"), token_merge._GPU_BLOCKS[:3])),
                                           num_warps=token_merge._GPU_BLOCKS[3])]),
+        # ToMe's matching: the 98 even patch tokens against the 98 odd ones (views of the keys: row stride 2 D); blocks
+        # as in the launcher, whose BLOCK_M is the next power of two >= 16 of the query count, at most 64. The second
+        # variant is RAPID's merge with r = 16 (16 query rows, the sources excluded), at ToMe's argument shapes.
+        KernelSpec("_nearest_tokens_kernel", token_similarity._nearest_tokens_kernel,
+                   lambda dt: dict(queries_ptr=T(dt), candidates_ptr=T(dt), excluded_ptr=T(torch.uint8),
+                                   score_ptr=T(f32), index_ptr=T(torch.int64), num_queries=(N - 1) // 2,
+                                   num_candidates=(N - 1) // 2, width=D, queries_stride_b=(N - 1) * D,
+                                   queries_stride_m=2 * D, candidates_stride_b=(N - 1) * D, candidates_stride_p=2 * D,
+                                   excluded_stride_b=N - 1, excluded_stride_p=1, eps=token_similarity._EPS),
+                   configs=[triton.Config(dict(zip(("BLOCK_N", "BLOCK_W"), token_similarity._GPU_BLOCKS[1:3])),
+                                          num_warps=token_similarity._GPU_BLOCKS[3])],
+                   variants=[{"BLOCK_M": token_similarity._GPU_BLOCKS[0], "HAS_EXCLUDED": False},
+                             {"BLOCK_M": 16, "HAS_EXCLUDED": True}]),
         KernelSpec("_layernorm_linear_kernel", _layernorm_linear_kernel,  # norm2 -> fc1 -> GELU at the dense width
                    lambda dt: dict(x_ptr=T(dt), norm_weight_ptr=T(dt), norm_bias_ptr=T(dt), weight_ptr=T(dt),
                                    bias_ptr=T(dt), out_ptr=T(dt), num_rows=M, num_features=F, in_features=D,

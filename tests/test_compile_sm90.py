@@ -25,6 +25,7 @@ KERNELS = {
     "_ragged_attention_kernel",
     "_linear_gelu_kernel",
     "_merge_tokens_kernel",
+    "_nearest_tokens_kernel",
     "_linear_residual_kernel",
     "_layernorm_linear_kernel",
 }
