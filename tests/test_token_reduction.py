@@ -219,8 +219,8 @@ def test_keep_fraction_picks_the_smallest_r_that_reaches_it():
 @needs_triton
 @pytest.mark.parametrize("spec", ["m6,p6,m6", "tome:r=6"])
 def test_pruned_model_on_the_triton_backend_merges_and_attends_as_the_reference(spec):
-    """On the Triton backend merges run through merge_tokens, and once tokens are merged the ragged kernel adds
-    log(size) per key, as SDPA's mask does: the outputs match the PyTorch path."""
+    """On the Triton backend merges run through merge_tokens and nearest_tokens, and once tokens are merged the ragged
+    kernel adds log(size) per key, as SDPA's mask does: the outputs match the PyTorch path."""
     gated = hiap.gate_vit(_vit(), hiap.HiAPConfig(dim_group=1, min_heads=1, min_dim_fraction=0.0,
                                                   min_neuron_fraction=0.0))
     randomize_logits(gated, torch.Generator().manual_seed(5))
@@ -240,13 +240,35 @@ def test_pruned_model_on_the_triton_backend_merges_and_attends_as_the_reference(
 
         for block in pruned.blocks:
             block.attn.triton_kernel = lambda *args, _spy=spy: _spy
-        merges = []
-        merge_tokens = hiap.backend.load_triton_op("merge_tokens")
-        hiap.backend._LOADED_OPS["merge_tokens"] = lambda *args: merges.append(1) or merge_tokens(*args)
+        used = {"merge_tokens": [], "nearest_tokens": []}
+        ops = {name: hiap.backend.load_triton_op(name) for name in used}
+        for name, op in ops.items():
+            hiap.backend._LOADED_OPS[name] = lambda *args, _op=op, _used=used[name]: _used.append(1) or _op(*args)
         try:
             got = pruned(x)
         finally:
-            hiap.backend._LOADED_OPS["merge_tokens"] = merge_tokens
+            hiap.backend._LOADED_OPS.update(ops)
     assert calls and any(calls)  # the kernel ran, and with a bias after the first merge
-    assert merges  # and the merges went through the Triton merge_tokens
+    assert used["merge_tokens"] and used["nearest_tokens"]  # and the merges went through the Triton ops
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_merge_steps_choose_the_same_tokens_with_the_triton_kernels(dtype):
+    """importance_merge and bipartite_soft_matching with nearest_tokens and merge_tokens pick the same partners as
+    the references (keys a strided slice of a packed projection, as attention hands them over): same sizes, same
+    tokens up to the merge's rounding."""
+    from hiap_kernels import merge_tokens, nearest_tokens
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 33, 12, generator=generator)
+    size = torch.randint(1, 4, (2, 33, 1), generator=generator).float()
+    keys = torch.randn(2, 33, 3 * 20, generator=generator).to(dtype)[..., 20:40]
+    cls = torch.rand(2, 33, generator=generator)
+    for step in (lambda **ops: importance_merge(x, size, keys, cls, 7, **ops),
+                 lambda **ops: bipartite_soft_matching(x, size, keys, 7, **ops)):
+        expected, expected_size = step()
+        got, got_size = step(merge=merge_tokens, nearest=nearest_tokens)
+        assert torch.equal(got_size, expected_size)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

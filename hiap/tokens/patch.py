@@ -28,6 +28,7 @@ from hiap.tokens.attention import attend, check_attention
 from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
 from hiap.tokens.schedule import LayerStep, TokenSchedule, as_schedule
 from hiap_kernels.token_merge.reference import merge_tokens_reference
+from hiap_kernels.token_similarity.reference import nearest_tokens_reference
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -87,17 +88,23 @@ class _BlockPlan:
     state: _TokenState
 
 
-def _merge_op(block: nn.Module, tokens: torch.Tensor):
-    """The Triton ``merge_tokens`` when the block's attention (or the process) is on the Triton backend and it runs
-    on ``tokens``; else its PyTorch reference."""
+def _token_op(block: nn.Module, tokens: torch.Tensor, name: str, reference):
+    """The Triton op ``name`` (``merge_tokens``, ``nearest_tokens``) when the block's attention (or the process) is on
+    the Triton backend and it runs on ``tokens``; else ``reference``, its PyTorch twin."""
     backend = getattr(block.attn, "kernel_backend", None) or kernels_in_use()
     if backend == "triton":
         try:
             if load_triton_op("can_run_triton")(tokens):
-                return load_triton_op("merge_tokens")
+                return load_triton_op(name)
         except (ImportError, AttributeError):
             pass
-    return merge_tokens_reference
+    return reference
+
+
+def _merge_ops(block: nn.Module, tokens: torch.Tensor) -> dict:
+    """The ``merge`` and ``nearest`` arguments of a merge step, for ``block`` and its ``tokens``."""
+    return {"merge": _token_op(block, tokens, "merge_tokens", merge_tokens_reference),
+            "nearest": _token_op(block, tokens, "nearest_tokens", nearest_tokens_reference)}
 
 
 def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -127,9 +134,9 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
                                              plan.importance_weight)
             size = None if ones else size
         elif step.kind == "merge":
-            patches, size = importance_merge(patches, size, keys, cls, step.r, _merge_op(block, patches))
+            patches, size = importance_merge(patches, size, keys, cls, step.r, **_merge_ops(block, patches))
         else:
-            patches, size = bipartite_soft_matching(patches, size, keys, step.r, _merge_op(block, patches))
+            patches, size = bipartite_soft_matching(patches, size, keys, step.r, **_merge_ops(block, patches))
         x = torch.cat([head, patches], dim=1)
         plan.state.size = size
         plan.state.bias = _proportional_bias(size, prefix, x.dtype)  # the blocks after this one all read it

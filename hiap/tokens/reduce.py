@@ -27,6 +27,11 @@ ToMe (Bolya et al. 2023), as published: tokens alternate into sets A and B; ever
 edge; the r A tokens with the strongest edges merge into their B partners; the output is the unmerged A tokens (in
 order) followed by B. ToMe averages the keys over heads; pruned heads have no common width, so here both methods
 compare the concatenated keys.
+
+The merge steps take their two kernels as arguments, the PyTorch references by default: ``merge`` (the size-weighted
+fold, ``merge_tokens``) and ``nearest`` (each token's most cosine-similar partner, ``nearest_tokens``: normalised
+keys, similarities, excluded partners at -inf, max and argmax with ties to the lowest index); ``hiap.tokens.patch``
+hands them the Triton ops on the Triton backend.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from hiap_kernels.token_merge.reference import gather_rows, merge_tokens_reference
+from hiap_kernels.token_similarity.reference import nearest_tokens_reference
 
 
 def _merge(merge, x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, source: torch.Tensor,
@@ -65,7 +71,8 @@ def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
 
 
 def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, r: int,
-                     merge=merge_tokens_reference) -> tuple[torch.Tensor, torch.Tensor]:
+                     merge=merge_tokens_reference, nearest=nearest_tokens_reference
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """RAPID's deep step: merge the ``r`` least attended tokens into their most similar kept token."""
     if r == 0:
         return x, size
@@ -73,25 +80,21 @@ def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
     source = order[:, :r]
     destination = order[:, r:].sort(dim=1).values  # kept in their original order, [B, P - r]
     is_source = torch.zeros_like(cls, dtype=torch.bool).scatter_(1, source, True)  # [B, P]
-    metric = F.normalize(keys.float(), dim=-1)
-    # Sources against every token (sources masked out): no gather of the destinations' keys.
-    similarity = torch.matmul(gather_rows(metric, source), metric.transpose(1, 2))  # [B, r, P]
-    similarity = similarity.masked_fill(is_source[:, None, :], float("-inf"))
-    nearest = similarity.argmax(dim=-1)  # [B, r], a token index
+    # Sources against every token, the sources excluded: no gather of the destinations' keys.
+    _, partner = nearest(gather_rows(keys, source), keys, is_source)  # [B, r], a token index
     # A kept token's place among the destinations: how many kept tokens come before it.
     place = torch.cumsum((~is_source).to(torch.int64), dim=1) - 1  # [B, P]
-    target = torch.gather(place, 1, nearest)
+    target = torch.gather(place, 1, partner)
     return _merge(merge, x, size, destination, source, target)
 
 
 def bipartite_soft_matching(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int,
-                            merge=merge_tokens_reference) -> tuple[torch.Tensor, torch.Tensor]:
+                            merge=merge_tokens_reference, nearest=nearest_tokens_reference
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe's step: merge ``r`` tokens of set A (even positions) into their most similar token of set B (odd)."""
     if r == 0:
         return x, size
-    metric = F.normalize(keys.float(), dim=-1)
-    scores = torch.matmul(metric[:, ::2], metric[:, 1::2].transpose(1, 2))  # [B, |A|, |B|]
-    edge, partner = scores.max(dim=-1)  # [B, |A|]
+    edge, partner = nearest(keys[:, ::2], keys[:, 1::2])  # [B, |A|]: views of the keys, no copy
     ranked = torch.argsort(edge, dim=-1, descending=True, stable=True)
     source = ranked[:, :r]
     unmerged = ranked[:, r:].sort(dim=1).values
