@@ -135,7 +135,6 @@ def test_training_step(benchmark, recorder, variant, batch):
         optimizer = build_optimizer([
             {"params": list(model.weight_parameters().values()), "lr": cfg.lr},
             {"params": list(model.gate_logits().values()), "lr": cfg.gate_lr, "weight_decay": 0.0},
-            {"params": objective.budget.lagrangian_parameters(), "lr": cfg.lagrangian_lr, "weight_decay": 0.0},
         ])
         forward = compile_reference(model.vit) if provider == "compiled" else model.vit
         counter = iter(range(10**9))

@@ -28,7 +28,15 @@ class HiAPConfig:
             extracted MACs on ``target`` x dense MACs).
         target: MAC fraction of the dense model to reach in "target" mode, in (0, 1].
         lambda_macro, lambda_micro: weights of the macro (heads, FFN blocks) and micro (dims, neurons) cost terms.
-        lagrangian_lr: learning rate of the two Lagrange multipliers in "target" mode (gradient ascent).
+        lagrangian_lr: step size of the Lagrange multipliers' plain gradient ascent in "target" mode
+            (l1 += lagrangian_lr gap, l2 += lagrangian_lr gap^2 each step of the search).
+        gap_weight: starting value of the quadratic multiplier l2: a restoring force proportional to the gap from
+            the first step.
+        target_ramp: fraction of the search over which the target falls linearly from 1 to ``target`` (0: the target
+            from the first step), so that the gates cross the decision boundary a few at a time.
+        fix_at: fraction of the run after which the structure is fixed (gates and multipliers stop, the decision is
+            settled onto the target and the rest of the run trains the weights of the network extraction keeps);
+            1 lets the gates learn to the last step, as in the paper.
     Feasibility (soft penalties during training, hard minimums in the decision):
         min_heads: heads kept per layer at least.
         min_dim_fraction: fraction of q/k and of v dims kept per kept head at least.
@@ -51,7 +59,10 @@ class HiAPConfig:
     target: float = 2.0 / 3.0
     lambda_macro: float = 0.9
     lambda_micro: float = 0.45
-    lagrangian_lr: float = 0.05
+    lagrangian_lr: float = 1.0
+    gap_weight: float = 5.0
+    target_ramp: float = 0.5
+    fix_at: float = 0.75
     min_heads: int = 1
     min_dim_fraction: float = 0.125
     min_neuron_fraction: float = 0.05
@@ -72,7 +83,7 @@ class HiAPConfig:
                 raise ValueError(f"HiAPConfig: {message}")
 
         for name in ("init_logit", "tau0", "tau_min", "target", "lambda_macro", "lambda_micro", "lagrangian_lr",
-                     "min_dim_fraction", "min_neuron_fraction", "feasibility_weight", "kd_alpha",
+                     "gap_weight", "target_ramp", "fix_at", "min_dim_fraction", "min_neuron_fraction", "feasibility_weight", "kd_alpha",
                      "kd_temperature", "lr", "gate_lr"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
@@ -84,7 +95,10 @@ class HiAPConfig:
         need(self.tau_min <= self.tau0, f"tau_min ({self.tau_min}) must not exceed tau0 ({self.tau0})")
         need(self.budget in ("penalty", "target"), f"budget must be 'penalty' or 'target', got {self.budget!r}")
         need(0.0 < self.target <= 1.0, f"target must lie in (0, 1], got {self.target}")
-        for name in ("lambda_macro", "lambda_micro", "lagrangian_lr", "feasibility_weight", "lr", "gate_lr"):
+        need(0.0 < self.fix_at <= 1.0, f"fix_at must lie in (0, 1], got {self.fix_at}")
+        need(0.0 <= self.target_ramp <= 1.0, f"target_ramp must lie in [0, 1], got {self.target_ramp}")
+        for name in ("lambda_macro", "lambda_micro", "lagrangian_lr", "gap_weight", "feasibility_weight", "lr",
+                     "gate_lr"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(isinstance(self.min_heads, int) and self.min_heads >= 0, f"min_heads must be an integer >= 0, got {self.min_heads!r}")
         for name in ("min_dim_fraction", "min_neuron_fraction", "kd_alpha"):

@@ -32,20 +32,38 @@ def test_penalty_mode_weights_macro_and_micro_terms():
 
 
 def test_target_mode_multipliers_ascend_and_pull_the_cost_toward_the_target():
-    cfg = hiap.HiAPConfig(budget="target", target=0.5, lagrangian_lr=0.1)
+    cfg = hiap.HiAPConfig(budget="target", target=0.5)
     gated = hiap.gate_vit(tiny_vit(), cfg)
     budget = BudgetLoss(cfg)
-    optimizer = torch.optim.Adam([{"params": list(gated.gate_logits().values()), "lr": 0.1},
-                                  {"params": budget.lagrangian_parameters(), "lr": cfg.lagrangian_lr}])
-    fractions = []
+    optimizer = torch.optim.Adam(list(gated.gate_logits().values()), lr=0.1)
+    fractions, lambda1 = [], []
     for _ in range(300):
         optimizer.zero_grad()
         terms = budget(expected_cost(gated))
         terms["budget"].backward()
         optimizer.step()
         fractions.append(terms["expected_fraction"].item())
-    assert budget.lambda2.item() > 1.0  # ascent: the quadratic multiplier only grows
+        lambda1.append(budget.lambda1.item())
+    # Plain ascent: l1 grows by lagrangian_lr * gap while the cost is above the target, l2 by lagrangian_lr * gap^2.
+    assert lambda1[0] == pytest.approx(cfg.lagrangian_lr * (fractions[0] - 0.5), rel=1e-6)
+    assert budget.lambda2.item() > cfg.gap_weight
     assert fractions[0] > 0.9 and abs(fractions[-1] - 0.5) < 0.01
+
+
+def test_the_ascent_stops_outside_training_and_when_the_owner_stops_it():
+    cfg = hiap.HiAPConfig(budget="target", target=0.5)
+    gated = hiap.gate_vit(tiny_vit(), cfg)
+    budget = BudgetLoss(cfg)
+    with torch.no_grad():
+        budget(expected_cost(gated))
+    budget.eval()(expected_cost(gated))
+    budget.train().ascending = False
+    budget(expected_cost(gated))
+    assert budget.lambda1.item() == 0.0 and budget.lambda2.item() == cfg.gap_weight
+    budget.set_target(1.0)  # a ramped target: the gap is measured against it
+    budget.ascending = True
+    terms = budget(expected_cost(gated))
+    assert budget.lambda1.item() == pytest.approx(terms["expected_fraction"].item() - 1.0, rel=1e-6)
 
 
 def test_feasibility_penalty_is_zero_when_layers_are_well_above_the_minimums_and_grows_below():
@@ -119,8 +137,7 @@ def test_one_training_step_never_waits_for_the_device():
     gated = hiap.gate_vit(teacher).train()
     objective = hiap.HiAPObjective(gated)
     optimizer = build_optimizer([{"params": list(gated.weight_parameters().values()), "lr": 1e-4},
-                                 {"params": list(gated.gate_logits().values()), "lr": 0.05},
-                                 {"params": objective.budget.lagrangian_parameters(), "lr": 0.05}])
+                                 {"params": list(gated.gate_logits().values()), "lr": 0.05}])
     x, targets = images(gated, batch=4), torch.tensor([1, 2, 3, 4])
     with torch.no_grad():
         teacher_logits = teacher(x)

@@ -84,3 +84,28 @@ def test_structure_colorbars_are_labelled():
         plots._figure = original
     colorbar_labels = [axis.get_ylabel() for axis in captured[0].axes if axis.get_label() == "<colorbar>"]
     assert colorbar_labels == ["kept dims per head (of 16)"] * 2
+
+
+def test_the_macs_plot_marks_the_tolerance_and_the_step_where_the_structure_was_fixed(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from hiap.app import plots
+
+    captured = []
+    original = plots._figure
+
+    def spy(*args, **kwargs):
+        figure, axes = original(*args, **kwargs)
+        captured.append(figure)
+        return figure, axes
+
+    monkeypatch.setattr(plots, "_figure", spy)
+    records = [{"event": "step", "step": step, "expected_fraction": 1 - step / 100, "decided_fraction": 1.0}
+               for step in (10, 20, 30, 40)]
+    records.insert(3, {"event": "fix_structure", "step": 30, "before": 0.7, "after": 0.67})
+    plots.plot_macs(records, Path(tempfile.mkdtemp()) / "macs.png", target=2 / 3)
+    labels = captured[0].axes[0].get_legend_handles_labels()[1]
+    assert "structure fixed" in labels and "+-1%" in labels
+    fixed = [line for line in captured[0].axes[0].get_lines() if line.get_label() == "structure fixed"]
+    assert list(fixed[0].get_xdata()) == [30, 30]

@@ -62,6 +62,10 @@ def test_log_truncation_drops_redone_steps_and_cut_lines(tmp_path):
         handle.write('{"phase": "hiap", "st')  # a record cut short by SIGKILL
     log.truncate_after("hiap", 4)
     assert [(r["phase"], r["step"]) for r in JsonlLog.read(log.path)] == [("hiap", 2), ("hiap", 4), ("teacher", 40)]
+    # An event raised before step 5 (the structure being fixed) carries step 4 and is redone by a run resumed there.
+    log.write({"phase": "hiap", "event": "fix_structure", "step": 4})
+    log.truncate_after("hiap", 4)
+    assert [r["event"] for r in JsonlLog.read(log.path)] == ["step", "step", "step"]
 
 
 def _final_state(output):
@@ -129,13 +133,13 @@ def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
 
     teacher = tiny_vit().requires_grad_(False)
     gated = hiap.gate_vit(teacher, hiap.HiAPConfig())
-    groups = HiAPJob(gated, teacher, hiap.HiAPObjective(gated)).param_groups(0.05)
-    assert [g["name"] for g in groups] == ["weights", "weights_no_decay", "gates", "lagrangian"]
-    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in gated.parameters()) + 2
+    groups = HiAPJob(gated, teacher, hiap.HiAPObjective(gated)).param_groups(0.05, total_steps=100)
+    assert [g["name"] for g in groups] == ["weights", "weights_no_decay", "gates"]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in gated.parameters())
     with torch.no_grad():
         gated.gate_logits()["blocks.0.mlp.gates.block"].fill_(-5.0)
     pruned = hiap.extract(gated)
-    groups = DistillJob(pruned, teacher, lr=1e-4, alpha=0.7, temperature=4.0).param_groups(0.05)
+    groups = DistillJob(pruned, teacher, lr=1e-4, alpha=0.7, temperature=4.0).param_groups(0.05, total_steps=100)
     trained = sum(p.numel() for g in groups for p in g["params"])
     assert trained == sum(p.numel() for p in pruned.parameters()) > 0
     assert not pruned.blocks[0].mlp.fc1.weight.requires_grad  # zero-sized: nothing to train, and DDP would wait on it
@@ -166,3 +170,63 @@ def test_budget_settling_moves_only_micro_logits_until_the_target_is_met():
     assert all(torch.equal(a, b) for a, b in zip(gated.gate_logits().values(), again.gate_logits().values()))
     assert settle_budget(gated, tolerance=0.02)["steps"] == 0
     assert settle_budget(hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(budget="penalty"))) is None
+
+
+def test_the_search_ramps_the_target_speeds_short_runs_up_and_then_fixes_the_structure():
+    from hiap.app.train import HiAPJob
+
+    teacher = tiny_vit()
+    gated = hiap.gate_vit(teacher, hiap.HiAPConfig(target=0.5))
+    job = HiAPJob(gated, teacher, hiap.HiAPObjective(gated))
+    budget = job.objective.budget
+    assert job.search_steps(44) == 33 and job.search_steps(1) == 1
+    assert job.gate_speedup(33) == pytest.approx(4 * 3.0 / 33 / 0.05) and job.gate_speedup(10_000) == 1.0
+    assert job.before_step(0, 44) is None and budget.current_target.item() == 1.0
+    job.before_step(8, 44)  # half way down the ramp (half of the search)
+    assert budget.current_target.item() == pytest.approx(1.0 - 0.5 * 8 / 16.5)
+    job.before_step(20, 44)
+    assert budget.current_target.item() == 0.5 and budget.ascending and not gated.structure_fixed
+    event = job.before_step(33, 44)
+    assert event["event"] == "fix_structure" and event["search_steps"] == 33 and event["total_steps"] == 44
+    assert event["after"] == hiap.count_macs(gated) / hiap.dense_macs(gated)
+    assert event["before"] == 1.0 and event["steps"] > 0  # from the open start: settling did it all here
+    assert "structure fixed after 33 of 44 steps" in event["message"]
+    assert gated.structure_fixed and not budget.ascending
+    assert job.before_step(34, 44) is None and gated.structure_fixed  # a run resumed after the fix stays fixed
+    job.before_step(32, 44)
+    assert not gated.structure_fixed
+    paper = hiap.gate_vit(teacher, hiap.HiAPConfig(fix_at=1.0))
+    never = HiAPJob(paper, teacher, hiap.HiAPObjective(paper))
+    assert all(never.before_step(step, 44) is None for step in range(44)) and not paper.structure_fixed
+
+
+def test_a_fixed_structure_trains_the_network_extraction_keeps():
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig())
+    randomize_logits(gated, torch.Generator().manual_seed(1), scale=2.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        decided = gated.eval()(x)
+    gated.train().fix_structure()
+    out = gated(x)
+    assert torch.equal(out, decided)  # no sampling: the decision, as in eval mode and after extraction
+    torch.testing.assert_close(out, hiap.extract(gated).eval()(x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(logit.grad is None for logit in gated.gate_logits().values())
+    assert all(p.grad is not None for name, p in gated.weight_parameters().items() if "blocks.0" in name)
+    gated.fix_structure(False)
+    assert not torch.equal(gated(x), decided)  # sampling again
+
+
+def test_prune_reports_the_fixed_structure_and_trains_it_unchanged(warm_run):
+    report = json.loads((warm_run.output / "report.json").read_text())
+    fixed = report["fixed_structure"]
+    assert fixed["search_steps"] == round(0.75 * report["steps"]) and fixed["total_steps"] == report["steps"]
+    assert report["settling"] is None  # settled when it was fixed, not again after training
+    assert report["pruned"]["macs"] / report["dense_macs"] == pytest.approx(fixed["after"], rel=1e-12)
+    steps = [r for r in JsonlLog.read(warm_run.output / "log.jsonl")
+             if r["phase"] == "hiap" and r.get("event") == "step" and r["step"] > fixed["search_steps"]]
+    assert steps
+    for record in steps:  # nothing of the structure or the multipliers moves after the fix
+        for key in ("decided_fraction", "keep_probability", "lambda1", "lambda2"):
+            assert record[key] == steps[0][key], key
+    assert "The structure was fixed after" in (warm_run.output / "report.md").read_text()

@@ -48,10 +48,16 @@ class JsonlLog:
         return records
 
     def truncate_after(self, phase: str, step: int) -> None:
-        """Drop ``phase`` records past ``step``: they came from steps a resumed run is about to redo."""
+        """Drop ``phase`` records past ``step``: they came from steps a resumed run is about to redo. An event raised
+        before step ``step + 1`` runs (e.g. the structure being fixed) carries ``step`` and is redone too."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [r for r in self.read(self.path) if r.get("phase") != phase or r.get("step", 0) <= step]
+
+        def done(record: dict) -> bool:
+            at = record.get("step", 0)
+            return at < step or (at == step and record.get("event") in ("step", "epoch"))
+
+        kept = [r for r in self.read(self.path) if r.get("phase") != phase or done(r)]
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

@@ -119,7 +119,10 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
                  device=session.device, checkpoint_path=output / "checkpoint.pt", log=log,
                  fingerprint=run_fingerprint(settings, session, "hiap"), resume=settings.resume)
     gated.eval()
-    settling = settle_budget(gated, TOLERANCE)
+    # A fixed structure was settled when it was fixed (the event says how far) and trained as decided since; with
+    # fix_at=1 the settling is the correction after the last step.
+    fixed = next((record for record in result.history if record.get("event") == "fix_structure"), None)
+    settling = None if fixed is not None else settle_budget(gated, TOLERANCE)
     pruned = extract(gated)
     pruned.pretrained_cfg = getattr(session.teacher, "pretrained_cfg", None)
     if count_macs(pruned) != count_macs(gated):
@@ -136,11 +139,12 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
                  f"off the {target:.4f} target; more --epochs give the budget more time to settle", ctx)
     elif settling and settling["steps"]:
         log_line(f"[hiap] budget settling: decided MACs {settling['before']:.4f} -> {settling['after']:.4f} of dense "
-                 f"in {settling['steps']} logit-only steps", ctx)
+                 f"in {settling['steps']} logit-only steps after the last training step", ctx)
     outcome = {
         "method": "hiap", "target": target, "seed": settings.hiap.seed, "dense": summaries["dense"],
         "pruned": summaries["pruned"], "dense_macs": dense_macs(gated), "fraction": fraction,
         "target_error": None if target is None else fraction / target - 1, "settling": settling,
+        "fixed_structure": fixed,
         "steps": result.steps, "resumed_from": result.resumed_from, "history": result.history,
         "structure": layer_structure(gated), "kernels": kernels, "threads": session.threads,
         "world_size": ctx.world_size, "gate_checksums": checksums,
@@ -300,7 +304,8 @@ def _is_rank0() -> bool:
 
 def rebuild_gated(payload: dict) -> HiAPViT:
     """The gated model of a HiAP training checkpoint (architecture, config, weights) as ``hiap prune`` extracts it:
-    in eval mode, with the same budget settling applied."""
+    in eval mode, with the same budget settling applied (none once the run has fixed its structure: that was settled
+    when it was fixed)."""
     from hiap.method.architecture import build_vit
 
     try:
@@ -310,5 +315,6 @@ def rebuild_gated(payload: dict) -> HiAPViT:
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise InputError(f"the checkpoint does not describe a gated model: {error}") from error
     gated.eval()
-    settle_budget(gated, TOLERANCE)
+    if not any(record.get("event") == "fix_structure" for record in payload.get("history") or []):
+        settle_budget(gated, TOLERANCE)
     return gated

@@ -90,7 +90,8 @@ def plot_gate_probabilities(records: list[dict], path: Path) -> Path | None:
 
 
 def plot_macs(records: list[dict], path: Path, target: float | None) -> Path | None:
-    """Expected and decided MACs (fractions of dense) over training, with the target and its +-2% band."""
+    """Expected and decided MACs (fractions of dense) over training, with the target, its tolerance band and the step
+    where the structure was fixed."""
     steps = [r for r in records if r.get("event") == "step" and "decided_fraction" in r]
     if not steps:
         return None
@@ -101,7 +102,11 @@ def plot_macs(records: list[dict], path: Path, target: float | None) -> Path | N
     axis.plot(x, [r["decided_fraction"] for r in steps], label="decided (what extraction keeps)", color="#e76f51")
     if target is not None:
         axis.axhline(target, color="black", linestyle="--", label=f"target {target:.3f}")
-        axis.axhspan(target * (1 - TOLERANCE), target * (1 + TOLERANCE), color="black", alpha=0.08, label="+-2%")
+        axis.axhspan(target * (1 - TOLERANCE), target * (1 + TOLERANCE), color="black", alpha=0.08,
+                     label=f"+-{100 * TOLERANCE:g}%")
+    for event in records:
+        if event.get("event") == "fix_structure":
+            axis.axvline(event["step"], color="#2a9d8f", linestyle=":", label="structure fixed")
     axis.set_xlabel("step")
     axis.set_ylabel("MACs / dense MACs")
     axis.set_ylim(0, 1.05)

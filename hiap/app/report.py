@@ -107,7 +107,8 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
                        f"{layer['ffn_width']}/{layer['ffn_dense']}" + (" (removed)" if layer["ffn_width"] == 0 else "")]
                       for layer in outcome["structure"]]
     settings = outcome.get("settings", {})
-    last = outcome["history"][-1] if outcome.get("history") else {}
+    epochs = [record for record in outcome.get("history") or [] if record.get("event", "epoch") == "epoch"]
+    last = epochs[-1] if epochs else {}
     lines = [
         "# HiAP pruning report", "",
         f"Model `{outcome.get('model')}` on {outcome.get('data')}; {outcome['steps']} training steps, "
@@ -127,6 +128,7 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
     if settings:
         config = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings["hiap"].items())
         lines.append(f"HiAP config: `{config}`; {settings['epochs']} epochs of batch {settings['batch_size']}.")
+    lines += _fixed_structure_lines(outcome.get("fixed_structure"))
     settling = outcome.get("settling")
     if settling and settling["steps"]:
         lines.append(f"Budget settling moved the decided MACs from {settling['before']:.4f} to {settling['after']:.4f} "
@@ -137,6 +139,23 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
     lines += [f"![{name}]({path.relative_to(output)})" for name, path in plots.items()]
     atomic_write_text("\n".join(lines) + "\n", output / "report.md")
     return plots
+
+
+def _fixed_structure_lines(fixed: dict | None) -> list[str]:
+    """What training reached on its own by the time the structure was fixed, and what settling added."""
+    if not fixed:
+        return []
+    search, total = fixed["search_steps"], fixed["total_steps"]
+    line = (f"The structure was fixed after {search} of {total} steps: the search had brought the decided MACs from "
+            f"1.0000 to {fixed['before']:.4f} of dense")
+    if fixed["steps"]:
+        reduced = 1.0 - fixed["after"]
+        share = abs(fixed["after"] - fixed["before"]) / reduced if reduced > 0 else 0.0
+        line += (f", and budget settling moved them to {fixed['after']:.4f} in {fixed['steps']} logit-only steps "
+                 f"({100 * share:.1f}% of the whole reduction; weights untouched)")
+    elif fixed.get("target") is not None:
+        line += f" ({100 * (fixed['after'] / fixed['target'] - 1):+.2f}% from the target; no settling needed)"
+    return [line + f". The last {total - search} steps trained the weights of the decided network."]
 
 
 def _token_section(outcome: dict) -> list[str]:

@@ -37,7 +37,7 @@ from hiap.method.gates import temperature_at
 from hiap.method.losses import HiAPObjective, distillation_loss
 
 # How far the extracted MACs may end from a target-mode run's target (a fraction of it) before settle_budget acts.
-TOLERANCE = 0.02
+TOLERANCE = 0.01
 
 __all__ = ["DenseJob", "DistillJob", "FitResult", "HiAPJob", "LoopSettings", "TrainingJob", "fit", "settle_budget"]
 
@@ -90,7 +90,9 @@ class TrainingJob:
         for parameter in model.parameters():
             parameter.requires_grad_(parameter.numel() > 0)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, total_steps: int) -> list[dict]:
+        """Optimizer groups, each with ``name`` and ``schedule`` (``"cosine"``, ``"constant"`` or a function of the
+        step giving the LR factor)."""
         raise NotImplementedError
 
     def state_modules(self) -> dict[str, nn.Module]:
@@ -100,8 +102,10 @@ class TrainingJob:
     def checkpoint_metadata(self) -> dict:
         return {}
 
-    def before_step(self, step: int, total_steps: int) -> None:
-        """Called before every training step (the HiAP job anneals the gate temperature here)."""
+    def before_step(self, step: int, total_steps: int) -> dict | None:
+        """Called before every training step (the HiAP job anneals the gate temperature and fixes the structure
+        here). A returned dict is an event of the run: logged and kept in the history (and the checkpoint)."""
+        return None
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -124,7 +128,7 @@ class DenseJob(TrainingJob):
         super().__init__(model)
         self.lr = lr
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, total_steps: int) -> list[dict]:
         return _decay_groups(dict(self.model.named_parameters()), self.lr, weight_decay, "weights")
 
     def loss(self, logits, targets, teacher_logits):
@@ -143,7 +147,7 @@ class DistillJob(TrainingJob):
         self.temperature = temperature
         self.phase = phase
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, total_steps: int) -> list[dict]:
         return _decay_groups(dict(self.model.named_parameters()), self.lr, weight_decay, "weights")
 
     def loss(self, logits, targets, teacher_logits):
@@ -151,16 +155,20 @@ class DistillJob(TrainingJob):
         return loss, {"loss": loss.detach()}
 
 
-def settle_budget(gated: HiAPViT, tolerance: float = TOLERANCE, step_size: float = 0.01, max_steps: int = 5000) -> dict:
-    """Move the decided MACs of a target-mode run back within ``tolerance`` of the target; a no-op when they are.
+def settle_budget(gated: HiAPViT, tolerance: float = TOLERANCE, step_size: float = 0.01, max_steps: int = 5000,
+                  patience: int = 500) -> dict:
+    """Move the decided MACs of a target-mode run within ``tolerance`` of the target; a no-op when they are.
 
-    The training budget settles on average, but a cluster of logits near zero (a whole FFN block's gate among them)
-    can still sit on the wrong side when the learning rate runs out: one of nine digits runs (target 0.5, seed 2)
-    ended 5% off its target this way. This deterministic rounding step moves only the micro logits (q/k dims, v dims, neurons)
-    along the expected-cost gradient, scaled so the fastest moves ``step_size`` per step, in the direction that closes
-    the gap, until the decided MACs are within half the tolerance. The units that move the most are those closest to
-    zero in the costliest positions, i.e. the least decided ones; the weights are left as trained. It is a pure
-    function of the logits, so every DDP rank, a resumed run and ``hiap extract`` reach the same result.
+    The search lands near the target, but the decision is coarse where it matters most: on the digits ViT one FFN
+    block is a tenth of the MACs, and the blocks whose gates sit near zero decide between, e.g., 0.60 and 0.70 for a
+    target of 0.667. This deterministic rounding step moves only the micro logits (q/k dims, v dims, neurons) along
+    the expected-cost gradient, scaled so the fastest moves ``step_size`` per step, in the direction that closes the
+    gap, until the decided MACs are within half the tolerance, or within the tolerance once they have crossed the
+    target (single units can be too coarse for the half). The units that move the most are those closest to zero in
+    the costliest positions, i.e. the least decided ones; the weights are left as trained. Where no step reaches the
+    tolerance (it gives up after ``patience`` steps without getting closer), the logits closest to the target are
+    kept. It is a pure function of the logits, so every DDP rank, a resumed run and ``hiap extract`` reach the same
+    result.
 
     Returns ``{"steps", "before", "after"}`` (MAC fractions of dense), or None outside target mode.
     """
@@ -170,25 +178,48 @@ def settle_budget(gated: HiAPViT, tolerance: float = TOLERANCE, step_size: float
     dense = expected_cost(gated).dense
     before = count_macs(gated) / dense
     fraction, steps = before, 0
-    if abs(fraction / cfg.target - 1) > tolerance:
-        micro = gated.micro_gate_logits()
-        while abs(fraction / cfg.target - 1) > tolerance / 2 and steps < max_steps:
-            grads = torch.autograd.grad(expected_cost(gated).total, micro)
-            scale = max(float(g.abs().max()) for g in grads)
-            if scale == 0.0:
-                break
-            direction = 1.0 if fraction > cfg.target else -1.0
-            with torch.no_grad():
-                for logit, grad in zip(micro, grads):
-                    logit.sub_(direction * step_size * grad.to(logit.dtype) / scale)
-            steps += 1
-            fraction = count_macs(gated) / dense
+
+    def error(value: float) -> float:
+        return abs(value / cfg.target - 1)
+
+    if error(fraction) <= tolerance:
+        return {"steps": 0, "before": before, "after": fraction}
+    micro = gated.micro_gate_logits()
+    best = (error(fraction), [logit.detach().clone() for logit in micro], fraction, steps)
+    first_side = fraction > cfg.target
+    while error(fraction) > tolerance / 2 and steps < max_steps and steps - best[3] < patience:
+        if (fraction > cfg.target) != first_side and error(fraction) <= tolerance:
+            break
+        grads = torch.autograd.grad(expected_cost(gated).total, micro)
+        scale = max(float(g.abs().max()) for g in grads)
+        if scale == 0.0:
+            break
+        direction = 1.0 if fraction > cfg.target else -1.0
+        with torch.no_grad():
+            for logit, grad in zip(micro, grads):
+                logit.sub_(direction * step_size * grad.to(logit.dtype) / scale)
+        steps += 1
+        fraction = count_macs(gated) / dense
+        if error(fraction) < best[0]:
+            best = (error(fraction), [logit.detach().clone() for logit in micro], fraction, steps)
+    if error(fraction) > tolerance and best[0] < error(fraction):
+        with torch.no_grad():
+            for logit, kept in zip(micro, best[1]):
+                logit.copy_(kept)
+        fraction, steps = best[2], best[3]
     return {"steps": steps, "before": before, "after": fraction}
 
 
 class HiAPJob(TrainingJob):
     """One single-stage HiAP run: weights and gate logits together under KD, the MAC budget and the feasibility
-    penalties, with the Gumbel-Sigmoid temperature annealed from tau0 to tau_min over the run."""
+    penalties, with the Gumbel-Sigmoid temperature annealed from tau0 to tau_min.
+
+    The run has two parts. The search (the first ``cfg.fix_at`` of the steps) trains weights, gate logits and the
+    Lagrange multipliers together; the gates' learning rate falls to zero along a cosine over it and the temperature
+    anneals over it. Then, when ``fix_at < 1``, the structure is fixed: the decision is settled onto the target
+    (``settle_budget``, a no-op when the search landed within ``TOLERANCE``; how far it moved is an event of the run)
+    and the remaining steps train the weights of the network extraction keeps, with the gates applied as decided.
+    """
 
     phase = "hiap"
 
@@ -199,18 +230,35 @@ class HiAPJob(TrainingJob):
         self.cfg = gated.cfg
         self.dense_macs = expected_cost(gated).dense
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def search_steps(self, total_steps: int) -> int:
+        """Steps in which the gates learn: ``round(fix_at * total_steps)``, at least one."""
+        return max(1, min(total_steps, round(self.cfg.fix_at * total_steps)))
+
+    def gate_speedup(self, search_steps: int) -> float:
+        """Factor on ``gate_lr`` for a short search (1 for long ones).
+
+        Adam moves a logit by about its learning rate per step at most, and the search's cosine gives ``lr * S / 2``
+        of travel over ``S`` steps. A logit must be able to go from ``init_logit`` to the decision boundary and as far
+        again within the search, or a short run does not prune by training at all: 60 DeiT-S steps at 0.05 left
+        every logit positive, and 2-epoch digits runs ended the search above 0.9 of the MACs.
+        """
+        if self.cfg.gate_lr <= 0:
+            return 1.0
+        needed = 4.0 * abs(self.cfg.init_logit) / search_steps
+        return max(1.0, needed / self.cfg.gate_lr)
+
+    def param_groups(self, weight_decay: float, total_steps: int) -> list[dict]:
+        search = self.search_steps(total_steps)
+        speedup = self.gate_speedup(search)
+
+        def over_search(step: int) -> float:  # cosine from 1 to 0 over the search, 0 after it
+            return 0.5 * (1.0 + math.cos(math.pi * step / search)) if step < search else 0.0
+
         groups = _decay_groups(self.gated.weight_parameters(), self.cfg.lr, weight_decay, "weights")
-        # The logits decay with the weights: at a constant rate, clusters of near-zero logits (a whole FFN block's
-        # gate among them) kept crossing zero together until the last step, so the extracted MACs jumped by up to 5%
-        # between epochs; decaying the rate settles the decision before the run ends.
-        groups.append({"params": list(self.gated.gate_logits().values()), "lr": self.cfg.gate_lr,
-                       "weight_decay": 0.0, "name": "gates", "schedule": "cosine"})
-        multipliers = self.objective.budget.lagrangian_parameters()
-        if multipliers:
-            # Their gradients are negated by a hook in BudgetLoss: this descent step is an ascent on the Lagrangian.
-            groups.append({"params": multipliers, "lr": self.cfg.lagrangian_lr, "weight_decay": 0.0,
-                           "name": "lagrangian", "schedule": "constant"})
+        # The logits' rate falls to zero over the search: at a constant rate, clusters of near-zero logits (a whole
+        # FFN block's gate among them) kept crossing zero together until the last step.
+        groups.append({"params": list(self.gated.gate_logits().values()), "lr": self.cfg.gate_lr * speedup,
+                       "weight_decay": 0.0, "name": "gates", "schedule": over_search})
         return groups
 
     def state_modules(self) -> dict[str, nn.Module]:
@@ -219,8 +267,26 @@ class HiAPJob(TrainingJob):
     def checkpoint_metadata(self) -> dict:
         return {"architecture": self.gated.architecture, "hiap_config": self.cfg.to_dict()}
 
-    def before_step(self, step: int, total_steps: int) -> None:
-        self.gated.set_temperature(temperature_at(step, total_steps, self.cfg.tau0, self.cfg.tau_min))
+    def before_step(self, step: int, total_steps: int) -> dict | None:
+        search = self.search_steps(total_steps)
+        self.gated.set_temperature(temperature_at(min(step, search), search, self.cfg.tau0, self.cfg.tau_min))
+        ramp = self.cfg.target_ramp * search
+        reached = min(1.0, step / ramp) if ramp > 0 else 1.0
+        self.objective.budget.set_target(1.0 - (1.0 - self.cfg.target) * reached)
+        self.objective.budget.ascending = step < search
+        fixing = search < total_steps and step == search
+        # Set on every step, so a run resumed after the fix trains the decided network as well.
+        self.gated.fix_structure(search < total_steps and step >= search)
+        if not fixing:
+            return None
+        searched = count_macs(self.gated) / self.dense_macs
+        settling = settle_budget(self.gated, TOLERANCE) or {"steps": 0, "before": searched, "after": searched}
+        moved = f"; settling moved them to {settling['after']:.4f} in {settling['steps']} logit-only steps" \
+            if settling["steps"] else ""
+        return {"event": "fix_structure", "search_steps": search, "total_steps": total_steps,
+                "target": self.cfg.target if self.cfg.budget == "target" else None, **settling,
+                "message": f"[hiap] structure fixed after {search} of {total_steps} steps: decided MACs "
+                           f"{settling['before']:.4f} of dense{moved}; the remaining steps train the decided network"}
 
     def loss(self, logits, targets, teacher_logits):
         terms = self.objective(self.gated, logits, teacher_logits, targets)
@@ -272,7 +338,11 @@ def build_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups)
 
 
-def _schedule(kind: str, total_steps: int, warmup_steps: int):
+def _schedule(kind, total_steps: int, warmup_steps: int):
+    """The LR factor of one group as a function of the step: ``kind`` is ``"cosine"``, ``"constant"`` or already one."""
+    if callable(kind):
+        return kind
+
     def cosine(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -314,13 +384,15 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
     for module in job.state_modules().values():
         module.to(device)
     train_model = _wrap(model, ctx, device)
-    groups = job.param_groups(settings.weight_decay)
-    optimizer = build_optimizer(groups)
     sampler = ShardedBatchSampler(len(data.train), settings.batch_size, seed=settings.seed, rank=ctx.rank,
                                   world_size=ctx.world_size)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = settings.epochs * steps_per_epoch
-    scheduler = LambdaLR(optimizer, [_schedule(g["schedule"], total_steps, settings.warmup_steps) for g in groups])
+    groups = job.param_groups(settings.weight_decay, total_steps)
+    # The schedules stay out of the optimizer's groups (its state_dict is saved, and a function does not pickle).
+    schedules = [_schedule(group.pop("schedule"), total_steps, settings.warmup_steps) for group in groups]
+    optimizer = build_optimizer(groups)
+    scheduler = LambdaLR(optimizer, schedules)
     scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, settings.amp) else None
     result = FitResult(steps=total_steps)
     step = 0
@@ -384,7 +456,15 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
             running.update(loss_sum=0.0, batches=0)
             running_loss.zero_()
         for images, targets in train_loader(data.train, sampler, settings.workers, device.type == "cuda"):
-            job.before_step(step, total_steps)
+            event = job.before_step(step, total_steps)
+            if event is not None:
+                message = event.pop("message", None)
+                event = {"phase": job.phase, "step": step, "epoch": epoch + 1, **event}
+                result.history.append(event)
+                if log is not None:
+                    log.write(event)
+                if message:
+                    log_line(message, ctx)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             teacher_logits = None
@@ -431,5 +511,6 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
         log_line(f"[{job.phase}] epoch {epoch + 1}/{settings.epochs}: val acc {accuracy:.4f}"
                  + (f", MACs {extras:.4f} of dense" if extras is not None else ""), ctx)
     bar.close()
-    result.val_accuracy = result.history[-1]["val_accuracy"] if result.history else float("nan")
+    epochs = [record for record in result.history if record.get("event") == "epoch"]
+    result.val_accuracy = epochs[-1]["val_accuracy"] if epochs else float("nan")
     return result

@@ -56,6 +56,15 @@ class HiAPViT(nn.Module):
         """Set the Gumbel-Sigmoid temperature used by every gate from the next forward on."""
         self.schedule.set_temperature(tau)
 
+    @property
+    def structure_fixed(self) -> bool:
+        """True when training-mode forwards apply the decision instead of sampling (``fix_structure``)."""
+        return self.schedule.decided
+
+    def fix_structure(self, fixed: bool = True) -> None:
+        """From the next forward on, train the decided network (``fixed``) or sample the gates again."""
+        self.schedule.decided = bool(fixed)
+
     def gate_logits(self) -> dict[str, nn.Parameter]:
         """The gate logits by name (``blocks.3.attn.gates.head`` ...), for an optimizer group of their own."""
         return {

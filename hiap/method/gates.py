@@ -161,6 +161,9 @@ class GateSchedule(nn.Module):
     def __init__(self, tau: float = 2.0, seed: int = 0, hard: bool = True):
         super().__init__()
         self.hard = hard
+        # True once training has fixed the structure: training-mode forwards then apply the decision (no sampling,
+        # no gradient to the logits), i.e. they train the network extraction will keep.
+        self.decided = False
         self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32), persistent=False)
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64), persistent=False)
         self.set_temperature(tau)
@@ -185,7 +188,7 @@ class GateSchedule(nn.Module):
         return self._host_tau
 
     def extra_repr(self) -> str:
-        return f"tau={self._host_tau:.4g}, hard={self.hard}"
+        return f"tau={self._host_tau:.4g}, hard={self.hard}" + (", decided" if self.decided else "")
 
 
 class GateDraw(NamedTuple):
@@ -269,9 +272,10 @@ class LayerGates(nn.Module):
         return tuple(part.view(shape) for part, shape in zip(z.split([s.numel() for s in shapes]), shapes))
 
     def draw(self) -> GateDraw:
-        """The draw of this forward: sampled from the logits in training mode, the decision in eval mode."""
+        """The draw of this forward: sampled from the logits in training mode, the decision in eval mode or once the
+        structure is fixed (``schedule.decided``)."""
         schedule = self.schedule
-        if self.training:
+        if self.training and not schedule.decided:
             logits, sample = tuple(self.logits().values()), True
         else:
             anchor = getattr(self, self.KINDS[0])
