@@ -5,11 +5,14 @@
     training_step             one step of DeiT-S training against what a user pays today, a dense timm step:
                                 dense/reference      timm DeiT-S: forward, CE + KD, backward, fused AdamW (baseline)
                                 hiap/reference       gated DeiT-S: forward, the whole HiAP objective (CE + KD + MAC
-                                                     budget + feasibility), backward, fused AdamW over weights, gate
-                                                     logits and Lagrange multipliers; PyTorch gate sampler
+                                                     budget + feasibility, the Lagrange multipliers ascending inside
+                                                     it), backward, fused AdamW over weights and gate logits; PyTorch
+                                                     gate sampler
                                 hiap/triton          the same with the Triton gate sampler (hiap.use_triton_kernels)
                                 hiap/compiled        the same with the model forward compiled (one graph for the run)
                                 hiap-late/triton     late in training: half of the heads, dims and neurons closed
+                                hiap-fixed/triton    the last quarter of a run: that structure fixed
+                                                     (``fix_structure``), removed FFN neurons skipped
 
 Providers of the module cases: ``reference`` (the modules' PyTorch path, eager), ``compiled`` (torch.compile of the same
 modules), ``triton`` (the same modules switched with ``hiap.use_triton_kernels``). In the training step the
@@ -48,7 +51,8 @@ CPU_MODULE_REDUCTION = "batch 2 instead of 64/256 (per-image shapes are DeiT-S's
 STEP_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 # What hiap.use_triton_kernels switches the gated modules to (their GEMMs are cuBLAS's on every path).
 TRITON_MODULES = ("hiap_kernels.gates.kernel",)
-STEP_VARIANTS = ("dense/reference", "hiap/reference", "hiap/triton", "hiap/compiled", "hiap-late/triton")
+STEP_VARIANTS = ("dense/reference", "hiap/reference", "hiap/triton", "hiap/compiled", "hiap-late/triton",
+                 "hiap-fixed/triton")
 
 
 def _pin_backend(module: torch.nn.Module, provider: str) -> None:
@@ -127,9 +131,11 @@ def test_training_step(benchmark, recorder, variant, batch):
             optimizer.step()
     else:
         model = gated_deit_s().train()
-        if model_name == "hiap-late":
+        if model_name in ("hiap-late", "hiap-fixed"):
             _close_half(model)
         _pin_backend(model, provider)
+        if model_name == "hiap-fixed":
+            model.fix_structure()
         objective = hiap.HiAPObjective(model).to(DEVICE)
         cfg = model.cfg
         optimizer = build_optimizer([

@@ -200,21 +200,32 @@ def test_the_search_ramps_the_target_speeds_short_runs_up_and_then_fixes_the_str
     assert all(never.before_step(step, 44) is None for step in range(44)) and not paper.structure_fixed
 
 
-def test_a_fixed_structure_trains_the_network_extraction_keeps():
+def test_a_fixed_structure_trains_the_network_extraction_keeps_and_skips_what_it_removed():
+    from torch.utils.flop_counter import FlopCounterMode
+
     gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig())
     randomize_logits(gated, torch.Generator().manual_seed(1), scale=2.0)
-    x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
+        gated.gate_logits()["blocks.1.mlp.gates.block"].fill_(-1.0)  # one FFN block removed
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as masked_flops:
         decided = gated.eval()(x)
     gated.train().fix_structure()
-    out = gated(x)
-    assert torch.equal(out, decided)  # no sampling: the decision, as in eval mode and after extraction
+    with FlopCounterMode(display=False) as fixed_flops:
+        out = gated(x)
+    torch.testing.assert_close(out, decided, rtol=1e-5, atol=1e-5)  # the decision, as in eval mode, not a sample
     torch.testing.assert_close(out, hiap.extract(gated).eval()(x), rtol=1e-5, atol=1e-5)
+    # Removed FFN blocks and neurons cost nothing: fc1 and fc2 shrink to the kept neurons.
+    tokens, width = 3 * 17, 48
+    removed = sum(mlp.hidden_features - int(mlp.gates.kept_neurons().sum()) for mlp in gated.ffn_layers())
+    assert gated.ffn_layers()[1].decided_neurons.numel() == 0 and removed > 192
+    assert masked_flops.get_total_flops() - fixed_flops.get_total_flops() == 4 * tokens * width * removed
     out.sum().backward()
     assert all(logit.grad is None for logit in gated.gate_logits().values())
-    assert all(p.grad is not None for name, p in gated.weight_parameters().items() if "blocks.0" in name)
+    assert gated.vit.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
     gated.fix_structure(False)
-    assert not torch.equal(gated(x), decided)  # sampling again
+    assert gated.ffn_layers()[0].decided_neurons is None
+    assert not torch.allclose(gated(x), decided)  # sampling again
 
 
 def test_prune_reports_the_fixed_structure_and_trains_it_unchanged(warm_run):

@@ -274,13 +274,15 @@ class HiAPJob(TrainingJob):
         reached = min(1.0, step / ramp) if ramp > 0 else 1.0
         self.objective.budget.set_target(1.0 - (1.0 - self.cfg.target) * reached)
         self.objective.budget.ascending = step < search
-        fixing = search < total_steps and step == search
-        # Set on every step, so a run resumed after the fix trains the decided network as well.
-        self.gated.fix_structure(search < total_steps and step >= search)
-        if not fixing:
+        if not (search < total_steps and step == search):
+            # Set on every step (a no-op unless it changes), so a run resumed after the fix trains the decided
+            # network as well.
+            self.gated.fix_structure(search < total_steps and step >= search)
             return None
+        self.gated.fix_structure(False)  # fixing below reads the settled decision afresh
         searched = count_macs(self.gated) / self.dense_macs
         settling = settle_budget(self.gated, TOLERANCE) or {"steps": 0, "before": searched, "after": searched}
+        self.gated.fix_structure(True)
         moved = f"; settling moved them to {settling['after']:.4f} in {settling['steps']} logit-only steps" \
             if settling["steps"] else ""
         return {"event": "fix_structure", "search_steps": search, "total_steps": total_steps,

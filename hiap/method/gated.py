@@ -120,12 +120,30 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         self._register_load_state_dict_pre_hook(
             _rename_legacy_gate_keys({"gate_block": "gates.block", "gate_neuron": "gates.neuron"}), with_module=True
         )
+        # The kept neurons [F'] (int64) while the model's structure is fixed (``use_decision``), else None.
+        self.register_buffer("decided_neurons", None, persistent=False)
+
+    @torch.no_grad()
+    def use_decision(self, fixed: bool) -> None:
+        """While ``fixed``, run only the neurons the decision keeps (read once, here): a removed block or neuron then
+        costs nothing, forward or backward. The gates' decision must not change while fixed."""
+        self.decided_neurons = self.gates.kept_neurons().nonzero().squeeze(1) if fixed else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decided_neurons is not None:
+            return self._decided_forward(x)
         values = self.gates.values(self.gates.draw(), self.triton_kernel(x, self.fc1.weight))
         scale = self.gates.neuron_scale(values).to(self.fc2.weight.dtype)  # [F]
         hidden = self.drop1(self.act(self.fc1(x)))
         return self.drop2(F.linear(hidden, self.fc2.weight * scale, self.fc2.bias))
+
+    def _decided_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The extracted FFN's forward on the gated model's weights: the kept rows of fc1 and columns of fc2 (their
+        gradients land in those rows and columns; an FFN without neurons is fc2's bias)."""
+        kept = self.decided_neurons
+        bias = None if self.fc1.bias is None else self.fc1.bias[kept]
+        hidden = self.drop1(self.act(F.linear(x, self.fc1.weight[kept], bias)))
+        return self.drop2(F.linear(hidden, self.fc2.weight[:, kept], self.fc2.bias))
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_features}, layer={self.layer_index}"
