@@ -17,7 +17,7 @@ class HiAPConfig:
     Gates:
         init_logit: starting logit of every gate (open: sigmoid(3) = 0.95).
         dim_group: micro-gate group size: 0 aligns to the hardware (q/k and v widths in multiples of 16, FFN widths in
-            multiples of 64, smaller for small models), 1 is the paper's per-dim gates, any other divisor of the head
+            multiples of 128, smaller for small models), 1 is the paper's per-dim gates, any other divisor of the head
             dim and FFN width groups that many dims or neurons per gate.
         neuron_group: FFN neuron group size when it should differ from dim_group (0 follows dim_group).
         hard: straight-through hard gates (the paper); False uses the soft relaxation in the forward pass.

@@ -59,7 +59,7 @@ def test_baselines_keep_the_hardware_alignment_of_the_default_config():
     apply_uniform(gated, 0.6)
     pruned = hiap.extract(gated)
     head, ffn = pruned.hiap_alignment["head"], pruned.hiap_alignment["ffn"]
-    assert (head, ffn) == (4, 8)
+    assert (head, ffn) == (4, 16)
     for block in pruned.blocks:
         assert all(w % head == 0 for w in block.attn.qk_widths + block.attn.v_widths)
         assert block.mlp.hidden_features % ffn == 0

@@ -55,6 +55,8 @@ def test_configs_saved_before_neuron_group_keep_their_per_dim_gates():
     old = HiAPConfig.from_dict({"dim_group": 1})  # a first-release config: dim_group covered neurons too
     assert resolve_groups(old.dim_group, old.neuron_group, 64, 1536) == (1, 1)
     assert resolve_groups(8, 0, 64, 1536) == (8, 8)
-    assert resolve_groups(0, 0, 64, 1536) == (16, 64)  # DeiT-S: q/k, v widths in 16s, FFN widths in 64s
+    assert resolve_groups(0, 0, 64, 1536) == (16, 128)  # DeiT-S: q/k, v widths in 16s, FFN widths in 128s
+    assert resolve_groups(0, 0, 64, 768) == (16, 64)  # ViT-Ti: twelve FFN groups at least
+    assert resolve_groups(0, 0, 16, 256) == (4, 16)  # the digits ViT
     assert resolve_groups(0, 0, 16, 256) == (4, 16)  # the digits ViT: small heads keep four gates each
     assert resolve_groups(0, 32, 64, 1536) == (16, 32)

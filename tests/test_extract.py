@@ -106,8 +106,8 @@ def test_hard_minimums_keep_every_layer_alive():
     pruned = hiap.extract(gated)
     for block in pruned.blocks:
         assert block.attn.num_heads == 1 and block.attn.qk_widths == [4] and block.attn.v_widths == [4]
-    # 24 neuron groups of 8 (the tiny model's hardware-aligned group): the top ceil(0.1 * 24) = 3 stay
-    assert pruned.blocks[0].mlp.hidden_features == 24 and pruned.blocks[1].mlp.hidden_features == 0
+    # 12 neuron groups of 16 (the tiny model's hardware-aligned group): the top ceil(0.1 * 12) = 2 stay
+    assert pruned.blocks[0].mlp.hidden_features == 32 and pruned.blocks[1].mlp.hidden_features == 0
     _assert_exact(gated, pruned, images(gated))
 
 
@@ -161,16 +161,16 @@ def test_loading_a_missing_corrupt_or_mismatched_file_fails_clearly(tmp_path):
     pruned = hiap.extract(hiap.gate_vit(tiny_vit()))
     good = hiap.save_pruned(pruned, tmp_path / "good.safetensors")
     layout = hiap.read_layout(good)
-    layout["layers"][0]["ffn_width"] = 104
+    layout["layers"][0]["ffn_width"] = 112  # aligned (16), but not what the weights hold (192)
     state = {k: v.contiguous() for k, v in pruned.state_dict().items()}
     mismatched = tmp_path / "mismatched.safetensors"
     save_file(state, str(mismatched), metadata={"hiap_layout": json.dumps(layout)})
     with pytest.raises(ValueError, match="do not match"):
         hiap.load_pruned(mismatched)
-    layout["layers"][0]["ffn_width"] = 100  # not a multiple of the FFN alignment (8) the layout declares
+    layout["layers"][0]["ffn_width"] = 104  # not a multiple of the FFN alignment (16) the layout declares
     misaligned = tmp_path / "misaligned.safetensors"
     save_file(state, str(misaligned), metadata={"hiap_layout": json.dumps(layout)})
-    with pytest.raises(ValueError, match="not a multiple of the declared FFN alignment 8"):
+    with pytest.raises(ValueError, match="not a multiple of the declared FFN alignment 16"):
         hiap.load_pruned(misaligned)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-100])
