@@ -241,4 +241,5 @@ def test_prune_reports_the_fixed_structure_and_trains_it_unchanged(warm_run):
     for record in steps:  # nothing of the structure or the multipliers moves after the fix
         for key in ("decided_fraction", "keep_probability", "lambda1", "lambda2"):
             assert record[key] == steps[0][key], key
-    assert "The structure was fixed after" in (warm_run.output / "report.md").read_text()
+    text = (warm_run.output / "report.md").read_text()
+    assert "The structure was fixed after" in text and f"(fixed since step {fixed['search_steps']})" in text

@@ -121,9 +121,7 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
         "", "## Pruned structure (per original head; 0 = removed)", "",
         _markdown_table(["layer", "heads kept", "q/k widths", "v widths", "FFN width"], structure_rows),
         "", "## Training", "",
-        f"Final epoch: val accuracy {100 * last.get('val_accuracy', float('nan')):.2f}%, decided MACs "
-        f"{last.get('decided_fraction', float('nan')):.4f}, expected {last.get('expected_fraction', float('nan')):.4f}, "
-        f"tau {last.get('tau', float('nan')):.3f}.",
+        _final_epoch_line(last, outcome.get("fixed_structure")),
     ]
     if settings:
         config = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings["hiap"].items())
@@ -139,6 +137,17 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
     lines += [f"![{name}]({path.relative_to(output)})" for name, path in plots.items()]
     atomic_write_text("\n".join(lines) + "\n", output / "report.md")
     return plots
+
+
+def _final_epoch_line(last: dict, fixed: dict | None) -> str:
+    """The last epoch's figures; once the structure is fixed the expected MACs (of logits that no longer learn) and
+    the temperature (of gates no longer sampled) mean nothing, so they are left out."""
+    line = (f"Final epoch: val accuracy {100 * last.get('val_accuracy', float('nan')):.2f}%, decided MACs "
+            f"{last.get('decided_fraction', float('nan')):.4f}")
+    if fixed:
+        return line + f" (fixed since step {fixed['search_steps']})."
+    return (line + f", expected {last.get('expected_fraction', float('nan')):.4f}, "
+            f"tau {last.get('tau', float('nan')):.3f}.")
 
 
 def _fixed_structure_lines(fixed: dict | None) -> list[str]:
