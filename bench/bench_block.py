@@ -12,7 +12,7 @@
                                 hiap/compiled        the same with the model forward compiled (one graph for the run)
                                 hiap-late/triton     late in training: half of the heads, dims and neurons closed
                                 hiap-fixed/triton    the last quarter of a run: that structure fixed
-                                                     (``fix_structure``), removed FFN neurons skipped
+                                                     (``fix_structure``), removed heads and neurons skipped
 
 Providers of the module cases: ``reference`` (the modules' PyTorch path, eager), ``compiled`` (torch.compile of the same
 modules), ``triton`` (the same modules switched with ``hiap.use_triton_kernels``). In the training step the

@@ -208,6 +208,7 @@ def test_a_fixed_structure_trains_the_network_extraction_keeps_and_skips_what_it
     randomize_logits(gated, torch.Generator().manual_seed(1), scale=2.0)
     with torch.no_grad():
         gated.gate_logits()["blocks.1.mlp.gates.block"].fill_(-1.0)  # one FFN block removed
+        gated.gate_logits()["blocks.0.attn.gates.head"].copy_(torch.tensor([2.0, -1.0, -1.0]))  # two heads removed
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad(), FlopCounterMode(display=False) as masked_flops:
         decided = gated.eval()(x)
@@ -216,11 +217,18 @@ def test_a_fixed_structure_trains_the_network_extraction_keeps_and_skips_what_it
         out = gated(x)
     torch.testing.assert_close(out, decided, rtol=1e-5, atol=1e-5)  # the decision, as in eval mode, not a sample
     torch.testing.assert_close(out, hiap.extract(gated).eval()(x), rtol=1e-5, atol=1e-5)
-    # Removed FFN blocks and neurons cost nothing: fc1 and fc2 shrink to the kept neurons.
-    tokens, width = 3 * 17, 48
+    # Removed heads, FFN blocks and neurons cost nothing: qkv, SDPA and proj shrink to the live heads, fc1 and fc2
+    # to the kept neurons.
+    batch, tokens, width, head_dim = 3, 17, 48, 16
     removed = sum(mlp.hidden_features - int(mlp.gates.kept_neurons().sum()) for mlp in gated.ffn_layers())
-    assert gated.ffn_layers()[1].decided_neurons.numel() == 0 and removed > 192
-    assert masked_flops.get_total_flops() - fixed_flops.get_total_flops() == 4 * tokens * width * removed
+    removed_heads = sum(attn.num_heads - attn.decided_columns.numel() // head_dim for attn in gated.attention_layers())
+    assert gated.ffn_layers()[1].decided_neurons.numel() == 0 and removed > 192 and removed_heads >= 2
+    saved = 4 * batch * tokens * width * removed + removed_heads * 2 * batch * tokens * width * head_dim * 4
+
+    def linear_flops(counter) -> int:  # the GEMMs (SDPA's own count differs between torch versions on a CPU)
+        return sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op).split(".")[1] in ("mm", "addmm"))
+
+    assert linear_flops(masked_flops) - linear_flops(fixed_flops) == saved
     out.sum().backward()
     assert all(logit.grad is None for logit in gated.gate_logits().values())
     assert gated.vit.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
@@ -243,3 +251,19 @@ def test_prune_reports_the_fixed_structure_and_trains_it_unchanged(warm_run):
             assert record[key] == steps[0][key], key
     text = (warm_run.output / "report.md").read_text()
     assert "The structure was fixed after" in text and f"(fixed since step {fixed['search_steps']})" in text
+
+
+def test_a_fixed_layer_without_heads_or_neurons_is_its_projection_bias():
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(min_heads=0, min_neuron_fraction=0.0))
+    with torch.no_grad():
+        gated.gate_logits()["blocks.0.attn.gates.head"].fill_(-1.0)
+        gated.gate_logits()["blocks.0.mlp.gates.block"].fill_(-1.0)
+    x = torch.randn(2, 3, 32, 32)
+    gated.train().fix_structure()
+    out = gated(x)
+    torch.testing.assert_close(out, hiap.extract(gated).eval()(x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    block = gated.vit.blocks[0]
+    # Every weight still receives a gradient (zeros where nothing is left), as DDP requires of each step.
+    assert block.attn.qkv.weight.grad.abs().sum() == 0 and block.attn.proj.weight.grad.abs().sum() == 0
+    assert block.mlp.fc1.weight.grad.abs().sum() == 0 and block.mlp.fc2.bias.grad is not None

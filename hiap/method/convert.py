@@ -64,16 +64,16 @@ class HiAPViT(nn.Module):
     def fix_structure(self, fixed: bool = True) -> None:
         """From the next forward on, train the decided network (``fixed``) or sample the gates again.
 
-        Fixing reads the decision once (one device read): removed FFN blocks and neurons are then skipped, forward
-        and backward. Change no logit while fixed; fix again after loading other logits. A no-op when nothing
+        Fixing reads the decision once (one device read): removed heads, FFN blocks and neurons are then skipped,
+        forward and backward. Change no logit while fixed; fix again after loading other logits. A no-op when nothing
         changes, so a training loop may call it every step.
         """
         fixed = bool(fixed)
         if fixed == self.schedule.decided:
             return
         self.schedule.decided = fixed
-        for mlp in self.ffn_layers():
-            mlp.use_decision(fixed)
+        for module in self.gated_modules():
+            module.use_decision(fixed)
 
     def gate_logits(self) -> dict[str, nn.Parameter]:
         """The gate logits by name (``blocks.3.attn.gates.head`` ...), for an optimizer group of their own."""

@@ -64,9 +64,54 @@ class GatedAttention(KernelBackendMixin, nn.Module):
             _rename_legacy_gate_keys({"gate_head": "gates.head", "gate_qk": "gates.qk", "gate_v": "gates.v"}),
             with_module=True,
         )
+        # While the model's structure is fixed (``use_decision``): the live heads' rows of the qkv weight [3 H' Dh]
+        # (int64), the decision's scale of those rows (float32) and the heads' columns of proj's input [H' Dh].
+        self.register_buffer("decided_rows", None, persistent=False)
+        self.register_buffer("decided_row_scale", None, persistent=False)
+        self.register_buffer("decided_columns", None, persistent=False)
+
+    @torch.no_grad()
+    def use_decision(self, fixed: bool) -> None:
+        """While ``fixed``, run only the heads the decision keeps (read once, here), masked inside as decided: a
+        removed head costs nothing in qkv, SDPA or proj, forward or backward. The decision must not change meanwhile."""
+        if not fixed:
+            self.decided_rows = self.decided_row_scale = self.decided_columns = None
+            return
+        scale = self.gates.qkv_row_scale(tuple(keep.float() for keep in self.gates.decisions()))  # [3 H Dh]
+        live = scale[2 * self.attn_dim :].view(self.num_heads, self.head_dim).ne(0).any(dim=1)  # v columns left
+        heads = live.nonzero().squeeze(1)
+        columns = (heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)).reshape(-1)
+        self.decided_rows = torch.cat([part * self.attn_dim + columns for part in range(3)])
+        self.decided_row_scale = scale[self.decided_rows]
+        self.decided_columns = columns
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.decided_rows is not None:
+            return self._decided_forward(x, attn_mask, is_causal)
         return self.attend(x, attn_mask, is_causal)[0]
+
+    def _decided_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """The live heads only, on the gated model's weights: their qkv rows scaled by the decision, SDPA over them,
+        proj over their columns (an attention without heads is proj's bias). Token reduction's ``attend`` keeps the
+        masked path, whose q and k it reads at every head."""
+        batch, tokens, _ = x.shape
+        heads = self.decided_columns.numel() // self.head_dim
+        scale = self.decided_row_scale.to(self.qkv.weight.dtype)
+        rows = self.decided_rows
+        bias = None if self.qkv.bias is None else self.qkv.bias[rows] * scale
+        qkv = F.linear(x, self.qkv.weight[rows] * scale[:, None], bias)
+        if heads == 0:
+            # [B, N, 0]: proj gives its bias. Both weights still take part (zero gradients), as DDP expects.
+            out = qkv
+        else:
+            # [B, N, 3 H' Dh] -> q, k, v [B, H', N, Dh]
+            q, k, v = qkv.reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
+            )
+            out = out.transpose(1, 2).reshape(batch, tokens, heads * self.head_dim)
+        return self.proj_drop(F.linear(out, self.proj.weight[:, self.decided_columns], self.proj.bias))
 
     def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
