@@ -61,32 +61,8 @@ def test_accuracy_vs_macs_figure_draws_the_front_the_targets_and_an_axis_from_ze
     assert any("360 validation images" in text.get_text() for text in axis.texts)
 
 
-def test_structure_colorbars_are_labelled():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from hiap.app import plots
-
-    structure = [{"layer": i, "num_heads": 2, "head_dim": 16, "qk_widths": [16, 8], "v_widths": [16, 0],
-                  "ffn_dense": 64, "ffn_width": 32 * i, "heads_kept": 1} for i in range(2)]
-    captured = []
-    original = plots._figure
-
-    def spy(*args, **kwargs):
-        figure, axes = original(*args, **kwargs)
-        captured.append(figure)
-        return figure, axes
-
-    plots._figure = spy
-    try:
-        plots.plot_structure(structure, Path(tempfile.mkdtemp()) / "structure.png")
-    finally:
-        plots._figure = original
-    colorbar_labels = [axis.get_ylabel() for axis in captured[0].axes if axis.get_label() == "<colorbar>"]
-    assert colorbar_labels == ["kept dims per head (of 16)"] * 2
-
-
-def test_the_macs_plot_marks_the_tolerance_and_the_step_where_the_structure_was_fixed(monkeypatch):
+def _captured_figures(monkeypatch) -> list:
+    """The matplotlib figures the plot functions make from now on (their files are written as usual)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,6 +77,24 @@ def test_the_macs_plot_marks_the_tolerance_and_the_step_where_the_structure_was_
         return figure, axes
 
     monkeypatch.setattr(plots, "_figure", spy)
+    return captured
+
+
+def test_structure_colorbars_are_labelled(monkeypatch):
+    from hiap.app import plots
+
+    structure = [{"layer": i, "num_heads": 2, "head_dim": 16, "qk_widths": [16, 8], "v_widths": [16, 0],
+                  "ffn_dense": 64, "ffn_width": 32 * i, "heads_kept": 1} for i in range(2)]
+    captured = _captured_figures(monkeypatch)
+    plots.plot_structure(structure, Path(tempfile.mkdtemp()) / "structure.png")
+    colorbar_labels = [axis.get_ylabel() for axis in captured[0].axes if axis.get_label() == "<colorbar>"]
+    assert colorbar_labels == ["kept dims per head (of 16)"] * 2
+
+
+def test_the_macs_plot_marks_the_tolerance_and_the_step_where_the_structure_was_fixed(monkeypatch):
+    from hiap.app import plots
+
+    captured = _captured_figures(monkeypatch)
     records = [{"event": "step", "step": step, "expected_fraction": 1 - step / 100, "decided_fraction": 1.0}
                for step in (10, 20, 30, 40)]
     records.insert(3, {"event": "fix_structure", "step": 30, "before": 0.7, "after": 0.67})
