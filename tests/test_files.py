@@ -173,9 +173,10 @@ def test_deeply_nested_layout_json_is_refused(tmp_path):
 
 def test_a_diverged_run_stops_with_one_line_and_saves_nothing(tmp_path):
     from hiap.app.data import digits_datasets
+    from hiap.app.jobs import DenseJob
     from hiap.app.models import DIGITS_VIT, create_dense_model
     from hiap.app.runtime import DistContext, InputError
-    from hiap.app.train import DenseJob, LoopSettings, fit
+    from hiap.app.train import LoopSettings, fit
 
     model = create_dense_model(DIGITS_VIT, 10, model_args={"depth": 1, "embed_dim": 32})
     with torch.no_grad():

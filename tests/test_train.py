@@ -129,7 +129,7 @@ def test_ddp_with_two_gloo_processes_keeps_gates_in_sync_and_only_rank0_writes(w
 
 
 def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
-    from hiap.app.train import DistillJob, HiAPJob
+    from hiap.app.jobs import DistillJob, HiAPJob
 
     teacher = tiny_vit().requires_grad_(False)
     gated = hiap.gate_vit(teacher, hiap.HiAPConfig())
@@ -146,7 +146,7 @@ def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
 
 
 def test_budget_settling_moves_only_micro_logits_until_the_target_is_met():
-    from hiap.app.train import settle_budget
+    from hiap.app.jobs import settle_budget
 
     def model_off_target():
         gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(target=0.5)).eval()
@@ -174,7 +174,7 @@ def test_budget_settling_moves_only_micro_logits_until_the_target_is_met():
 
 
 def test_the_search_ramps_the_target_speeds_short_runs_up_and_then_fixes_the_structure():
-    from hiap.app.train import HiAPJob
+    from hiap.app.jobs import HiAPJob
 
     teacher = tiny_vit()
     gated = hiap.gate_vit(teacher, hiap.HiAPConfig(target=0.5))

@@ -22,6 +22,7 @@ from hiap.app.baselines import apply_baseline
 from hiap.app.checkpoint import JsonlLog, config_difference, read_checkpoint
 from hiap.app.data import eval_loader
 from hiap.app.evaluation import summarize
+from hiap.app.jobs import TOLERANCE, DistillJob, HiAPJob, fixed_structure, settle_budget
 from hiap.app.peers import PEERS, apply_torch_pruning
 from hiap.app.report import layer_structure, write_prune_report
 from hiap.app.runtime import (
@@ -40,7 +41,7 @@ from hiap.app.session import (
     teacher_fingerprint,
     with_tokens,
 )
-from hiap.app.train import TOLERANCE, DistillJob, HiAPJob, fit, settle_budget
+from hiap.app.train import fit
 from hiap.backend import use_triton_kernels
 from hiap.config import HiAPConfig
 from hiap.files import RunFolderBusy, RunFolderLock, remove_stale_temporaries
@@ -121,7 +122,7 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
     gated.eval()
     # A fixed structure was settled when it was fixed (the event says how far) and trained as decided since; with
     # fix_at=1 the settling is the correction after the last step.
-    fixed = next((record for record in result.history if record.get("event") == "fix_structure"), None)
+    fixed = fixed_structure(result.history)
     settling = None if fixed is not None else settle_budget(gated, TOLERANCE)
     pruned = extract(gated)
     pruned.pretrained_cfg = getattr(session.teacher, "pretrained_cfg", None)
@@ -315,6 +316,6 @@ def rebuild_gated(payload: dict) -> HiAPViT:
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise InputError(f"the checkpoint does not describe a gated model: {error}") from error
     gated.eval()
-    if not any(record.get("event") == "fix_structure" for record in payload.get("history") or []):
+    if fixed_structure(payload.get("history")) is None:
         settle_budget(gated, TOLERANCE)
     return gated

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from hiap.app.train import TOLERANCE
+from hiap.app.jobs import FIX_EVENT, TOLERANCE
 
 
 def _figure(width: float, height: float, columns: int = 1):
@@ -105,7 +105,7 @@ def plot_macs(records: list[dict], path: Path, target: float | None) -> Path | N
         axis.axhspan(target * (1 - TOLERANCE), target * (1 + TOLERANCE), color="black", alpha=0.08,
                      label=f"+-{100 * TOLERANCE:g}%")
     for event in records:
-        if event.get("event") == "fix_structure":
+        if event.get("event") == FIX_EVENT:
             axis.axvline(event["step"], color="#2a9d8f", linestyle=":", label="structure fixed")
     axis.set_xlabel("step")
     axis.set_ylabel("MACs / dense MACs")

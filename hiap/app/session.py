@@ -18,9 +18,10 @@ import torch.nn as nn
 
 from hiap.app.checkpoint import JsonlLog
 from hiap.app.data import DataBundle, build_datasets, describe_source, num_classes_of
+from hiap.app.jobs import DenseJob
 from hiap.app.models import create_dense_model, load_dense_weights
 from hiap.app.runtime import DistContext, InputError, configure_threads, init_distributed, log_line
-from hiap.app.train import DenseJob, LoopSettings, fit
+from hiap.app.train import LoopSettings, fit
 from hiap.config import HiAPConfig
 from hiap.files import save_safetensors
 from hiap.method.cost import count_macs

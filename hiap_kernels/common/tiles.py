@@ -47,6 +47,10 @@ GEMM_CONFIGS = pick_configs(
 # The gated training GEMMs sample their gates in the epilogue, which costs registers: compiled for sm_90, their
 # 128 x 128 tiles at 8 warps reach the 255-register ceiling and spill (bench/compile_sm90.py), so they tile at most
 # 128 x 64 or 64 x 128.
+GATED_GEMM_CONFIGS = [config for config in GEMM_CONFIGS
+                      if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] < 128 * 128] or GEMM_CONFIGS
+
+
 def output_tile_grid(num_rows: int, num_cols: int):
     """The launch grid of an output-tiled GEMM: one program per ``[BLOCK_M, BLOCK_N]`` tile, on one flat axis (the
     kernel orders the tiles with ``swizzled_tile``)."""
@@ -55,9 +59,6 @@ def output_tile_grid(num_rows: int, num_cols: int):
 
     return grid
 
-
-GATED_GEMM_CONFIGS = [config for config in GEMM_CONFIGS
-                      if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] < 128 * 128] or GEMM_CONFIGS
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
