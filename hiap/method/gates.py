@@ -50,12 +50,10 @@ OPEN_LOGIT, CLOSED_LOGIT = 8.0, -8.0
 # Hardware alignment of the extracted widths (``dim_group=0``). Measured on an H100 in bf16 (DeiT-S extracted at about
 # 2/3 of the MACs, batch 256): odd per-head widths send cuBLAS to slow kernels and the pruned model runs at 0.65x dense;
 # the same layout with q/k and v widths rounded to 16 and FFN widths to 64 runs at 0.98x eager / 1.20x compiled, to
-# 32 and 128 at 1.02x / 1.26x. On a 2-core CPU (fp32, batch 1, equal MACs at 2/3, interleaved) FFN widths in 128s
-# reach 0.93-0.95x of the MAC ratio against 0.88-0.93x in 64s (a small gain, in four runs of four), q/k and v in 32s
-# 0.94-0.98x. Heads stay at 16: 32 would leave a 64-wide head two
-# gates and no kept width below half. So: q/k, v in 16s (four gates per 64-wide head), FFN in 128s (twelve gates for
-# DeiT-S's 1536); a small model gets smaller groups so every head keeps at least MIN_GROUPS_PER_HEAD gates and every
-# FFN at least MIN_GROUPS_PER_FFN.
+# 32 and 128 at 1.02x / 1.26x; on a 2-core CPU (fp32, equal MACs at 2/3) 128-wide FFN groups are within noise of 64.
+# Heads stay at 16: 32 would leave a 64-wide head two gates and no kept width below half. So: q/k, v in 16s (four
+# gates per 64-wide head), FFN in 128s (twelve gates for DeiT-S's 1536); a small model gets smaller groups so every
+# head keeps at least MIN_GROUPS_PER_HEAD gates and every FFN at least MIN_GROUPS_PER_FFN.
 HEAD_ALIGNMENT, FFN_ALIGNMENT = 16, 128
 MIN_GROUPS_PER_HEAD, MIN_GROUPS_PER_FFN = 4, 12
 
