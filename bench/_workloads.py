@@ -265,3 +265,10 @@ def layernorm_linear_inference_work(rows: int, in_features: int, out_features: i
     bytes_ = act * (rows * in_features + 2 * in_features + out_features * in_features + out_features
                     + rows * out_features)
     return Work(flops, bytes_)
+
+
+def gated_weight_training_work(rows: int, cols: int, bias: bool) -> Work:
+    """A gated weight forward and backward (fp32 master weight): reads W (and b); writes W'; reads dW' and W again;
+    writes dW. No FLOPs are counted: a multiply per element and a dot per row, the floor is the memory traffic."""
+    elements = rows * cols + (rows if bias else 0)
+    return Work(0.0, PARAM_BYTES * 5 * elements)

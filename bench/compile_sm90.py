@@ -64,6 +64,7 @@ def kernel_specs() -> list[KernelSpec]:
 
     from hiap_kernels.gated_linear import fc1_kernels as fc1
     from hiap_kernels.gated_linear import qkv_kernels as qkv
+    from hiap_kernels.gated_weight import kernel as gated_weight
     from hiap_kernels.gates.kernel import _sample_gates_kernel
     from hiap_kernels.layernorm_linear.kernel import _layernorm_linear_kernel
     from hiap_kernels.linear_gelu.kernel import _linear_gelu_kernel
@@ -92,6 +93,30 @@ def kernel_specs() -> list[KernelSpec]:
                    lambda dt: dict(logits_ptr=T(dt), values_ptr=T(f32), slopes_ptr=T(f32),
                                    num_gates=H + 2 * H * (DH // 16), **GATES),
                    configs=[triton.Config({"BLOCK": 128})]),
+        # The gated weights of training (tiles as in their launchers on a GPU): qkv's rows per head (groups of 16), fc2's
+        # columns (groups of 128, the default alignment; one group per backward program).
+        KernelSpec("_gated_qkv_weight_kernel", gated_weight._gated_qkv_weight_kernel,
+                   lambda dt: dict(weight_ptr=T(dt), bias_ptr=T(dt), head_ptr=T(f32), qk_ptr=T(f32), v_ptr=T(f32),
+                                   out_weight_ptr=T(dt), out_bias_ptr=T(dt), rows=3 * H * DH, cols=D, stride_weight=D,
+                                   stride_out=D, HAS_BIAS=True, **head_gates),
+                   configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))]),
+        KernelSpec("_gated_qkv_weight_backward_kernel", gated_weight._gated_qkv_weight_backward_kernel,
+                   lambda dt: dict(grad_weight_ptr=T(dt), weight_ptr=T(dt), grad_bias_ptr=T(dt), bias_ptr=T(dt),
+                                   head_ptr=T(f32), qk_ptr=T(f32), v_ptr=T(f32), out_grad_weight_ptr=T(dt),
+                                   out_grad_bias_ptr=T(dt), out_grad_head_ptr=T(f32), out_grad_qk_ptr=T(f32),
+                                   out_grad_v_ptr=T(f32), cols=D, stride_grad=D, stride_weight=D, stride_out=D,
+                                   HAS_BIAS=True, BLOCK_DH=DH, BLOCK_G=DH // 16, **head_gates),
+                   configs=[triton.Config({"BLOCK_C": gated_weight._tiles()[1]})]),
+        KernelSpec("_gated_fc2_weight_kernel", gated_weight._gated_fc2_weight_kernel,
+                   lambda dt: dict(weight_ptr=T(dt), block_ptr=T(f32), neuron_ptr=T(f32), out_weight_ptr=T(dt), rows=D,
+                                   cols=F, stride_weight=F, stride_out=F, GROUP=128, **GATES),
+                   configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))]),
+        KernelSpec("_gated_fc2_weight_backward_kernel", gated_weight._gated_fc2_weight_backward_kernel,
+                   lambda dt: dict(grad_weight_ptr=T(dt), weight_ptr=T(dt), block_ptr=T(f32), neuron_ptr=T(f32),
+                                   out_grad_weight_ptr=T(dt), out_grad_neuron_ptr=T(f32), block_partial_ptr=T(f32),
+                                   rows=D, cols=F, stride_grad=F, stride_weight=F, stride_out=F, GROUP=128,
+                                   GROUPS=F // 128, GROUPS_PER_PROGRAM=1, BLOCK_GP=1, **GATES),
+                   configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))]),
         KernelSpec("qkv_forward_kernel", qkv.qkv_forward_kernel,
                    lambda dt: dict(x_ptr=T(dt), w_ptr=T(dt), b_ptr=T(dt), head_logits_ptr=T(f32), qk_logits_ptr=T(f32),
                                    v_logits_ptr=T(f32), out_ptr=T(dt), M=M, N_OUT=3 * H * DH, K=D, TOKENS=N,

@@ -6,15 +6,15 @@ collects ``test_*.py``; the hook below adds this folder's ``bench_*.py`` files w
 Environment variables (read at run time):
     HIAP_BENCH_RESULTS   folder for the JSON record (default bench/results), or "off"
     HIAP_BENCH_DEADLINE  unix time by which the suite must end; cases that would overrun are skipped with the reason
-    HIAP_BENCH_BATCHES   GPU batch sizes of every case but whole-model inference and sample_gates (which has no
-                         batch); default "64,256"
+    HIAP_BENCH_BATCHES   GPU batch sizes of every case but whole-model inference and the gate ops (sample_gates,
+                         gated_qkv_weight, gated_fc2_weight: no batch); default "64,256"
     HIAP_BENCH_COMPILE   "0" skips every torch.compile provider
     HIAP_BENCH_THREADS   torch CPU threads (default 1 on a machine without a GPU: _settings.set_cpu_threads says why)
 
 Modules: ``_harness.CaseRun`` is what every case goes through; its docstring maps the others (``_settings``,
 ``_providers``, ``_timing``, ``_records``, ``_workloads``). One ``bench_<op>.py`` per public op of ``hiap_kernels``
-(gated_qkv, gated_fc1, ragged_attention, fused_linear_gelu, sample_gates), plus ``bench_block.py`` (gated modules
-and the training step) and ``bench_model.py`` (whole-model inference).
+(sample_gates, gated_qkv_weight, gated_fc2_weight, gated_qkv, gated_fc1, ragged_attention, ...), plus
+``bench_block.py`` (gated modules and the training step) and ``bench_model.py`` (whole-model inference).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def pytest_collect_file(file_path, parent):
 
 # Compiled providers run after every other cell, cheapest compilations first, so that a run bounded by
 # HIAP_BENCH_DEADLINE loses the most expensive compilations, never the eager / Triton figures.
-_COMPILED_PRIORITY = ("test_sample_gates", "test_fused_linear_gelu", "test_fused_linear_residual",
+_COMPILED_PRIORITY = ("test_sample_gates", "test_gated_qkv_weight", "test_gated_fc2_weight", "test_fused_linear_gelu",
+                      "test_fused_linear_residual",
                       "test_fused_layernorm_linear", "test_merge_tokens", "test_nearest_tokens",
                       "test_gated_fc1_fwd_bwd", "test_gated_attention_fwd_bwd", "test_ragged_attention",
                       "test_gated_qkv_fwd_bwd", "test_gated_block_fwd_bwd", "test_deit_s_inference",

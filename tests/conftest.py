@@ -17,7 +17,8 @@ if os.environ.get("HIAP_TEST_NO_INTERPRETER") is None:
 
 import torch  # noqa: E402
 
-from tests.kernel_checks import poisoned  # noqa: E402,F401  (the NaN-poisoned allocation fixture of kernel tests)
+# The NaN-poisoned allocation fixture of kernel tests, and the gated-weight ops' tile sizes.
+from tests.kernel_checks import gated_weight_tiles, poisoned  # noqa: E402,F401
 
 
 def pytest_configure(config):

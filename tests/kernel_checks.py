@@ -19,6 +19,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # that cancel (logit gradients), hence their looser fp32 entry.
 TOLERANCES = {
     "gated_linear": {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2},
+    # Masked weights are exact for hard gates; the logit gradients are sums over a gate's rows that cancel.
+    "gated_weight": {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2},
     "ragged_attention": {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2},
     "fused_linear_gelu": {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2},
     # LayerNorm's output rounded to the activation dtype before the dot, as F.layer_norm's is.
@@ -44,6 +46,16 @@ def poisoned():
     """Every kernel output and workspace allocated inside the test starts as NaN."""
     with poisoned_allocations():
         yield
+
+
+@pytest.fixture(params=["one tile", "16 x 16 tiles"])
+def gated_weight_tiles(request, monkeypatch):
+    """The launch tiles of the gated-weight ops: one per weight as the interpreter takes them, or small ones, so that
+    several programs (and, in fc2's backward, several partials of the block gate) take part."""
+    if request.param != "one tile":
+        import hiap_kernels.gated_weight.kernel as gated_weight_kernel
+
+        monkeypatch.setattr(gated_weight_kernel, "_tiles", lambda: (16, 16))
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -16,6 +16,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = {
     "_sample_gates_kernel",
+    "_gated_qkv_weight_kernel",
+    "_gated_qkv_weight_backward_kernel",
+    "_gated_fc2_weight_kernel",
+    "_gated_fc2_weight_backward_kernel",
     "qkv_forward_kernel",
     "qkv_column_mask_kernel",
     "qkv_backward_dx_kernel",

@@ -1,0 +1,61 @@
+"""The timing of one gated-weight op (``bench_gated_qkv_weight``, ``bench_gated_fc2_weight``): forward + backward of
+one DeiT-S layer's masked weight, per provider, with the number of kernel-launching ops a call dispatches recorded
+beside the time (the figure that decides a launch-bound training step)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from _harness import CaseRun
+from _providers import compile_reference
+from _timing import Work, drop_gradients
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that only make views: they launch nothing.
+_VIEW_OPS = {"view", "t", "detach", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "expand",
+             "_unsafe_view", "unbind", "as_strided", "alias", "split", "split_with_sizes", "reshape", "lift_fresh"}
+
+
+class LaunchCount(TorchDispatchMode):
+    """Counts the dispatched ops that launch work (views excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in _VIEW_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure_gated_weight(run: CaseRun, provider: str, reference: Callable, triton_op: str, inputs: dict,
+                         gate: dict, shapes: dict, work: Work) -> None:
+    """Time ``provider`` on forward + backward of the op: ``inputs`` (tensors or None, in argument order) requiring
+    gradients, a fixed random output gradient, the gate draw ``gate``."""
+    run.require_provider(triton_modules=("hiap_kernels.gated_weight.kernel",), compile_cost="small")
+    run.require_time(20)
+    leaves = [t.requires_grad_() if t is not None else None for t in inputs.values()]
+    if provider == "triton":
+        import hiap_kernels
+
+        op = getattr(hiap_kernels, triton_op)
+    else:
+        op = compile_reference(reference) if provider == "compiled" else reference
+
+    def forward():
+        outputs = op(*leaves, **gate)
+        return [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if o is not None]
+
+    grads = [torch.randn_like(o) for o in forward()]
+
+    def call() -> None:
+        torch.autograd.backward(forward(), grads)
+
+    call()
+    with LaunchCount() as launches:
+        call()
+    run.measure(call, prepare=drop_gradients(*[t for t in leaves if t is not None]),
+                shapes={**shapes, "ops_per_call": launches.count}, work=work,
+                compile_cost="small" if provider == "compiled" else None)

@@ -1,0 +1,14 @@
+"""Gated weights for training: a layer's gates sampled and its masks applied to the weights the library GEMMs read.
+
+    reference.py   ``gated_qkv_weight_reference`` / ``gated_fc2_weight_reference``: the chain of torch ops (gate
+                   values, group expansion, conditioning, scaling); the reference path of ``hiap``'s gated modules
+    kernel.py      ``gated_qkv_weight`` / ``gated_fc2_weight``: the same in one Triton launch forward and one
+                   backward (weight gradient, gate-gradient reductions and straight-through slopes together)
+
+The GEMMs stay cuBLAS's (forward and both backward GEMMs); what a library cannot do, sampling, masking and reducing a
+weight gradient to its gates, is fused here.
+"""
+
+from hiap_kernels.gated_weight.reference import gated_fc2_weight_reference, gated_qkv_weight_reference, qkv_row_scale
+
+__all__ = ["gated_fc2_weight_reference", "gated_qkv_weight_reference", "qkv_row_scale"]

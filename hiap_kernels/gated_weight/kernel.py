@@ -1,0 +1,452 @@
+"""Triton kernels of ``gated_qkv_weight`` and ``gated_fc2_weight``: sampling, masking and the gate-gradient reductions
+of a gated layer in one launch each way, around the library GEMMs that read the masked weight.
+
+Forward: every program regenerates the gates its rows (qkv) or columns (fc2) use from ``(seed, offset + i)`` with the
+in-kernel sampler and writes ``W * m``. Backward: ``dW = dW' * m`` and the gate gradients
+``dL/dm[r] = <dW'[r], W[r]> + db'[r] b[r]``, reduced over each gate's group and multiplied by the straight-through slope,
+all in the same pass over ``dW'`` and ``W``, with deterministic sums (no atomics):
+
+    qkv   one program per head: its q, k and v rows, so the head gate's sum over its v groups stays in the program
+    fc2   one program per run of whole neuron groups; the block gate's sum over programs is one torch ``sum`` of the
+          per-program partials
+
+Against the chain of small torch ops this replaces (concatenate logits, sample, split, expand groups, condition, build
+the row scale, scale weight and bias; their backward), a layer's gating costs one launch forward and one (qkv) or two
+(fc2) backward: a training step of DeiT-S launches about 500 fewer kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hiap_kernels.common import runtime
+from hiap_kernels.common.runtime import check_tensor, unit_last_stride
+from hiap_kernels.gates.kernel import gate_value_and_slope
+from hiap_kernels.gates.reference import check_gate_arguments, seed_tensor, tau_tensor
+
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _tiles() -> tuple[int, int]:
+    """(rows, columns) of a tile. On a GPU 32 x 64 elements per program (the passes are memory-bound and a weight has
+    ~10^5-10^6 elements); the interpreter pays per program, not per element, so it takes far larger tiles."""
+    return (256, 256) if runtime.interpreter_active() else (32, 64)
+
+
+@triton.jit
+def _gate(logits_ptr, index, mask, seed, counter, tau, HARD: tl.constexpr, SAMPLE: tl.constexpr):
+    """Value and straight-through slope of the gates at ``index`` of one logit tensor (fp32; 0 where masked off)."""
+    logit = tl.load(logits_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    return gate_value_and_slope(logit, seed, counter, tau, HARD, SAMPLE)
+
+
+@triton.jit
+def _qkv_row_scale(row, row_ok, head_ptr, qk_ptr, v_ptr, seed, offset, tau, NUM_HEADS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, HARD: tl.constexpr, SAMPLE: tl.constexpr):
+    """Row mask of the fused qkv weight: ``dqk`` on q rows, 1 on k rows, ``g * dv`` on v rows (fp32, per ``row``)."""
+    GROUPS: tl.constexpr = HEAD_DIM // GROUP
+    part = row // (NUM_HEADS * HEAD_DIM)
+    within = row % (NUM_HEADS * HEAD_DIM)
+    head = within // HEAD_DIM
+    micro = head * GROUPS + (within % HEAD_DIM) // GROUP
+    is_q = row_ok & (part == 0)
+    is_v = row_ok & (part == 2)
+    z_qk, _ = _gate(qk_ptr, micro, is_q, seed, offset + NUM_HEADS + micro, tau, HARD, SAMPLE)
+    z_head, _ = _gate(head_ptr, head, is_v, seed, offset + head, tau, HARD, SAMPLE)
+    z_v, _ = _gate(v_ptr, micro, is_v, seed, offset + NUM_HEADS + NUM_HEADS * GROUPS + micro, tau, HARD, SAMPLE)
+    return tl.where(part == 0, z_qk, tl.where(part == 2, z_head * z_v, 1.0))
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _gated_qkv_weight_kernel(
+    weight_ptr, bias_ptr, head_ptr, qk_ptr, v_ptr, out_weight_ptr, out_bias_ptr,
+    rows, cols, stride_weight, stride_out,
+    seed_ptr, offset, tau_ptr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HARD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    seed = tl.load(seed_ptr)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = row < rows
+    # [BLOCK_R] in fp32, rounded to the weight's dtype first as the reference's `scale.to(weight.dtype)` is
+    scale = _qkv_row_scale(row, row_ok, head_ptr, qk_ptr, v_ptr, seed, offset, tau, NUM_HEADS, HEAD_DIM, GROUP,
+                           HARD, SAMPLE)
+    scale = scale.to(out_weight_ptr.dtype.element_ty).to(tl.float32)
+    col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = row_ok[:, None] & (col < cols)[None, :]
+    # [BLOCK_R, BLOCK_C]
+    w = tl.load(weight_ptr + row[:, None] * stride_weight + col[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_weight_ptr + row[:, None] * stride_out + col[None, :],
+             (w * scale[:, None]).to(out_weight_ptr.dtype.element_ty), mask=ok)
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            b = tl.load(bias_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
+            bias_scale = scale.to(out_bias_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(out_bias_ptr + row, (b * bias_scale).to(out_bias_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _gated_qkv_weight_backward_kernel(
+    grad_weight_ptr, weight_ptr, grad_bias_ptr, bias_ptr, head_ptr, qk_ptr, v_ptr,
+    out_grad_weight_ptr, out_grad_bias_ptr, out_grad_head_ptr, out_grad_qk_ptr, out_grad_v_ptr,
+    cols, stride_grad, stride_weight, stride_out,
+    seed_ptr, offset, tau_ptr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HARD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    GROUPS: tl.constexpr = HEAD_DIM // GROUP
+    seed = tl.load(seed_ptr)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    head = tl.program_id(0)
+    # [BLOCK_DH] the head's dims, [BLOCK_G] its groups, [BLOCK_DH, BLOCK_G] which group each dim belongs to
+    dim = tl.arange(0, BLOCK_DH)
+    dim_ok = dim < HEAD_DIM
+    group = tl.arange(0, BLOCK_G)
+    group_ok = group < GROUPS
+    in_group = ((dim // GROUP)[:, None] == group[None, :]) & dim_ok[:, None] & group_ok[None, :]
+    micro = head * GROUPS + group
+    z_qk, slope_qk = _gate(qk_ptr, micro, group_ok, seed, offset + NUM_HEADS + micro, tau, HARD, SAMPLE)
+    z_v, slope_v = _gate(v_ptr, micro, group_ok, seed, offset + NUM_HEADS + NUM_HEADS * GROUPS + micro, tau, HARD,
+                         SAMPLE)
+    z_head, slope_head = _gate(head_ptr, head, True, seed, offset + head, tau, HARD, SAMPLE)
+    for part in tl.static_range(3):
+        row = part * NUM_HEADS * HEAD_DIM + head * HEAD_DIM + dim
+        # [BLOCK_DH] each row's mask, expanded from its group's gate
+        if part == 0:
+            scale = tl.sum(tl.where(in_group, z_qk[None, :], 0.0), axis=1)
+        elif part == 1:
+            scale = tl.where(dim_ok, 1.0, 0.0)
+        else:
+            scale = tl.sum(tl.where(in_group, z_v[None, :], 0.0), axis=1) * z_head
+        weight_scale = scale.to(out_grad_weight_ptr.dtype.element_ty).to(tl.float32)
+        # dL/dm per row: <dW'[r], W[r]> (+ db'[r] b[r]), fp32
+        grad_mask = tl.zeros((BLOCK_DH,), dtype=tl.float32)
+        for start in range(0, cols, BLOCK_C):
+            col = start + tl.arange(0, BLOCK_C)
+            ok = dim_ok[:, None] & (col < cols)[None, :]
+            # [BLOCK_DH, BLOCK_C]
+            g = tl.load(grad_weight_ptr + row[:, None] * stride_grad + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + row[:, None] * stride_weight + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(out_grad_weight_ptr + row[:, None] * stride_out + col[None, :],
+                     (g * weight_scale[:, None]).to(out_grad_weight_ptr.dtype.element_ty), mask=ok)
+            grad_mask += tl.sum(g * w, axis=1)
+        if HAS_BIAS:
+            gb = tl.load(grad_bias_ptr + row, mask=dim_ok, other=0.0).to(tl.float32)
+            b = tl.load(bias_ptr + row, mask=dim_ok, other=0.0).to(tl.float32)
+            bias_scale = scale.to(out_grad_bias_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(out_grad_bias_ptr + row, (gb * bias_scale).to(out_grad_bias_ptr.dtype.element_ty), mask=dim_ok)
+            grad_mask += gb * b
+        # [BLOCK_G] summed over each gate's group of rows
+        grad_group = tl.sum(tl.where(in_group, grad_mask[:, None], 0.0), axis=0)
+        if part == 0:
+            tl.store(out_grad_qk_ptr + micro, (grad_group * slope_qk).to(out_grad_qk_ptr.dtype.element_ty),
+                     mask=group_ok)
+        elif part == 2:
+            tl.store(out_grad_v_ptr + micro, (grad_group * z_head * slope_v).to(out_grad_v_ptr.dtype.element_ty),
+                     mask=group_ok)
+            grad_head = tl.sum(tl.where(group_ok, grad_group * z_v, 0.0), axis=0)
+            tl.store(out_grad_head_ptr + head, (grad_head * slope_head).to(out_grad_head_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _gated_fc2_weight_kernel(
+    weight_ptr, block_ptr, neuron_ptr, out_weight_ptr,
+    rows, cols, stride_weight, stride_out,
+    seed_ptr, offset, tau_ptr,
+    GROUP: tl.constexpr, HARD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    seed = tl.load(seed_ptr)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = col < cols
+    z_block, _ = _gate(block_ptr, 0, True, seed, offset, tau, HARD, SAMPLE)
+    z_neuron, _ = _gate(neuron_ptr, col // GROUP, col_ok, seed, offset + 1 + col // GROUP, tau, HARD, SAMPLE)
+    # [BLOCK_C] the neuron mask b * c, rounded to the weight's dtype as in the reference
+    scale = (z_block * z_neuron).to(out_weight_ptr.dtype.element_ty).to(tl.float32)
+    ok = (row < rows)[:, None] & col_ok[None, :]
+    w = tl.load(weight_ptr + row[:, None] * stride_weight + col[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_weight_ptr + row[:, None] * stride_out + col[None, :],
+             (w * scale[None, :]).to(out_weight_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _gated_fc2_weight_backward_kernel(
+    grad_weight_ptr, weight_ptr, block_ptr, neuron_ptr,
+    out_grad_weight_ptr, out_grad_neuron_ptr, block_partial_ptr,
+    rows, cols, stride_grad, stride_weight, stride_out,
+    seed_ptr, offset, tau_ptr,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, BLOCK_GP: tl.constexpr,
+    HARD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    SPAN: tl.constexpr = GROUPS_PER_PROGRAM * GROUP
+    seed = tl.load(seed_ptr)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    program = tl.program_id(0)
+    first_col = program * SPAN
+    z_block, slope_block = _gate(block_ptr, 0, True, seed, offset, tau, HARD, SAMPLE)
+    # [BLOCK_GP] this program's whole groups
+    local_group = tl.arange(0, BLOCK_GP)
+    group = program * GROUPS_PER_PROGRAM + local_group
+    group_ok = (local_group < GROUPS_PER_PROGRAM) & (group < GROUPS)
+    z_neuron, slope_neuron = _gate(neuron_ptr, group, group_ok, seed, offset + 1 + group, tau, HARD, SAMPLE)
+    grad_group = tl.zeros((BLOCK_GP,), dtype=tl.float32)
+    for start in range(0, SPAN, BLOCK_C):
+        local_col = start + tl.arange(0, BLOCK_C)
+        col = first_col + local_col
+        col_ok = (local_col < SPAN) & (col < cols)
+        # [BLOCK_C, BLOCK_GP] which of the program's groups each column belongs to
+        in_group = ((local_col // GROUP)[:, None] == local_group[None, :]) & col_ok[:, None]
+        col_z, _ = _gate(neuron_ptr, col // GROUP, col_ok, seed, offset + 1 + col // GROUP, tau, HARD, SAMPLE)
+        weight_scale = (z_block * col_z).to(out_grad_weight_ptr.dtype.element_ty).to(tl.float32)
+        # [BLOCK_C] dL/dm per column: <dW'[:, j], W[:, j]>, fp32
+        grad_mask = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for row_start in range(0, rows, BLOCK_R):
+            row = row_start + tl.arange(0, BLOCK_R)
+            ok = (row < rows)[:, None] & col_ok[None, :]
+            # [BLOCK_R, BLOCK_C]
+            g = tl.load(grad_weight_ptr + row[:, None] * stride_grad + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + row[:, None] * stride_weight + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(out_grad_weight_ptr + row[:, None] * stride_out + col[None, :],
+                     (g * weight_scale[None, :]).to(out_grad_weight_ptr.dtype.element_ty), mask=ok)
+            grad_mask += tl.sum(g * w, axis=0)
+        grad_group += tl.sum(tl.where(in_group, grad_mask[:, None], 0.0), axis=0)
+    tl.store(out_grad_neuron_ptr + group, (grad_group * z_block * slope_neuron).to(out_grad_neuron_ptr.dtype.element_ty),
+             mask=group_ok)
+    # This program's share of the block gate's gradient; the host sums the partials in a fixed order.
+    tl.store(block_partial_ptr + program, tl.sum(tl.where(group_ok, grad_group * z_neuron, 0.0), axis=0) * slope_block)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launchers, custom ops (one graph node each way under torch.compile) and the public functions
+# ---------------------------------------------------------------------------------------------------------------------
+
+_GATE_SCHEMA = "Tensor tau, Tensor seed, SymInt offset, bool hard, bool sample"
+
+
+def _empty_like_rows(tensor: torch.Tensor) -> torch.Tensor:
+    return runtime.empty(tuple(tensor.shape), tensor.dtype, tensor.device)
+
+
+@torch.library.custom_op("hiap_kernels::gated_qkv_weight", mutates_args=(),
+                         schema=f"(Tensor weight, Tensor? bias, Tensor head, Tensor qk, Tensor v, {_GATE_SCHEMA})"
+                                " -> (Tensor, Tensor)")
+def _gated_qkv_weight_op(weight, bias, head, qk, v, tau, seed, offset, hard, sample):
+    weight = unit_last_stride(weight)
+    rows, cols = weight.shape
+    num_heads, groups = qk.shape
+    head_dim = rows // (3 * num_heads)
+    out_weight = _empty_like_rows(weight)
+    out_bias = _empty_like_rows(bias) if bias is not None else weight.new_empty(0)
+    bias = bias.contiguous() if bias is not None else None
+    block_rows, block_cols = _tiles()
+    if rows and cols:
+        grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
+        _gated_qkv_weight_kernel[grid](
+            weight, bias if bias is not None else out_weight, head.contiguous(), qk.contiguous(), v.contiguous(),
+            out_weight, out_bias if bias is not None else out_weight,
+            rows, cols, weight.stride(0), out_weight.stride(0), seed, offset, tau,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, GROUP=head_dim // groups, HAS_BIAS=bias is not None,
+            HARD=hard, SAMPLE=sample, BLOCK_R=block_rows, BLOCK_C=block_cols,
+        )
+    return out_weight, out_bias
+
+
+@_gated_qkv_weight_op.register_fake
+def _gated_qkv_weight_fake(weight, bias, head, qk, v, tau, seed, offset, hard, sample):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), (
+        torch.empty_like(bias) if bias is not None else weight.new_empty(0))
+
+
+@torch.library.custom_op(
+    "hiap_kernels::gated_qkv_weight_backward", mutates_args=(),
+    schema=f"(Tensor grad_weight, Tensor? grad_bias, Tensor weight, Tensor? bias, Tensor head, Tensor qk, Tensor v, "
+           f"{_GATE_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _gated_qkv_weight_backward_op(grad_weight, grad_bias, weight, bias, head, qk, v, tau, seed, offset, hard, sample):
+    grad_weight, weight = unit_last_stride(grad_weight), unit_last_stride(weight)
+    rows, cols = weight.shape
+    num_heads, groups = qk.shape
+    head_dim = rows // (3 * num_heads)
+    has_bias = bias is not None
+    if has_bias and grad_bias is None:
+        grad_bias = torch.zeros_like(bias)
+    out_weight = _empty_like_rows(weight)
+    out_bias = _empty_like_rows(bias) if has_bias else weight.new_empty(0)
+    out_head, out_qk, out_v = _empty_like_rows(head), _empty_like_rows(qk), _empty_like_rows(v)
+    if num_heads:
+        _gated_qkv_weight_backward_kernel[(num_heads,)](
+            grad_weight, weight, grad_bias.contiguous() if has_bias else grad_weight,
+            bias.contiguous() if has_bias else weight, head.contiguous(), qk.contiguous(), v.contiguous(),
+            out_weight, out_bias if has_bias else out_weight, out_head, out_qk, out_v,
+            cols, grad_weight.stride(0), weight.stride(0), out_weight.stride(0), seed, offset, tau,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, GROUP=head_dim // groups, HAS_BIAS=has_bias, HARD=hard,
+            SAMPLE=sample, BLOCK_DH=triton.next_power_of_2(head_dim), BLOCK_G=triton.next_power_of_2(groups),
+            BLOCK_C=_tiles()[1],
+        )
+    return out_weight, out_bias, out_head, out_qk, out_v
+
+
+@_gated_qkv_weight_backward_op.register_fake
+def _gated_qkv_weight_backward_fake(grad_weight, grad_bias, weight, bias, head, qk, v, tau, seed, offset, hard,
+                                    sample):
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(bias) if bias is not None else weight.new_empty(0),
+            torch.empty_like(head), torch.empty_like(qk), torch.empty_like(v))
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    weight, bias, head, qk, v, tau, seed, offset, hard, sample = inputs
+    ctx.save_for_backward(weight, bias, head, qk, v, tau, seed)
+    ctx.offset, ctx.hard, ctx.sample = offset, hard, sample
+    ctx.has_bias = bias is not None
+
+
+def _qkv_backward(ctx, grad_weight, grad_bias):
+    weight, bias, head, qk, v, tau, seed = ctx.saved_tensors
+    grads = _gated_qkv_weight_backward_op(grad_weight, grad_bias if ctx.has_bias else None, weight, bias, head, qk, v,
+                                          tau, seed, ctx.offset, ctx.hard, ctx.sample)
+    grad_w, grad_b, grad_head, grad_qk, grad_v = grads
+    return grad_w, grad_b if ctx.has_bias else None, grad_head, grad_qk, grad_v, None, None, None, None, None
+
+
+_gated_qkv_weight_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
+@torch.library.custom_op("hiap_kernels::gated_fc2_weight", mutates_args=(),
+                         schema=f"(Tensor weight, Tensor block, Tensor neuron, {_GATE_SCHEMA}) -> Tensor")
+def _gated_fc2_weight_op(weight, block, neuron, tau, seed, offset, hard, sample):
+    weight = unit_last_stride(weight)
+    rows, cols = weight.shape
+    out_weight = _empty_like_rows(weight)
+    block_rows, block_cols = _tiles()
+    if rows and cols:
+        grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
+        _gated_fc2_weight_kernel[grid](
+            weight, block.contiguous(), neuron.contiguous(), out_weight, rows, cols, weight.stride(0),
+            out_weight.stride(0), seed, offset, tau, GROUP=cols // neuron.numel(), HARD=hard, SAMPLE=sample,
+            BLOCK_R=block_rows, BLOCK_C=block_cols,
+        )
+    return out_weight
+
+
+@_gated_fc2_weight_op.register_fake
+def _gated_fc2_weight_fake(weight, block, neuron, tau, seed, offset, hard, sample):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _fc2_groups_per_program(group: int, block_cols: int) -> int:
+    """Whole groups per backward program: enough narrow groups to fill a tile's width, else one."""
+    return max(1, block_cols // group)
+
+
+@torch.library.custom_op(
+    "hiap_kernels::gated_fc2_weight_backward", mutates_args=(),
+    schema=f"(Tensor grad_weight, Tensor weight, Tensor block, Tensor neuron, {_GATE_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+def _gated_fc2_weight_backward_op(grad_weight, weight, block, neuron, tau, seed, offset, hard, sample):
+    grad_weight, weight = unit_last_stride(grad_weight), unit_last_stride(weight)
+    rows, cols = weight.shape
+    groups = neuron.numel()
+    group = cols // groups
+    block_rows, block_cols = _tiles()
+    per_program = _fc2_groups_per_program(group, block_cols)
+    programs = triton.cdiv(groups, per_program)
+    out_weight = _empty_like_rows(weight)
+    out_neuron = _empty_like_rows(neuron)
+    partials = runtime.empty(programs, torch.float32, weight.device)
+    if programs:
+        _gated_fc2_weight_backward_kernel[(programs,)](
+            grad_weight, weight, block.contiguous(), neuron.contiguous(), out_weight, out_neuron, partials,
+            rows, cols, grad_weight.stride(0), weight.stride(0), out_weight.stride(0), seed, offset, tau,
+            GROUP=group, GROUPS=groups, GROUPS_PER_PROGRAM=per_program,
+            BLOCK_GP=triton.next_power_of_2(per_program), HARD=hard, SAMPLE=sample, BLOCK_R=block_rows,
+            BLOCK_C=block_cols,
+        )
+    # The block gate's gradient: the programs' partials summed in a fixed order (deterministic).
+    return out_weight, partials.sum(0, keepdim=True).to(block.dtype), out_neuron
+
+
+@_gated_fc2_weight_backward_op.register_fake
+def _gated_fc2_weight_backward_fake(grad_weight, weight, block, neuron, tau, seed, offset, hard, sample):
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format), torch.empty_like(block),
+            torch.empty_like(neuron))
+
+
+def _fc2_setup_context(ctx, inputs, output):
+    weight, block, neuron, tau, seed, offset, hard, sample = inputs
+    ctx.save_for_backward(weight, block, neuron, tau, seed)
+    ctx.offset, ctx.hard, ctx.sample = offset, hard, sample
+
+
+def _fc2_backward(ctx, grad_weight):
+    weight, block, neuron, tau, seed = ctx.saved_tensors
+    grad_w, grad_block, grad_neuron = _gated_fc2_weight_backward_op(grad_weight, weight, block, neuron, tau, seed,
+                                                                   ctx.offset, ctx.hard, ctx.sample)
+    return grad_w, grad_block, grad_neuron, None, None, None, None, None
+
+
+_gated_fc2_weight_op.register_autograd(_fc2_backward, setup_context=_fc2_setup_context)
+
+
+def _check_common(op: str, weight: torch.Tensor, logits: dict, tau, seed, offset: int, num_gates: int) -> None:
+    check_tensor("weight", weight, ndim=2)
+    runtime.require_triton_device(op, weight, f"hiap_kernels.gated_weight.{op}_reference")
+    for name, logit in logits.items():
+        check_tensor(name, logit, dtypes=LOGIT_DTYPES, device=weight.device)
+    check_gate_arguments(tau, seed, offset, num_gates)
+
+
+def gated_qkv_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None, head_logits: torch.Tensor, qk_logits: torch.Tensor,
+    v_logits: torch.Tensor, *, tau: float | torch.Tensor, seed: int | torch.Tensor, offset: int, hard: bool = True,
+    sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The qkv weight and bias with the layer's sampled row masks, in one launch (backward: one launch).
+
+    Same contract as :func:`hiap_kernels.gated_weight.reference.gated_qkv_weight_reference`: ``weight [3 H Dh, D]``,
+    ``bias [3 H Dh]`` or None, logits ``head [H]``, ``qk [H, Dh/G]``, ``v [H, Dh/G]``; returns ``(weight * m[:, None],
+    bias * m)`` in their dtypes (contiguous), with gradients to the weight, the bias and (when sampling) the logits.
+    A ``torch.library`` custom op with its backward as a second one: one graph node each way under torch.compile.
+    """
+    logits = {"head_logits": head_logits, "qk_logits": qk_logits, "v_logits": v_logits}
+    _check_common("gated_qkv_weight", weight, logits, tau, seed, offset,
+                  head_logits.numel() + qk_logits.numel() + v_logits.numel())
+    num_heads = head_logits.numel()
+    if head_logits.dim() != 1 or qk_logits.dim() != 2 or qk_logits.shape != v_logits.shape \
+            or qk_logits.shape[0] != num_heads:
+        raise ValueError(f"logits must be head [H], qk and v [H, G]; got {tuple(head_logits.shape)}, "
+                         f"{tuple(qk_logits.shape)}, {tuple(v_logits.shape)}")
+    rows = weight.shape[0]
+    groups = qk_logits.shape[1]
+    if num_heads == 0 or rows % (3 * num_heads) or groups == 0 or (rows // (3 * num_heads)) % groups:
+        raise ValueError(f"weight has {rows} rows, not 3 x {num_heads} heads x a head dim divisible by {groups} groups")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=weight.device)
+        if bias.shape[0] != rows:
+            raise ValueError(f"bias has {bias.shape[0]} entries for {rows} weight rows")
+    out_weight, out_bias = _gated_qkv_weight_op(weight, bias, head_logits, qk_logits, v_logits,
+                                                tau_tensor(tau).to(weight.device), seed_tensor(seed).to(weight.device),
+                                                offset, bool(hard), bool(sample))
+    return out_weight, out_bias if bias is not None else None
+
+
+def gated_fc2_weight(
+    weight: torch.Tensor, block_logit: torch.Tensor, neuron_logits: torch.Tensor, *, tau: float | torch.Tensor,
+    seed: int | torch.Tensor, offset: int, hard: bool = True, sample: bool = True,
+) -> torch.Tensor:
+    """fc2's weight with the layer's sampled neuron mask on its columns, in one launch (backward: one launch and a
+    ``sum`` of per-program partials for the block gate).
+
+    Same contract as :func:`hiap_kernels.gated_weight.reference.gated_fc2_weight_reference`: ``weight [D, F]``,
+    ``block_logit [1]``, ``neuron_logits [F/G]``; returns ``weight * m[None, :]`` (contiguous, the weight's dtype).
+    """
+    logits = {"block_logit": block_logit, "neuron_logits": neuron_logits}
+    _check_common("gated_fc2_weight", weight, logits, tau, seed, offset, block_logit.numel() + neuron_logits.numel())
+    if block_logit.shape != (1,) or neuron_logits.dim() != 1 or neuron_logits.numel() == 0 \
+            or weight.shape[1] % neuron_logits.numel():
+        raise ValueError(f"logits must be block [1] and neuron [F/G] with G dividing F={weight.shape[1]}; got "
+                         f"{tuple(block_logit.shape)}, {tuple(neuron_logits.shape)}")
+    return _gated_fc2_weight_op(weight, block_logit, neuron_logits, tau_tensor(tau).to(weight.device),
+                                seed_tensor(seed).to(weight.device), offset, bool(hard), bool(sample))

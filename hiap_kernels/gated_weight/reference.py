@@ -1,0 +1,91 @@
+"""Plain-PyTorch twins of ``gated_qkv_weight`` and ``gated_fc2_weight``: sample a layer's gates and apply its masks to
+the weights its cuBLAS GEMMs then read.
+
+A masked output column of a linear layer equals that weight row (and bias entry) scaled by the mask, and a masked FFN
+neuron equals fc2's input column scaled by it. So a gated layer can hand the library GEMM a masked weight, and the
+gates' gradients follow from the weight's: ``dL/dm[r] = <dL/dW'[r], W[r]> + dL/db'[r] b[r]``.
+
+Gate layout of one layer (gate ``i`` draws Philox counter ``offset + i``), as in ``hiap_kernels.gated_linear``:
+    attention: head gates [H], q/k-dim gates [H, Dh/G], v-dim gates [H, Dh/G]
+    FFN:       block gate [1], neuron gates [F/G]
+Row masks of timm's fused qkv weight ``[3 H Dh, D]``: ``m_q = dqk`` on the q rows, 1 on the k rows, ``m_v = g * dv`` on
+the v rows. Column mask of fc2's weight ``[D, F]``: ``m = b * c``.
+
+No Triton import: these are the reference path of ``hiap``'s gated modules and the contract of the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hiap_kernels.gated_linear.reference import (
+    attention_column_masks,
+    attention_gate_values,
+    ffn_gate_values,
+    ffn_neuron_mask,
+)
+
+
+def qkv_row_scale(z_head: torch.Tensor, z_qk: torch.Tensor, z_v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per row of the fused qkv weight ``[3 H Dh]``: ``m_q`` on q rows, 1 on k rows, ``m_v = g * dv`` on v rows."""
+    m_q, m_v = attention_column_masks(z_head, z_qk, z_v, head_dim)
+    return torch.cat([m_q.reshape(-1), torch.ones_like(m_q).reshape(-1), m_v.reshape(-1)])
+
+
+def gated_qkv_weight_reference(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    head_logits: torch.Tensor,
+    qk_logits: torch.Tensor,
+    v_logits: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    seed: int | torch.Tensor,
+    offset: int,
+    hard: bool = True,
+    sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The qkv weight and bias with the layer's sampled row masks applied.
+
+    Args:
+        weight: ``[3 H Dh, D]`` (timm's fused layout: q rows, k rows, v rows; head-major inside each).
+        bias: ``[3 H Dh]`` or None.
+        head_logits: ``[H]``; qk_logits, v_logits: ``[H, Dh / G]``.
+        tau, seed, offset, hard: the Gumbel-Sigmoid draw (``hiap_kernels.gumbel_sigmoid``); ``sample`` False applies
+            the deterministic decision ``1[a > 0]`` (no gradient to the logits).
+
+    Returns:
+        ``weight * m[:, None]`` and ``bias * m`` (None without a bias), in their own dtypes; gradients reach the
+        weight, the bias and (when sampling) the logits through the straight-through estimator.
+    """
+    num_heads = head_logits.shape[0]
+    head_dim = weight.shape[0] // (3 * num_heads)
+    values = attention_gate_values(head_logits, qk_logits, v_logits, tau=tau, seed=seed, offset=offset, hard=hard,
+                                   sample=sample)
+    scale = qkv_row_scale(*values, head_dim).to(weight.dtype)
+    return weight * scale[:, None], None if bias is None else bias * scale.to(bias.dtype)
+
+
+def gated_fc2_weight_reference(
+    weight: torch.Tensor,
+    block_logit: torch.Tensor,
+    neuron_logits: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    seed: int | torch.Tensor,
+    offset: int,
+    hard: bool = True,
+    sample: bool = True,
+) -> torch.Tensor:
+    """fc2's weight with the layer's sampled neuron mask on its input columns.
+
+    Args:
+        weight: ``[D, F]``; block_logit: ``[1]``; neuron_logits: ``[F / G]``. The rest as in
+            :func:`gated_qkv_weight_reference`.
+
+    Returns:
+        ``weight * m[None, :]`` with ``m = b * c`` ``[F]``, in the weight's dtype.
+    """
+    z_block, z_neuron = ffn_gate_values(block_logit, neuron_logits, tau=tau, seed=seed, offset=offset, hard=hard,
+                                        sample=sample)
+    return weight * ffn_neuron_mask(z_block, z_neuron, weight.shape[1]).to(weight.dtype)
