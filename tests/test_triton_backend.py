@@ -91,3 +91,46 @@ def test_a_loaded_and_compiled_pruned_model_keeps_working_on_the_triton_path(tmp
             assert _relative_error(loaded(images), reference) < 1e-4
             compiled = torch.compile(loaded, backend="aot_eager")
             assert _relative_error(compiled(images), reference) < 1e-4
+
+
+class _LaunchingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the dispatched ops that launch work (views excluded): what a launch-bound training step pays for."""
+
+    VIEWS = {"view", "t", "detach", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "expand",
+             "_unsafe_view", "unbind", "as_strided", "alias", "split", "split_with_sizes", "reshape", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_beyond_dense(depth: int) -> tuple[int, int]:
+    """Launching ops of a gated model's forward and backward minus those of the same dense timm model."""
+    from tests.helpers import images, tiny_vit
+
+    counts = []
+    for gated in (False, True):
+        model = tiny_vit(depth=depth).to(DEVICE).train()
+        if gated:
+            model = hiap.gate_vit(model, hiap.HiAPConfig()).train()
+            randomize_logits(model, torch.Generator().manual_seed(0))
+            hiap.use_triton_kernels(model)
+        x = images(model).to(DEVICE)
+        with _LaunchingOps() as forward:
+            out = model(x)
+        with _LaunchingOps() as backward:
+            out.sum().backward()
+        counts.append((forward.count, backward.count))
+    return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
+
+
+def test_on_the_triton_path_a_gated_layer_costs_one_op_forward_and_one_backward():
+    """Sampling, masking and the gates' gradients of a layer are one fused op each way (``gated_qkv_weight``,
+    ``gated_fc2_weight``), around the GEMMs a dense block runs anyway: two blocks more cost four ops more forward and
+    four more backward (the reference path's chain of torch ops: 80 and 52)."""
+    shallow, deep = _ops_beyond_dense(2), _ops_beyond_dense(4)
+    assert (deep[0] - shallow[0], deep[1] - shallow[1]) == (4, 4)

@@ -1,10 +1,11 @@
-"""Gated attention and FFN modules that wrap timm's Attention and Mlp; the gate sampler per ``hiap.backend``.
+"""Gated attention and FFN modules that wrap timm's Attention and Mlp; the gated weights per ``hiap.backend``.
 
 Each gated module keeps the timm sub-modules it wraps (``qkv``, ``proj``, ``fc1``, ``fc2``...) under the same names and
 holds its gates in ``.gates`` (an :class:`AttentionGates` / :class:`FfnGates`). A forward asks the gates for one
-:class:`GateDraw` and samples it with the Triton sampler (``hiap_kernels.sample_gates``) or its PyTorch twin, which
-draw the very same gates. Training mode samples; eval mode applies the deterministic decision, so the eval-mode
-model, its MAC count and the extracted model agree.
+:class:`GateDraw` and hands it to ``hiap_kernels.gated_qkv_weight`` / ``gated_fc2_weight`` (sampling and masking in
+one Triton launch, and one back) or to their PyTorch references, which draw the very same gates. Training mode
+samples; eval mode applies the deterministic decision, so the eval-mode model, its MAC count and the extracted model
+agree.
 
 The masks act on the weights, not on the activations: a masked output column of a linear layer is the same as that
 weight row (and bias) scaled by its mask, and a masked FFN neuron the same as fc2's input column scaled by it. So the
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from hiap.backend import KernelBackendMixin
 from hiap.method.gates import AttentionGates, FfnGates, GateSchedule, gate_offset
+from hiap_kernels.gated_weight.reference import gated_fc2_weight_reference, gated_qkv_weight_reference
 
 
 def _rename_legacy_gate_keys(names: dict[str, str]):
@@ -41,7 +43,7 @@ class GatedAttention(KernelBackendMixin, nn.Module):
     Masks: q columns times ``dqk``, v columns times ``g * dv`` (k unmasked). Input and output ``[B, N, D]``.
     """
 
-    triton_op = "sample_gates"
+    triton_op = "gated_qkv_weight"
 
     def __init__(self, attn: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
                  init_logit: float, dim_group: int, min_heads: int, min_dim_fraction: float):
@@ -88,51 +90,58 @@ class GatedAttention(KernelBackendMixin, nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if self.decided_rows is not None:
             return self._decided_forward(x, attn_mask, is_causal)
-        return self.attend(x, attn_mask, is_causal)[0]
+        # The gated weight and bias: one launch of the fused op on the Triton backend, its reference chain otherwise.
+        draw = self.gates.draw()
+        gated_weight = self.triton_kernel(x, self.qkv.weight) or gated_qkv_weight_reference
+        weight, bias = gated_weight(self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
+        return self._attention(x, weight, bias, attn_mask, is_causal)[0]
 
     def _decided_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """The live heads only, on the gated model's weights: their qkv rows scaled by the decision, SDPA over them,
         proj over their columns (an attention without heads is proj's bias). Token reduction's ``attend`` keeps the
         masked path, whose q and k it reads at every head."""
-        batch, tokens, _ = x.shape
         heads = self.decided_columns.numel() // self.head_dim
         scale = self.decided_row_scale.to(self.qkv.weight.dtype)
         rows = self.decided_rows
         bias = None if self.qkv.bias is None else self.qkv.bias[rows] * scale
-        qkv = F.linear(x, self.qkv.weight[rows] * scale[:, None], bias)
+        weight = self.qkv.weight[rows] * scale[:, None]
         if heads == 0:
             # [B, N, 0]: proj gives its bias. Both weights still take part (zero gradients), as DDP expects.
-            out = qkv
+            out = F.linear(x, weight, bias)
         else:
-            # [B, N, 3 H' Dh] -> q, k, v [B, H', N, Dh]
-            q, k, v = qkv.reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
-            )
-            out = out.transpose(1, 2).reshape(batch, tokens, heads * self.head_dim)
+            out = self._attention(x, weight, bias, attn_mask, is_causal, heads)[1]
         return self.proj_drop(F.linear(out, self.proj.weight[:, self.decided_columns], self.proj.bias))
+
+    def _attention(self, x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
+                   attn_mask: torch.Tensor | None, is_causal: bool, heads: int | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention of ``heads`` full heads (all by default) with the qkv weight given: ``(proj output [B, N, D]
+        (None for a subset of heads), attention output [B, N, heads * Dh], q, k [B, heads, N, Dh])``."""
+        batch, tokens, _ = x.shape
+        heads = self.num_heads if heads is None else heads
+        qkv = F.linear(x, qkv_weight, qkv_bias)
+        # [B, N, 3 * H * Dh] -> q, k, v [B, H, N, Dh] as views, the layout timm hands to SDPA
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
+        )
+        out = out.transpose(1, 2).reshape(batch, tokens, heads * self.head_dim)
+        projected = self.proj_drop(self.proj(out)) if heads == self.num_heads else None
+        return projected, out, q, k
 
     def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The forward, also returning what token reduction reads: ``(out [B, N, D], q, k [B, H, N, Dh], live_qk
         [H, Dh], live_heads [H])``, the last two bool: the q/k columns and heads a pruned copy would have (open gates;
         a head without v columns is gone), so that reduction compares the keys the extracted model compares."""
-        batch, tokens, _ = x.shape
-        values = self.gates.values(self.gates.draw(), self.triton_kernel(x, self.qkv.weight))
+        values = self.gates.values(self.gates.draw())
         scale = self.gates.qkv_row_scale(values).to(self.qkv.weight.dtype)  # [3 * H * Dh]
         bias = None if self.qkv.bias is None else self.qkv.bias * scale
-        qkv = F.linear(x, self.qkv.weight * scale[:, None], bias)
-        # [B, N, 3 * H * Dh] -> q, k, v [B, H, N, Dh] as views, the layout timm hands to SDPA
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
-        )
-        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        out, _, q, k = self._attention(x, self.qkv.weight * scale[:, None], bias, attn_mask, is_causal)
         live_heads = scale[2 * self.attn_dim :].view(self.num_heads, self.head_dim).ne(0).any(dim=1)
         live_qk = scale[: self.attn_dim].view(self.num_heads, self.head_dim).ne(0) & live_heads[:, None]
-        return self.proj_drop(self.proj(out)), q, k, live_qk, live_heads
+        return out, q, k, live_qk, live_heads
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, layer={self.layer_index}"
@@ -144,7 +153,7 @@ class GatedMlp(KernelBackendMixin, nn.Module):
     Input and output ``[..., D]``.
     """
 
-    triton_op = "sample_gates"
+    triton_op = "gated_fc2_weight"
 
     def __init__(self, mlp: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
                  init_logit: float, dim_group: int, min_neuron_fraction: float):
@@ -177,10 +186,12 @@ class GatedMlp(KernelBackendMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decided_neurons is not None:
             return self._decided_forward(x)
-        values = self.gates.values(self.gates.draw(), self.triton_kernel(x, self.fc1.weight))
-        scale = self.gates.neuron_scale(values).to(self.fc2.weight.dtype)  # [F]
+        draw = self.gates.draw()
+        # fc2's weight with the neuron mask on its columns: one launch on the Triton backend, the reference otherwise.
+        gated_weight = self.triton_kernel(x, self.fc2.weight) or gated_fc2_weight_reference
+        weight = gated_weight(self.fc2.weight, *draw.logits, **draw.options())
         hidden = self.drop1(self.act(self.fc1(x)))
-        return self.drop2(F.linear(hidden, self.fc2.weight * scale, self.fc2.bias))
+        return self.drop2(F.linear(hidden, weight, self.fc2.bias))
 
     def _decided_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The extracted FFN's forward on the gated model's weights: the kept rows of fc1 and columns of fc2 (their
