@@ -1,5 +1,5 @@
 """The timing of one gated-weight op (``bench_gated_qkv_weight``, ``bench_gated_fc2_weight``): forward + backward of
-one DeiT-S layer's masked weight, per provider, with the number of kernel-launching ops a call dispatches recorded
+one DeiT-S layer's masked weight, per provider, with the number of launching ops an eager call dispatches recorded
 beside the time (the figure that decides a launch-bound training step)."""
 
 from __future__ import annotations
@@ -9,25 +9,7 @@ from typing import Callable
 import torch
 from _harness import CaseRun
 from _providers import compile_reference
-from _timing import Work, drop_gradients
-from torch.utils._python_dispatch import TorchDispatchMode
-
-# Ops that only make views: they launch nothing.
-_VIEW_OPS = {"view", "t", "detach", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "expand",
-             "_unsafe_view", "unbind", "as_strided", "alias", "split", "split_with_sizes", "reshape", "lift_fresh"}
-
-
-class LaunchCount(TorchDispatchMode):
-    """Counts the dispatched ops that launch work (views excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in _VIEW_OPS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+from _timing import Work, drop_gradients, launching_ops
 
 
 def measure_gated_weight(run: CaseRun, provider: str, reference: Callable, triton_op: str, inputs: dict,
@@ -53,9 +35,7 @@ def measure_gated_weight(run: CaseRun, provider: str, reference: Callable, trito
     def call() -> None:
         torch.autograd.backward(forward(), grads)
 
-    call()
-    with LaunchCount() as launches:
-        call()
-    run.measure(call, prepare=drop_gradients(*[t for t in leaves if t is not None]),
-                shapes={**shapes, "ops_per_call": launches.count}, work=work,
+    if provider != "compiled":  # under a dispatch mode torch.compile falls back to eager: no count for it
+        shapes = {**shapes, "ops_per_call": launching_ops(call)}
+    run.measure(call, prepare=drop_gradients(*[t for t in leaves if t is not None]), shapes=shapes, work=work,
                 compile_cost="small" if provider == "compiled" else None)

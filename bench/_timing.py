@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from _providers import first_call_watchdog
 from _settings import DEVICE, ON_GPU
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,29 @@ def _peak_memory(call: Callable[[], object], prepare: Callable[[], None]) -> dic
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return {"peak_mb": peak / 2**20, "peak_above_inputs_mb": (peak - before) / 2**20}
+
+
+# Ops that only make views: they launch nothing.
+_VIEW_OPS = {"view", "t", "detach", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "expand",
+             "_unsafe_view", "unbind", "as_strided", "alias", "split", "split_with_sizes", "reshape", "lift_fresh"}
+
+
+class _LaunchCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in _VIEW_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def launching_ops(call: Callable[[], object]) -> int:
+    """How many dispatched ops one ``call`` runs that launch work (views excluded; a custom op counts once): in a
+    launch-bound step, the count the host pays for. Runs ``call`` once, eagerly."""
+    with _LaunchCount() as counter:
+        call()
+    return counter.count
 
 
 def drop_gradients(*tensors: torch.Tensor) -> Callable[[], None]:

@@ -16,6 +16,9 @@
                                 hiap-fixed/triton    the last quarter of a run: that structure fixed
                                                      (``fix_structure``), removed heads and neurons skipped
 
+Each training-step record carries ``ops_per_step``, the launching ops (views excluded) of one eager step: what a
+launch-bound step (DeiT-S at batch 64 on an H100) pays for.
+
 Providers of the module cases: ``reference`` (the modules' PyTorch path, eager), ``compiled`` (torch.compile of the same
 modules), ``triton`` (the same modules switched with ``hiap.use_triton_kernels``). In the training step the
 temperature anneals and the seed advances every step, as in a real run (both are device tensors: nothing
@@ -29,6 +32,7 @@ import torch
 from _harness import CaseRun
 from _providers import PROVIDERS, compile_reference
 from _settings import DEVICE, ON_GPU, autocast_context, batch_sizes
+from _timing import launching_ops
 from _workloads import (
     DEIT_S_SHAPES,
     EMBED_DIM,
@@ -160,6 +164,9 @@ def test_training_step(benchmark, recorder, variant, batch):
 
     parameters = sum(p.numel() for p in model.parameters())
     shapes = {**DEIT_S_SHAPES, "images": [batch, 3, 224, 224], "parameters": parameters}
+    if provider != "compiled":  # under a dispatch mode torch.compile falls back to eager: no count for it
+        step()  # the first step also creates the optimizer's state
+        shapes["ops_per_step"] = launching_ops(step)
     run.measure(step, shapes=shapes, work=training_step_work(batch, parameters), heavy=True,
                 compile_cost="training" if provider == "compiled" else None)
 

@@ -119,24 +119,26 @@ class StackedGates:
             min_dim_fraction=first.min_dim_fraction, min_neuron_fraction=first_ffn.min_neuron_fraction,
         )
 
-    @torch.no_grad()
     def decided_per_layer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Kept q/k dims, v dims and FFN neurons of every layer, int64 ``[L]`` each (what extraction keeps)."""
-        keep_head, keep_qk, keep_v = attention_decisions(
-            self.head, self.qk, self.v, min_heads=self.min_heads, min_dim_fraction=self.min_dim_fraction
-        )
-        v_kept = keep_v & keep_head[..., None]
-        # A head without v columns is gone, its q/k columns with it.
-        qk_kept = keep_qk & v_kept.any(dim=-1, keepdim=True)
-        keep_block, keep_neuron = ffn_decisions(self.block, self.neuron, min_neuron_fraction=self.min_neuron_fraction)
-        return (qk_kept.flatten(1).sum(1) * self.head_group, v_kept.flatten(1).sum(1) * self.head_group,
-                (keep_neuron & keep_block).sum(1) * self.neuron_group)
+        # A `with` block rather than the decorator: torch.compile traces it inside the objective's graph.
+        with torch.no_grad():
+            keep_head, keep_qk, keep_v = attention_decisions(
+                self.head, self.qk, self.v, min_heads=self.min_heads, min_dim_fraction=self.min_dim_fraction
+            )
+            v_kept = keep_v & keep_head[..., None]
+            # A head without v columns is gone, its q/k columns with it.
+            qk_kept = keep_qk & v_kept.any(dim=-1, keepdim=True)
+            keep_block, keep_neuron = ffn_decisions(self.block, self.neuron,
+                                                    min_neuron_fraction=self.min_neuron_fraction)
+            return (qk_kept.flatten(1).sum(1) * self.head_group, v_kept.flatten(1).sum(1) * self.head_group,
+                    (keep_neuron & keep_block).sum(1) * self.neuron_group)
 
-    @torch.no_grad()
     def decided_macs(self, units: UnitCosts, static: int) -> torch.Tensor:
         """MACs of what extraction keeps (int64 scalar on the logits' device; no host synchronisation)."""
         qk_dims, v_dims, neurons = self.decided_per_layer()
-        return static + qk_dims.sum() * units.qk_dim + v_dims.sum() * units.v_dim + neurons.sum() * units.neuron
+        with torch.no_grad():
+            return static + qk_dims.sum() * units.qk_dim + v_dims.sum() * units.v_dim + neurons.sum() * units.neuron
 
 
 def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
