@@ -10,6 +10,7 @@ plus the static patch embedding and classifier head. A head whose v dims are all
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -85,14 +86,22 @@ def _ffn_kept_neurons(mlp: nn.Module) -> int:
     raise TypeError(f"cannot count MACs of MLP module {type(mlp).__name__}")
 
 
+def _split_into(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """Consecutive views of a 1-D tensor with the given shapes."""
+    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+
+
 @dataclass(frozen=True)
 class StackedGates:
     """Every layer's logits of one kind in one tensor, so the cost terms are a few ops whatever the depth.
 
-    head ``[L, H]``, qk and v ``[L, H, G]``, block ``[L, 1]``, neuron ``[L, F / G']`` (differentiable stacks of the
-    layers' parameters), with the group sizes and minimums the decision needs.
+    head ``[L, H]``, qk and v ``[L, H, G]``, block ``[L, 1]``, neuron ``[L, F / G']``: views of ``flat``, the one
+    differentiable concatenation of the layers' logit parameters (kind by kind, layer by layer), so that one sigmoid
+    gives every keep probability. With the group sizes and minimums the decision needs.
     """
 
+    flat: torch.Tensor
     head: torch.Tensor
     qk: torch.Tensor
     v: torch.Tensor
@@ -111,13 +120,26 @@ class StackedGates:
         attention = [layer.gates for layer in model.attention_layers()]
         ffn = [layer.gates for layer in model.ffn_layers()]
         first, first_ffn = attention[0], ffn[0]
+        kinds = ([g.head for g in attention], [g.qk for g in attention], [g.v for g in attention],
+                 [g.block for g in ffn], [g.neuron for g in ffn])
+        # One stack per kind, then one flat tensor: a fixed number of ops whatever the depth.
+        flat = torch.cat([torch.stack(kind).reshape(-1) for kind in kinds])
+        shapes = [(len(kind), *kind[0].shape) for kind in kinds]
         return cls(
-            head=torch.stack([g.head for g in attention]), qk=torch.stack([g.qk for g in attention]),
-            v=torch.stack([g.v for g in attention]), block=torch.stack([g.block for g in ffn]),
-            neuron=torch.stack([g.neuron for g in ffn]), head_group=first.group, neuron_group=first_ffn.group,
+            flat, *_split_into(flat, shapes), head_group=first.group, neuron_group=first_ffn.group,
             head_dim=first.head_dim, hidden_features=first_ffn.hidden_features, min_heads=first.min_heads,
             min_dim_fraction=first.min_dim_fraction, min_neuron_fraction=first_ffn.min_neuron_fraction,
         )
+
+    @cached_property
+    def flat_probabilities(self) -> torch.Tensor:
+        """``sigmoid(flat)``: every keep probability in one op (differentiable; computed once per StackedGates)."""
+        return torch.sigmoid(self.flat)
+
+    def keep_probabilities(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """P(open) of head, qk, v, block and neuron gates, shaped as the stacks (views; ``dtype``: one cast first)."""
+        probabilities = self.flat_probabilities if dtype is None else self.flat_probabilities.to(dtype)
+        return _split_into(probabilities, [t.shape for t in (self.head, self.qk, self.v, self.block, self.neuron)])
 
     def decided_per_layer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Kept q/k dims, v dims and FFN neurons of every layer, int64 ``[L]`` each (what extraction keeps)."""
@@ -214,8 +236,7 @@ def expected_cost(model: HiAPViT, img_size: int | tuple[int, int] | None = None,
     units = UnitCosts.at(token_count(model, img_size), model.vit.embed_dim)
     static = static_macs(model, img_size)
     # float64: 4.6e9 MACs in float32 would be off by hundreds.
-    p_head, p_qk, p_v, p_block, p_neuron = (torch.sigmoid(t).double() for t in
-                                            (gates.head, gates.qk, gates.v, gates.block, gates.neuron))
+    p_head, p_qk, p_v, p_block, p_neuron = gates.keep_probabilities(torch.float64)
     p_alive = 1.0 - torch.prod(1.0 - p_v, dim=-1)
     qk_dims = (p_head * p_alive * p_qk.sum(dim=-1)).sum() * gates.head_group
     v_dims = (p_head * p_v.sum(dim=-1)).sum() * gates.head_group

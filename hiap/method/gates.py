@@ -105,13 +105,13 @@ def temperature_at(step: int, total_steps: int, tau0: float = 2.0, tau_min: floa
 def top_k_mask(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries along the last dim (ties broken by index; ``k`` may be 0).
 
-    ``k`` is an int or a tensor broadcastable to ``logits.shape[:-1]``.
+    ``k`` is an int or a tensor broadcastable to ``logits.shape[:-1]``. Each entry's rank is the inverse of the stable
+    descending order (the argsort of a permutation inverts it): three ops, as the training objective runs it every step.
     """
-    order = torch.argsort(logits, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(logits.shape[-1], device=logits.device).expand_as(order))
-    k = torch.as_tensor(k, device=logits.device)
-    return rank < (k[..., None] if k.dim() > 0 else k)
+    rank = torch.argsort(torch.argsort(logits, dim=-1, descending=True, stable=True), dim=-1)
+    if isinstance(k, torch.Tensor):
+        return rank < (k.to(logits.device)[..., None] if k.dim() > 0 else k.to(logits.device))
+    return rank < k
 
 
 def minimum_count(fraction: float, total: int) -> int:

@@ -44,8 +44,7 @@ def feasibility_loss(model: HiAPViT, gates: StackedGates | None = None) -> torch
     """
     cfg = model.cfg
     gates = StackedGates.of(model) if gates is None else gates
-    p_head, p_qk, p_v, p_block, p_neuron = (torch.sigmoid(t) for t in
-                                            (gates.head, gates.qk, gates.v, gates.block, gates.neuron))
+    p_head, p_qk, p_v, p_block, p_neuron = gates.keep_probabilities()
     heads_short = F.relu(min(cfg.min_heads, p_head.shape[-1]) - p_head.sum(dim=-1)) ** 2  # [L]
     dims_short = (F.relu(cfg.min_dim_fraction - p_qk.mean(dim=-1)) ** 2
                   + F.relu(cfg.min_dim_fraction - p_v.mean(dim=-1)) ** 2)  # [L, H]
