@@ -1,6 +1,6 @@
-"""The timing of one gated-weight op (``bench_gated_qkv_weight``, ``bench_gated_fc2_weight``): forward + backward of
-one DeiT-S layer's masked weight, per provider, with the number of launching ops an eager call dispatches recorded
-beside the time (the figure that decides a launch-bound training step)."""
+"""The timing of one op of ``hiap_kernels.gated_weight`` (``bench_gated_qkv_weight``, ``bench_gated_fc2_weight``,
+``bench_gather_weight``): forward + backward of one DeiT-S layer's weight, per provider, with the number of
+launching ops an eager call dispatches recorded beside the time (the figure that decides a launch-bound step)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from _timing import Work, drop_gradients, launching_ops
 
 
 def measure_gated_weight(run: CaseRun, provider: str, reference: Callable, triton_op: str, inputs: dict,
-                         gate: dict, shapes: dict, work: Work) -> None:
+                         options: dict, shapes: dict, work: Work) -> None:
     """Time ``provider`` on forward + backward of the op: ``inputs`` (tensors or None, in argument order) requiring
-    gradients, a fixed random output gradient, the gate draw ``gate``."""
+    gradients, a fixed random output gradient, the keyword arguments ``options`` (the gate draw, or a gather's
+    index)."""
     run.require_provider(triton_modules=("hiap_kernels.gated_weight.kernel",), compile_cost="small")
     run.require_time(20)
     leaves = [t.requires_grad_() if t is not None else None for t in inputs.values()]
@@ -27,7 +28,7 @@ def measure_gated_weight(run: CaseRun, provider: str, reference: Callable, trito
         op = compile_reference(reference) if provider == "compiled" else reference
 
     def forward():
-        outputs = op(*leaves, **gate)
+        outputs = op(*leaves, **options)
         return [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if o is not None]
 
     grads = [torch.randn_like(o) for o in forward()]

@@ -59,8 +59,8 @@ class KernelBackendMixin:
     triton_op: str = ""
     kernel_backend: Backend | None = None
 
-    def triton_kernel(self, *tensors: torch.Tensor) -> Callable | None:
-        """The Triton op to run on ``tensors``, or None for the reference path.
+    def triton_kernel(self, *tensors: torch.Tensor, op: str | None = None) -> Callable | None:
+        """The Triton op to run on ``tensors`` (``triton_op``, or the op named ``op``), or None for the reference path.
 
         When the Triton backend is selected but cannot run on these tensors (CPU tensors without the interpreter),
         warns once per process and returns None.
@@ -69,7 +69,7 @@ class KernelBackendMixin:
         if (self.kernel_backend or _GLOBAL_BACKEND) != "triton":
             return None
         if _triton_can_run(*tensors):
-            return load_triton_op(self.triton_op)
+            return load_triton_op(op or self.triton_op)
         if not _warned_fallback:
             warnings.warn(
                 "hiap: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU); "

@@ -9,6 +9,7 @@ import), which the tests compare against and ``hiap`` uses as its reference path
                     gated_fc1          fused fc1 GEMM + bias + GELU + neuron mask                         (training)
     gated_weight/   gated_qkv_weight   gate sampling + the row masks of qkv's weight, one launch each way (training)
                     gated_fc2_weight   the same for the neuron columns of fc2's weight                  (training)
+                    gather_weight      a fixed structure's kept rows / columns, scaled; backward in one (training)
     ragged_attn/    ragged_attention   attention over per-head q/k and v widths, packed in and out     (inference);
                                        its PyTorch path ragged_attention_sdpa: one SDPA call per run of equal heads
     linear_gelu/    fused_linear_gelu  fc1 GEMM with bias + GELU in the epilogue                       (inference)
@@ -26,7 +27,11 @@ import importlib
 
 from hiap_kernels.common.runtime import can_run_triton, interpreter_active, triton_available
 from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
-from hiap_kernels.gated_weight.reference import gated_fc2_weight_reference, gated_qkv_weight_reference
+from hiap_kernels.gated_weight.reference import (
+    gated_fc2_weight_reference,
+    gated_qkv_weight_reference,
+    gather_weight_reference,
+)
 from hiap_kernels.gates.reference import gumbel_sigmoid, logistic_noise, philox_uniform
 from hiap_kernels.layernorm_linear.reference import layernorm_linear_reference
 from hiap_kernels.linear_gelu.reference import linear_gelu_reference
@@ -44,6 +49,7 @@ _TRITON_OPS = {
     "gated_fc1": "hiap_kernels.gated_linear.fc1",
     "gated_qkv_weight": "hiap_kernels.gated_weight.kernel",
     "gated_fc2_weight": "hiap_kernels.gated_weight.kernel",
+    "gather_weight": "hiap_kernels.gated_weight.kernel",
     "ragged_attention": "hiap_kernels.ragged_attn.kernel",
     "fused_linear_gelu": "hiap_kernels.linear_gelu.kernel",
     "merge_tokens": "hiap_kernels.token_merge.kernel",
@@ -66,6 +72,8 @@ __all__ = [
     "gated_qkv_reference",
     "gated_qkv_weight",
     "gated_qkv_weight_reference",
+    "gather_weight",
+    "gather_weight_reference",
     "gumbel_sigmoid",
     "head_runs",
     "interpreter_active",

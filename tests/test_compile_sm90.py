@@ -20,6 +20,8 @@ KERNELS = {
     "_gated_qkv_weight_backward_kernel",
     "_gated_fc2_weight_kernel",
     "_gated_fc2_weight_backward_kernel",
+    "_gather_weight_kernel",
+    "_gather_weight_backward_kernel",
     "qkv_forward_kernel",
     "qkv_column_mask_kernel",
     "qkv_backward_dx_kernel",

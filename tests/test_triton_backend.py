@@ -108,24 +108,31 @@ class _LaunchingOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_beyond_dense(depth: int) -> tuple[int, int]:
-    """Launching ops of a gated model's forward and backward minus those of the same dense timm model."""
-    from tests.helpers import images, tiny_vit
+def _launching_ops(model) -> tuple[int, int]:
+    """Launching ops of one training-mode forward and its backward."""
+    from tests.helpers import images
 
-    counts = []
-    for gated in (False, True):
-        model = tiny_vit(depth=depth).to(DEVICE).train()
-        if gated:
-            model = hiap.gate_vit(model, hiap.HiAPConfig()).train()
-            randomize_logits(model, torch.Generator().manual_seed(0))
-            hiap.use_triton_kernels(model)
-        x = images(model).to(DEVICE)
-        with _LaunchingOps() as forward:
-            out = model(x)
-        with _LaunchingOps() as backward:
-            out.sum().backward()
-        counts.append((forward.count, backward.count))
-    return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
+    x = images(model).to(DEVICE)
+    with _LaunchingOps() as forward:
+        out = model(x)
+    with _LaunchingOps() as backward:
+        out.sum().backward()
+    return forward.count, backward.count
+
+
+def _ops_beyond_dense(depth: int, fixed: bool = False) -> tuple[int, int]:
+    """Launching ops of a gated model on the Triton path (structure sampled or fixed), forward and backward, minus
+    those of the same dense timm model."""
+    from tests.helpers import tiny_vit
+
+    dense = _launching_ops(tiny_vit(depth=depth).to(DEVICE).train())
+    gated = hiap.gate_vit(tiny_vit(depth=depth), hiap.HiAPConfig()).to(DEVICE).train()
+    randomize_logits(gated, torch.Generator().manual_seed(0))
+    hiap.use_triton_kernels(gated)
+    if fixed:
+        gated.fix_structure()
+    ops = _launching_ops(gated)
+    return ops[0] - dense[0], ops[1] - dense[1]
 
 
 def test_on_the_triton_path_a_gated_layer_costs_one_op_forward_and_one_backward():
@@ -134,3 +141,30 @@ def test_on_the_triton_path_a_gated_layer_costs_one_op_forward_and_one_backward(
     four more backward (the reference path's chain of torch ops: 80 and 52)."""
     shallow, deep = _ops_beyond_dense(2), _ops_beyond_dense(4)
     assert (deep[0] - shallow[0], deep[1] - shallow[1]) == (4, 4)
+
+
+def test_a_fixed_structure_steps_alike_on_both_paths_with_one_gather_per_weight():
+    """Once the structure is fixed, each weight's kept rows or columns are one ``gather_weight`` op each way: the same
+    loss and gradients as the reference path's index_select, and two blocks more cost eight ops more forward (qkv,
+    proj, fc1 and fc2 of each) and eight more backward."""
+    from tests.helpers import images, tiny_vit
+
+    gated = hiap.gate_vit(tiny_vit(depth=2), hiap.HiAPConfig()).to(DEVICE).train()
+    randomize_logits(gated, torch.Generator().manual_seed(4))
+    gated.fix_structure()
+    x = images(gated).to(DEVICE)
+    results = []
+    for path in ("reference", "triton"):
+        gated.zero_grad(set_to_none=True)
+        with hiap.use_triton_kernels(gated) if path == "triton" else hiap.use_reference_kernels(gated):
+            loss = gated.vit(x).square().mean()
+            loss.backward()
+        results.append((loss.detach(), _grads(gated)))
+    (loss_reference, grads_reference), (loss_triton, grads_triton) = results
+    assert torch.equal(loss_triton, loss_reference)
+    assert grads_triton.keys() == grads_reference.keys()
+    for name, expected in grads_reference.items():
+        torch.testing.assert_close(grads_triton[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+    shallow, deep = _ops_beyond_dense(2, fixed=True), _ops_beyond_dense(4, fixed=True)
+    assert (deep[0] - shallow[0], deep[1] - shallow[1]) == (8, 8)

@@ -23,7 +23,18 @@ import torch.nn.functional as F
 
 from hiap.backend import KernelBackendMixin
 from hiap.method.gates import AttentionGates, FfnGates, GateSchedule, gate_offset
-from hiap_kernels.gated_weight.reference import gated_fc2_weight_reference, gated_qkv_weight_reference
+from hiap_kernels.gated_weight.reference import (
+    gated_fc2_weight_reference,
+    gated_qkv_weight_reference,
+    gather_weight_reference,
+)
+
+
+def _inverse(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Each of ``size`` positions' place in ``index`` (int64), -1 where it is not in it."""
+    inverse = torch.full((size,), -1, dtype=torch.int64, device=index.device)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    return inverse
 
 
 def _rename_legacy_gate_keys(names: dict[str, str]):
@@ -67,10 +78,13 @@ class GatedAttention(KernelBackendMixin, nn.Module):
             with_module=True,
         )
         # While the model's structure is fixed (``use_decision``): the live heads' rows of the qkv weight [3 H' Dh]
-        # (int64), the decision's scale of those rows (float32) and the heads' columns of proj's input [H' Dh].
+        # (int64), the decision's scale of those rows (float32) and the heads' columns of proj's input [H' Dh], with
+        # each row's / column's place among them (-1 where removed) for the gradient's way back.
         self.register_buffer("decided_rows", None, persistent=False)
         self.register_buffer("decided_row_scale", None, persistent=False)
         self.register_buffer("decided_columns", None, persistent=False)
+        self.register_buffer("decided_rows_inverse", None, persistent=False)
+        self.register_buffer("decided_columns_inverse", None, persistent=False)
 
     @torch.no_grad()
     def use_decision(self, fixed: bool) -> None:
@@ -78,6 +92,7 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         removed head costs nothing in qkv, SDPA or proj, forward or backward. The decision must not change meanwhile."""
         if not fixed:
             self.decided_rows = self.decided_row_scale = self.decided_columns = None
+            self.decided_rows_inverse = self.decided_columns_inverse = None
             return
         scale = self.gates.qkv_row_scale(tuple(keep.float() for keep in self.gates.decisions()))  # [3 H Dh]
         live = scale[2 * self.attn_dim :].view(self.num_heads, self.head_dim).ne(0).any(dim=1)  # v columns left
@@ -86,6 +101,8 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         self.decided_rows = torch.cat([part * self.attn_dim + columns for part in range(3)])
         self.decided_row_scale = scale[self.decided_rows]
         self.decided_columns = columns
+        self.decided_rows_inverse = _inverse(self.decided_rows, 3 * self.attn_dim)
+        self.decided_columns_inverse = _inverse(columns, self.attn_dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if self.decided_rows is not None:
@@ -101,16 +118,17 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         proj over their columns (an attention without heads is proj's bias). Token reduction's ``attend`` keeps the
         masked path, whose q and k it reads at every head."""
         heads = self.decided_columns.numel() // self.head_dim
-        scale = self.decided_row_scale.to(self.qkv.weight.dtype)
-        rows = self.decided_rows
-        bias = None if self.qkv.bias is None else self.qkv.bias[rows] * scale
-        weight = self.qkv.weight[rows] * scale[:, None]
+        # The kept rows / columns, scaled as decided: one launch each way on the Triton backend.
+        gather = self.triton_kernel(x, self.qkv.weight, op="gather_weight") or gather_weight_reference
+        weight, bias = gather(self.qkv.weight, self.qkv.bias, self.decided_rows, self.decided_rows_inverse,
+                              self.decided_row_scale, dim=0)
+        proj_weight, _ = gather(self.proj.weight, None, self.decided_columns, self.decided_columns_inverse, None, dim=1)
         if heads == 0:
             # [B, N, 0]: proj gives its bias. Both weights still take part (zero gradients), as DDP expects.
             out = F.linear(x, weight, bias)
         else:
             out = self._attention(x, weight, bias, attn_mask, is_causal, heads)[1]
-        return self.proj_drop(F.linear(out, self.proj.weight[:, self.decided_columns], self.proj.bias))
+        return self.proj_drop(F.linear(out, proj_weight, self.proj.bias))
 
     def _attention(self, x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
                    attn_mask: torch.Tensor | None, is_causal: bool, heads: int | None = None
@@ -174,14 +192,17 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         self._register_load_state_dict_pre_hook(
             _rename_legacy_gate_keys({"gate_block": "gates.block", "gate_neuron": "gates.neuron"}), with_module=True
         )
-        # The kept neurons [F'] (int64) while the model's structure is fixed (``use_decision``), else None.
+        # The kept neurons [F'] (int64) while the model's structure is fixed (``use_decision``), else None; and each
+        # neuron's place among them (-1 where removed).
         self.register_buffer("decided_neurons", None, persistent=False)
+        self.register_buffer("decided_neurons_inverse", None, persistent=False)
 
     @torch.no_grad()
     def use_decision(self, fixed: bool) -> None:
         """While ``fixed``, run only the neurons the decision keeps (read once, here): a removed block or neuron then
         costs nothing, forward or backward. The gates' decision must not change while fixed."""
         self.decided_neurons = self.gates.kept_neurons().nonzero().squeeze(1) if fixed else None
+        self.decided_neurons_inverse = (_inverse(self.decided_neurons, self.hidden_features) if fixed else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decided_neurons is not None:
@@ -196,10 +217,12 @@ class GatedMlp(KernelBackendMixin, nn.Module):
     def _decided_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The extracted FFN's forward on the gated model's weights: the kept rows of fc1 and columns of fc2 (their
         gradients land in those rows and columns; an FFN without neurons is fc2's bias)."""
-        kept = self.decided_neurons
-        bias = None if self.fc1.bias is None else self.fc1.bias[kept]
-        hidden = self.drop1(self.act(F.linear(x, self.fc1.weight[kept], bias)))
-        return self.drop2(F.linear(hidden, self.fc2.weight[:, kept], self.fc2.bias))
+        kept, inverse = self.decided_neurons, self.decided_neurons_inverse
+        gather = self.triton_kernel(x, self.fc1.weight, op="gather_weight") or gather_weight_reference
+        fc1_weight, fc1_bias = gather(self.fc1.weight, self.fc1.bias, kept, inverse, None, dim=0)
+        fc2_weight, _ = gather(self.fc2.weight, None, kept, inverse, None, dim=1)
+        hidden = self.drop1(self.act(F.linear(x, fc1_weight, fc1_bias)))
+        return self.drop2(F.linear(hidden, fc2_weight, self.fc2.bias))
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_features}, layer={self.layer_index}"

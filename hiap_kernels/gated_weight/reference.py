@@ -89,3 +89,34 @@ def gated_fc2_weight_reference(
     z_block, z_neuron = ffn_gate_values(block_logit, neuron_logits, tau=tau, seed=seed, offset=offset, hard=hard,
                                         sample=sample)
     return weight * ffn_neuron_mask(z_block, z_neuron, weight.shape[1]).to(weight.dtype)
+
+
+def gather_weight_reference(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    inverse: torch.Tensor,
+    scale: torch.Tensor | None,
+    *,
+    dim: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows (``dim=0``) or columns (``dim=1``) of a weight that a fixed structure keeps, scaled by the decision.
+
+    Args:
+        weight: ``[R, C]``. bias: ``[R]`` or None (rows only: a column gather leaves the bias to its layer).
+        index: int64 ``[K]``, the kept rows / columns, each at most once. inverse: int64 ``[R]`` / ``[C]``, each row's /
+            column's position in ``index`` or -1 (unused here; the kernel's backward reads it).
+        scale: float32 ``[K]`` or None (ones).
+
+    Returns:
+        ``weight.index_select(dim, index)`` times ``scale`` along ``dim`` (``[K, C]`` or ``[R, K]``), and the bias
+        gathered and scaled alike (None without one or for columns). Gradients reach the weight and the bias; the rows
+        or columns left out get zeros.
+    """
+    out = weight.index_select(dim, index)
+    out_bias = None if bias is None or dim != 0 else bias.index_select(0, index)
+    if scale is not None:
+        scale = scale.to(weight.dtype)
+        out = out * (scale[:, None] if dim == 0 else scale[None, :])
+        out_bias = None if out_bias is None else out_bias * scale.to(out_bias.dtype)
+    return out, out_bias
