@@ -6,7 +6,7 @@ in-kernel sampler and writes ``W * m``. Backward: ``dW = dW' * m`` and the gate 
 ``dL/dm[r] = <dW'[r], W[r]> + db'[r] b[r]``, reduced over each gate's group and multiplied by the straight-through slope,
 all in the same pass over ``dW'`` and ``W``, with deterministic sums (no atomics):
 
-    qkv   one program per head: its q, k and v rows, so the head gate's sum over its v groups stays in the program
+    qkv   one program per head and part (q, k or v rows): the head gate's sum over its v groups stays in the program
     fc2   one program per run of whole neuron groups; the block gate's sum over programs is one torch ``sum`` of the
           per-program partials
 
@@ -112,43 +112,40 @@ def _gated_qkv_weight_backward_kernel(
     z_v, slope_v = _gate(v_ptr, micro, group_ok, seed, offset + NUM_HEADS + NUM_HEADS * GROUPS + micro, tau, HARD,
                          SAMPLE)
     z_head, slope_head = _gate(head_ptr, head, True, seed, offset + head, tau, HARD, SAMPLE)
-    for part in tl.static_range(3):
-        row = part * NUM_HEADS * HEAD_DIM + head * HEAD_DIM + dim
-        # [BLOCK_DH] each row's mask, expanded from its group's gate
-        if part == 0:
-            scale = tl.sum(tl.where(in_group, z_qk[None, :], 0.0), axis=1)
-        elif part == 1:
-            scale = tl.where(dim_ok, 1.0, 0.0)
-        else:
-            scale = tl.sum(tl.where(in_group, z_v[None, :], 0.0), axis=1) * z_head
-        weight_scale = scale.to(out_grad_weight_ptr.dtype.element_ty).to(tl.float32)
-        # dL/dm per row: <dW'[r], W[r]> (+ db'[r] b[r]), fp32
-        grad_mask = tl.zeros((BLOCK_DH,), dtype=tl.float32)
-        for start in range(0, cols, BLOCK_C):
-            col = start + tl.arange(0, BLOCK_C)
-            ok = dim_ok[:, None] & (col < cols)[None, :]
-            # [BLOCK_DH, BLOCK_C]
-            g = tl.load(grad_weight_ptr + row[:, None] * stride_grad + col[None, :], mask=ok, other=0.0).to(tl.float32)
-            w = tl.load(weight_ptr + row[:, None] * stride_weight + col[None, :], mask=ok, other=0.0).to(tl.float32)
-            tl.store(out_grad_weight_ptr + row[:, None] * stride_out + col[None, :],
-                     (g * weight_scale[:, None]).to(out_grad_weight_ptr.dtype.element_ty), mask=ok)
-            grad_mask += tl.sum(g * w, axis=1)
-        if HAS_BIAS:
-            gb = tl.load(grad_bias_ptr + row, mask=dim_ok, other=0.0).to(tl.float32)
-            b = tl.load(bias_ptr + row, mask=dim_ok, other=0.0).to(tl.float32)
-            bias_scale = scale.to(out_grad_bias_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(out_grad_bias_ptr + row, (gb * bias_scale).to(out_grad_bias_ptr.dtype.element_ty), mask=dim_ok)
-            grad_mask += gb * b
-        # [BLOCK_G] summed over each gate's group of rows
-        grad_group = tl.sum(tl.where(in_group, grad_mask[:, None], 0.0), axis=0)
-        if part == 0:
-            tl.store(out_grad_qk_ptr + micro, (grad_group * slope_qk).to(out_grad_qk_ptr.dtype.element_ty),
-                     mask=group_ok)
-        elif part == 2:
-            tl.store(out_grad_v_ptr + micro, (grad_group * z_head * slope_v).to(out_grad_v_ptr.dtype.element_ty),
-                     mask=group_ok)
-            grad_head = tl.sum(tl.where(group_ok, grad_group * z_v, 0.0), axis=0)
-            tl.store(out_grad_head_ptr + head, (grad_head * slope_head).to(out_grad_head_ptr.dtype.element_ty))
+    # This program's part of the head: its q (0), k (1) or v (2) rows.
+    part = tl.program_id(1)
+    row = part * NUM_HEADS * HEAD_DIM + head * HEAD_DIM + dim
+    # [BLOCK_DH] each row's mask, expanded from its group's gate
+    q_scale = tl.sum(tl.where(in_group, z_qk[None, :], 0.0), axis=1)
+    v_scale = tl.sum(tl.where(in_group, z_v[None, :], 0.0), axis=1) * z_head
+    scale = tl.where(part == 0, q_scale, tl.where(part == 2, v_scale, tl.where(dim_ok, 1.0, 0.0)))
+    weight_scale = scale.to(out_grad_weight_ptr.dtype.element_ty).to(tl.float32)
+    # dL/dm per row: <dW'[r], W[r]> (+ db'[r] b[r]), fp32
+    grad_mask = tl.zeros((BLOCK_DH,), dtype=tl.float32)
+    for start in range(0, cols, BLOCK_C):
+        col = start + tl.arange(0, BLOCK_C)
+        ok = dim_ok[:, None] & (col < cols)[None, :]
+        # [BLOCK_DH, BLOCK_C]
+        g = tl.load(grad_weight_ptr + row[:, None] * stride_grad + col[None, :], mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + row[:, None] * stride_weight + col[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_grad_weight_ptr + row[:, None] * stride_out + col[None, :],
+                 (g * weight_scale[:, None]).to(out_grad_weight_ptr.dtype.element_ty), mask=ok)
+        grad_mask += tl.sum(g * w, axis=1)
+    if HAS_BIAS:
+        gb = tl.load(grad_bias_ptr + row, mask=dim_ok, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + row, mask=dim_ok, other=0.0).to(tl.float32)
+        bias_scale = scale.to(out_grad_bias_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_grad_bias_ptr + row, (gb * bias_scale).to(out_grad_bias_ptr.dtype.element_ty), mask=dim_ok)
+        grad_mask += gb * b
+    # [BLOCK_G] summed over each gate's group of rows; the k rows have no gate
+    grad_group = tl.sum(tl.where(in_group, grad_mask[:, None], 0.0), axis=0)
+    if part == 0:
+        tl.store(out_grad_qk_ptr + micro, (grad_group * slope_qk).to(out_grad_qk_ptr.dtype.element_ty), mask=group_ok)
+    if part == 2:
+        tl.store(out_grad_v_ptr + micro, (grad_group * z_head * slope_v).to(out_grad_v_ptr.dtype.element_ty),
+                 mask=group_ok)
+        grad_head = tl.sum(tl.where(group_ok, grad_group * z_v, 0.0), axis=0)
+        tl.store(out_grad_head_ptr + head, (grad_head * slope_head).to(out_grad_head_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -277,7 +274,7 @@ def _gated_qkv_weight_backward_op(grad_weight, grad_bias, weight, bias, head, qk
     out_bias = _empty_like_rows(bias) if has_bias else weight.new_empty(0)
     out_head, out_qk, out_v = _empty_like_rows(head), _empty_like_rows(qk), _empty_like_rows(v)
     if num_heads:
-        _gated_qkv_weight_backward_kernel[(num_heads,)](
+        _gated_qkv_weight_backward_kernel[(num_heads, 3)](
             grad_weight, weight, grad_bias.contiguous() if has_bias else grad_weight,
             bias.contiguous() if has_bias else weight, head.contiguous(), qk.contiguous(), v.contiguous(),
             out_weight, out_bias if has_bias else out_weight, out_head, out_qk, out_v,
