@@ -1,4 +1,5 @@
-"""``gather_weight`` (a fixed structure's kept rows / columns, scaled; gradient scattered back) against its reference."""
+"""``gather_weight`` (a fixed structure's kept rows / columns, scaled; the gradient scattered back) against its
+reference."""
 
 import pytest
 import torch

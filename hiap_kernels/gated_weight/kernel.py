@@ -3,8 +3,8 @@ of a gated layer in one launch each way, around the library GEMMs that read the 
 
 Forward: every program regenerates the gates its rows (qkv) or columns (fc2) use from ``(seed, offset + i)`` with the
 in-kernel sampler and writes ``W * m``. Backward: ``dW = dW' * m`` and the gate gradients
-``dL/dm[r] = <dW'[r], W[r]> + db'[r] b[r]``, reduced over each gate's group and multiplied by the straight-through slope,
-all in the same pass over ``dW'`` and ``W``, with deterministic sums (no atomics):
+``dL/dm[r] = <dW'[r], W[r]> + db'[r] b[r]``, reduced over each gate's group and multiplied by the straight-through
+slope, all in the same pass over ``dW'`` and ``W``, with deterministic sums (no atomics):
 
     qkv   one program per head and part (q, k or v rows): the head gate's sum over its v groups stays in the program
     fc2   one program per run of whole neuron groups; the block gate's sum over programs is one torch ``sum`` of the
@@ -211,8 +211,8 @@ def _gated_fc2_weight_backward_kernel(
                      (g * weight_scale[None, :]).to(out_grad_weight_ptr.dtype.element_ty), mask=ok)
             grad_mask += tl.sum(g * w, axis=0)
         grad_group += tl.sum(tl.where(in_group, grad_mask[:, None], 0.0), axis=0)
-    tl.store(out_grad_neuron_ptr + group, (grad_group * z_block * slope_neuron).to(out_grad_neuron_ptr.dtype.element_ty),
-             mask=group_ok)
+    grad_neuron = grad_group * z_block * slope_neuron
+    tl.store(out_grad_neuron_ptr + group, grad_neuron.to(out_grad_neuron_ptr.dtype.element_ty), mask=group_ok)
     # This program's share of the block gate's gradient; the host sums the partials in a fixed order.
     tl.store(block_partial_ptr + program, tl.sum(tl.where(group_ok, grad_group * z_neuron, 0.0), axis=0) * slope_block)
 
@@ -344,7 +344,8 @@ def _fc2_groups_per_program(group: int, block_cols: int) -> int:
 
 @torch.library.custom_op(
     "hiap_kernels::gated_fc2_weight_backward", mutates_args=(),
-    schema=f"(Tensor grad_weight, Tensor weight, Tensor block, Tensor neuron, {_GATE_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+    schema=f"(Tensor grad_weight, Tensor weight, Tensor block, Tensor neuron, {_GATE_SCHEMA})"
+           " -> (Tensor, Tensor, Tensor)")
 def _gated_fc2_weight_backward_op(grad_weight, weight, block, neuron, tau, seed, offset, hard, sample):
     grad_weight, weight = unit_last_stride(grad_weight), unit_last_stride(weight)
     rows, cols = weight.shape
