@@ -111,7 +111,7 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         draw = self.gates.draw()
         gated_weight = self.triton_kernel(x, self.qkv.weight) or gated_qkv_weight_reference
         weight, bias = gated_weight(self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
-        return self._attention(x, weight, bias, attn_mask, is_causal)[0]
+        return self.proj_drop(self.proj(self._attention(x, weight, bias, attn_mask, is_causal)[0]))
 
     def _decided_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """The live heads only, on the gated model's weights: their qkv rows scaled by the decision, SDPA over them,
@@ -127,14 +127,14 @@ class GatedAttention(KernelBackendMixin, nn.Module):
             # [B, N, 0]: proj gives its bias. Both weights still take part (zero gradients), as DDP expects.
             out = F.linear(x, weight, bias)
         else:
-            out = self._attention(x, weight, bias, attn_mask, is_causal, heads)[1]
+            out = self._attention(x, weight, bias, attn_mask, is_causal, heads)[0]
         return self.proj_drop(F.linear(out, proj_weight, self.proj.bias))
 
     def _attention(self, x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
                    attn_mask: torch.Tensor | None, is_causal: bool, heads: int | None = None
-                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attention of ``heads`` full heads (all by default) with the qkv weight given: ``(proj output [B, N, D]
-        (None for a subset of heads), attention output [B, N, heads * Dh], q, k [B, heads, N, Dh])``."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention of ``heads`` full heads (all by default) with the qkv weight given, before proj: ``(out
+        [B, N, heads * Dh], q, k [B, heads, N, Dh])``."""
         batch, tokens, _ = x.shape
         heads = self.num_heads if heads is None else heads
         qkv = F.linear(x, qkv_weight, qkv_bias)
@@ -144,9 +144,7 @@ class GatedAttention(KernelBackendMixin, nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
         )
-        out = out.transpose(1, 2).reshape(batch, tokens, heads * self.head_dim)
-        projected = self.proj_drop(self.proj(out)) if heads == self.num_heads else None
-        return projected, out, q, k
+        return out.transpose(1, 2).reshape(batch, tokens, heads * self.head_dim), q, k
 
     def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,7 +154,8 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         values = self.gates.values(self.gates.draw())
         scale = self.gates.qkv_row_scale(values).to(self.qkv.weight.dtype)  # [3 * H * Dh]
         bias = None if self.qkv.bias is None else self.qkv.bias * scale
-        out, _, q, k = self._attention(x, self.qkv.weight * scale[:, None], bias, attn_mask, is_causal)
+        out, q, k = self._attention(x, self.qkv.weight * scale[:, None], bias, attn_mask, is_causal)
+        out = self.proj_drop(self.proj(out))
         live_heads = scale[2 * self.attn_dim :].view(self.num_heads, self.head_dim).ne(0).any(dim=1)
         live_qk = scale[: self.attn_dim].view(self.num_heads, self.head_dim).ne(0) & live_heads[:, None]
         return out, q, k, live_qk, live_heads

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from hiap_kernels.gated_linear.reference import attention_column_masks, ffn_neuron_mask, gate_values
+from hiap_kernels.gated_linear.reference import ffn_neuron_mask, gate_values
+from hiap_kernels.gated_weight.reference import qkv_row_scale
 from hiap_kernels.gates import MAX_SEED
 
 __all__ = [
@@ -328,8 +329,7 @@ class AttentionGates(LayerGates):
     def qkv_row_scale(self, values: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Per row of timm's fused qkv weight ``[3 * H * Dh]``: ``m_q = dqk`` on q rows, 1 on k rows, ``m_v = g * dv``
         on v rows. Scaling the weight rows (and bias) by it equals masking the projection's output columns."""
-        m_q, m_v = attention_column_masks(*values, self.head_dim)
-        return torch.cat([m_q.reshape(-1), torch.ones_like(m_q).reshape(-1), m_v.reshape(-1)])
+        return qkv_row_scale(*values, self.head_dim)
 
     def kept_widths(self) -> tuple[list[int], list[int]]:
         """Per original head, the kept q/k width and v width (0 and 0 for a removed head)."""
