@@ -154,3 +154,22 @@ def test_one_training_step_never_waits_for_the_device():
         step(0.9)
         step(0.8)
     assert ops.syncs == []
+
+
+def test_once_the_structure_is_fixed_the_objective_is_the_task_alone_with_zero_logit_gradients():
+    """The gate terms are constants of logits that no longer move: the step skips the cost model (a few ops instead of
+    ~100 at depth 2) and every logit still gets a gradient, zero, as DDP expects."""
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig()).train()
+    randomize_logits(gated, torch.Generator().manual_seed(3))
+    objective = hiap.HiAPObjective(gated)
+    logits, teacher, targets = torch.randn(2, 10, requires_grad=True), torch.randn(2, 10), torch.tensor([1, 2])
+    with _AtenOps() as sampled:
+        objective(gated, logits, teacher, targets)
+    gated.fix_structure()
+    with _AtenOps() as fixed:
+        terms = objective(gated, logits, teacher, targets)
+    terms.total.backward()
+    task = hiap.distillation_loss(logits, teacher, targets, gated.cfg.kd_alpha, gated.cfg.kd_temperature)
+    assert terms.total.item() == task.item() and terms.budget.item() == terms.feasibility.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in gated.gate_logits().values())
+    assert fixed.count < sampled.count / 3, (fixed.count, sampled.count)

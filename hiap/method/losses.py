@@ -143,6 +143,10 @@ class ObjectiveTerms:
 class HiAPObjective(nn.Module):
     """The whole HiAP loss for one batch; ``forward(model, student_logits, teacher_logits, targets) -> ObjectiveTerms``.
 
+    Once ``model.fix_structure()`` has fixed the structure, a training-mode call is the task loss alone (budget,
+    feasibility and expected fraction reported as 0; the logits get zero gradients): the gate terms depend only on
+    logits that no longer move.
+
     Raises ValueError at construction when the target is below what the hard minimums leave.
     """
 
@@ -161,6 +165,14 @@ class HiAPObjective(nn.Module):
     def forward(self, model: HiAPViT, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor) -> ObjectiveTerms:
         task = distillation_loss(student_logits, teacher_logits, targets, self.cfg.kd_alpha, self.cfg.kd_temperature)
+        if model.structure_fixed and self.training:
+            # The logits no longer move once the structure is fixed, so the gate terms are constants: the loss is the
+            # task alone, and a step spends a few ops instead of the cost model's ~220 (depth 12). The logits stay in
+            # the graph with zero gradients, as DDP expects of every parameter.
+            zero = task.new_zeros(()).detach()
+            in_graph = (StackedGates.of(model).flat * 0).sum().to(task.dtype)
+            return ObjectiveTerms(total=task + in_graph, task=task.detach(), budget=zero, feasibility=zero,
+                                  expected_fraction=zero)
         gates = StackedGates.of(model)  # every layer's logits stacked once: the terms below do not grow with depth
         budget_terms = self.budget(budget_cost(model, gates))
         feasibility = self.cfg.feasibility_weight * feasibility_loss(model, gates)
