@@ -13,11 +13,11 @@ from _timing import Work, drop_gradients, launching_ops
 
 
 def measure_gated_weight(run: CaseRun, provider: str, reference: Callable, triton_op: str, inputs: dict,
-                         options: dict, shapes: dict, work: Work) -> None:
+                         options: dict, shapes: dict, work: Work, triton_module: str = "kernel") -> None:
     """Time ``provider`` on forward + backward of the op: ``inputs`` (tensors or None, in argument order) requiring
     gradients, a fixed random output gradient, the keyword arguments ``options`` (the gate draw, or a gather's
-    index)."""
-    run.require_provider(triton_modules=("hiap_kernels.gated_weight.kernel",), compile_cost="small")
+    index); ``triton_module``: the module of ``hiap_kernels.gated_weight`` that defines the op."""
+    run.require_provider(triton_modules=(f"hiap_kernels.gated_weight.{triton_module}",), compile_cost="small")
     run.require_time(20)
     leaves = [t.requires_grad_() if t is not None else None for t in inputs.values()]
     if provider == "triton":

@@ -20,12 +20,11 @@ from _settings import DEVICE
 from _workloads import EMBED_DIM, FFN_DIM, HEAD_DIM, NUM_HEADS, activations, gated_weight_training_work
 
 from hiap_kernels import gather_weight_reference
+from hiap_kernels.gated_weight import inverse_index
 
 
 def _fixed(size: int, kept: torch.Tensor, scale: torch.Tensor | None, dim: int) -> dict:
-    inverse = torch.full((size,), -1, dtype=torch.int64, device=DEVICE)
-    inverse[kept] = torch.arange(kept.numel(), device=DEVICE)
-    return {"index": kept, "inverse": inverse, "scale": scale, "dim": dim}
+    return {"index": kept, "inverse": inverse_index(kept, size), "scale": scale, "dim": dim}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -46,5 +45,6 @@ def test_gather_weight(benchmark, recorder, case, provider):
         inputs = {"weight": activations((rows, cols), seed=1).float(), "bias": None}
         options = _fixed(cols, kept, None, 1)
     shapes = {"weight": [rows, cols], "kept": kept.numel(), "dim": options["dim"]}
-    measure_gated_weight(run, provider, gather_weight_reference, "gather_weight", inputs, options, shapes,
-                         gated_weight_training_work(rows, cols, bias=inputs["bias"] is not None))
+    work = gated_weight_training_work(rows, cols, bias=inputs["bias"] is not None)
+    measure_gated_weight(run, provider, gather_weight_reference, "gather_weight", inputs, options, shapes, work,
+                         triton_module="gather")

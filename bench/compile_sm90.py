@@ -64,6 +64,7 @@ def kernel_specs() -> list[KernelSpec]:
 
     from hiap_kernels.gated_linear import fc1_kernels as fc1
     from hiap_kernels.gated_linear import qkv_kernels as qkv
+    from hiap_kernels.gated_weight import gather
     from hiap_kernels.gated_weight import kernel as gated_weight
     from hiap_kernels.gates.kernel import _sample_gates_kernel
     from hiap_kernels.layernorm_linear.kernel import _layernorm_linear_kernel
@@ -118,14 +119,14 @@ def kernel_specs() -> list[KernelSpec]:
                                    GROUPS=F // 128, GROUPS_PER_PROGRAM=1, BLOCK_GP=1, **GATES),
                    configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))]),
         # A fixed structure's gathers: two thirds of qkv's rows with bias and scale; half of fc2's columns.
-        KernelSpec("_gather_weight_kernel", gated_weight._gather_weight_kernel,
+        KernelSpec("_gather_weight_kernel", gather._gather_weight_kernel,
                    lambda dt: dict(weight_ptr=T(dt), bias_ptr=T(dt), index_ptr=T(torch.int64), scale_ptr=T(f32),
                                    out_ptr=T(dt), out_bias_ptr=T(dt), out_rows=2 * H * DH, out_cols=D, stride_weight=D,
                                    stride_out=D, GATHER_ROWS=True, HAS_BIAS=True, HAS_SCALE=True),
                    configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))],
                    variants=[{}, {"out_rows": D, "out_cols": F // 2, "stride_weight": F, "stride_out": F // 2,
                                   "GATHER_ROWS": False, "HAS_BIAS": False, "HAS_SCALE": False}]),
-        KernelSpec("_gather_weight_backward_kernel", gated_weight._gather_weight_backward_kernel,
+        KernelSpec("_gather_weight_backward_kernel", gather._gather_weight_backward_kernel,
                    lambda dt: dict(grad_ptr=T(dt), grad_bias_ptr=T(dt), inverse_ptr=T(torch.int64), scale_ptr=T(f32),
                                    out_grad_ptr=T(dt), out_grad_bias_ptr=T(dt), rows=3 * H * DH, cols=D, stride_grad=D,
                                    stride_out=D, GATHER_ROWS=True, HAS_BIAS=True, HAS_SCALE=True),

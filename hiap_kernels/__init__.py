@@ -49,7 +49,7 @@ _TRITON_OPS = {
     "gated_fc1": "hiap_kernels.gated_linear.fc1",
     "gated_qkv_weight": "hiap_kernels.gated_weight.kernel",
     "gated_fc2_weight": "hiap_kernels.gated_weight.kernel",
-    "gather_weight": "hiap_kernels.gated_weight.kernel",
+    "gather_weight": "hiap_kernels.gated_weight.gather",
     "ragged_attention": "hiap_kernels.ragged_attn.kernel",
     "fused_linear_gelu": "hiap_kernels.linear_gelu.kernel",
     "merge_tokens": "hiap_kernels.token_merge.kernel",

@@ -56,6 +56,7 @@ def gated_weight_tiles(request, monkeypatch):
     if request.param != "one tile":
         import hiap_kernels.gated_weight.kernel as gated_weight_kernel
 
+        # The family's one tile policy (gather.py reads it from kernel.py too).
         monkeypatch.setattr(gated_weight_kernel, "_tiles", lambda: (16, 32))
 
 

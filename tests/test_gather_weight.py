@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hiap_kernels import gather_weight, gather_weight_reference
-from hiap_kernels.gated_weight.kernel import _gather_weight_op
+from hiap_kernels.gated_weight import inverse_index
+from hiap_kernels.gated_weight.gather import _gather_weight_op
 from tests.kernel_checks import DEVICE, needs_triton, run_with_grads
 
 pytestmark = [pytest.mark.usefixtures("poisoned"), needs_triton]
@@ -14,8 +15,7 @@ pytestmark = [pytest.mark.usefixtures("poisoned"), needs_triton]
 def _case(rows, cols, kept, dim, dtype=torch.float32, bias=False, scale=False):
     size = (rows, cols)[dim]
     index = torch.randperm(size)[:kept].sort().values.to(DEVICE)
-    inverse = torch.full((size,), -1, dtype=torch.int64, device=DEVICE)
-    inverse[index] = torch.arange(kept, device=DEVICE)
+    inverse = inverse_index(index, size)
     inputs = {"weight": torch.randn(rows, cols, device=DEVICE).to(dtype),
               "bias": torch.randn(rows, device=DEVICE).to(dtype) if bias else None}
     # The decision's scale: mostly ones, some zeros (q / v columns closed inside a kept head).

@@ -27,14 +27,8 @@ from hiap_kernels.gated_weight.reference import (
     gated_fc2_weight_reference,
     gated_qkv_weight_reference,
     gather_weight_reference,
+    inverse_index,
 )
-
-
-def _inverse(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Each of ``size`` positions' place in ``index`` (int64), -1 where it is not in it."""
-    inverse = torch.full((size,), -1, dtype=torch.int64, device=index.device)
-    inverse[index] = torch.arange(index.numel(), device=index.device)
-    return inverse
 
 
 def _rename_legacy_gate_keys(names: dict[str, str]):
@@ -101,8 +95,8 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         self.decided_rows = torch.cat([part * self.attn_dim + columns for part in range(3)])
         self.decided_row_scale = scale[self.decided_rows]
         self.decided_columns = columns
-        self.decided_rows_inverse = _inverse(self.decided_rows, 3 * self.attn_dim)
-        self.decided_columns_inverse = _inverse(columns, self.attn_dim)
+        self.decided_rows_inverse = inverse_index(self.decided_rows, 3 * self.attn_dim)
+        self.decided_columns_inverse = inverse_index(columns, self.attn_dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if self.decided_rows is not None:
@@ -201,7 +195,7 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         """While ``fixed``, run only the neurons the decision keeps (read once, here): a removed block or neuron then
         costs nothing, forward or backward. The gates' decision must not change while fixed."""
         self.decided_neurons = self.gates.kept_neurons().nonzero().squeeze(1) if fixed else None
-        self.decided_neurons_inverse = (_inverse(self.decided_neurons, self.hidden_features) if fixed else None)
+        self.decided_neurons_inverse = inverse_index(self.decided_neurons, self.hidden_features) if fixed else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decided_neurons is not None:

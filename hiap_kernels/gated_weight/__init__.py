@@ -3,8 +3,8 @@
     reference.py   ``gated_qkv_weight_reference`` / ``gated_fc2_weight_reference``: the chain of torch ops (gate
                    values, group expansion, conditioning, scaling); the reference path of ``hiap``'s gated modules
     kernel.py      ``gated_qkv_weight`` / ``gated_fc2_weight``: the same in one Triton launch forward and one
-                   backward (weight gradient, gate-gradient reductions and straight-through slopes together);
-                   ``gather_weight``: once the structure is fixed, the kept rows / columns scaled by the decision,
+                   backward (weight gradient, gate-gradient reductions and straight-through slopes together)
+    gather.py      ``gather_weight``: once the structure is fixed, the kept rows / columns scaled by the decision,
                    and backward the gradient scattered into the whole weight, one launch each way
 
 The GEMMs stay cuBLAS's (forward and both backward GEMMs); what a library cannot do, sampling, masking and reducing a
@@ -15,7 +15,9 @@ from hiap_kernels.gated_weight.reference import (
     gated_fc2_weight_reference,
     gated_qkv_weight_reference,
     gather_weight_reference,
+    inverse_index,
     qkv_row_scale,
 )
 
-__all__ = ["gated_fc2_weight_reference", "gated_qkv_weight_reference", "gather_weight_reference", "qkv_row_scale"]
+__all__ = ["gated_fc2_weight_reference", "gated_qkv_weight_reference", "gather_weight_reference", "inverse_index",
+           "qkv_row_scale"]

@@ -91,6 +91,14 @@ def gated_fc2_weight_reference(
     return weight * ffn_neuron_mask(z_block, z_neuron, weight.shape[1]).to(weight.dtype)
 
 
+def inverse_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``gather_weight``'s ``inverse``: each of ``size`` rows' / columns' position in ``index`` (int64), -1 where it is
+    not in it. Built once per fixed structure."""
+    inverse = torch.full((size,), -1, dtype=torch.int64, device=index.device)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    return inverse
+
+
 def gather_weight_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
