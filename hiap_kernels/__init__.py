@@ -10,6 +10,8 @@ import), which the tests compare against and ``hiap`` uses as its reference path
     gated_weight/   gated_qkv_weight   gate sampling + the row masks of qkv's weight, one launch each way (training)
                     gated_fc2_weight   the same for the neuron columns of fc2's weight                  (training)
                     gather_weight      a fixed structure's kept rows / columns, scaled; backward in one (training)
+    objective/      gate_objective     budget + feasibility of every layer's gates and their gradient, one launch
+                                       (training)
     ragged_attn/    ragged_attention   attention over per-head q/k and v widths, packed in and out     (inference);
                                        its PyTorch path ragged_attention_sdpa: one SDPA call per run of equal heads
     linear_gelu/    fused_linear_gelu  fc1 GEMM with bias + GELU in the epilogue                       (inference)
@@ -36,6 +38,7 @@ from hiap_kernels.gates.reference import gumbel_sigmoid, logistic_noise, philox_
 from hiap_kernels.layernorm_linear.reference import layernorm_linear_reference
 from hiap_kernels.linear_gelu.reference import linear_gelu_reference
 from hiap_kernels.linear_residual.reference import linear_residual_reference
+from hiap_kernels.objective.reference import GateLayout, ObjectiveConstants, gate_objective_reference
 from hiap_kernels.ragged_attn.reference import build_head_table, ragged_attention_padded
 from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
 from hiap_kernels.token_merge.reference import merge_tokens_reference
@@ -50,6 +53,7 @@ _TRITON_OPS = {
     "gated_qkv_weight": "hiap_kernels.gated_weight.kernel",
     "gated_fc2_weight": "hiap_kernels.gated_weight.kernel",
     "gather_weight": "hiap_kernels.gated_weight.gather",
+    "gate_objective": "hiap_kernels.objective.kernel",
     "ragged_attention": "hiap_kernels.ragged_attn.kernel",
     "fused_linear_gelu": "hiap_kernels.linear_gelu.kernel",
     "merge_tokens": "hiap_kernels.token_merge.kernel",
@@ -59,6 +63,8 @@ _TRITON_OPS = {
 }
 
 __all__ = [
+    "GateLayout",
+    "ObjectiveConstants",
     "build_head_table",
     "can_run_triton",
     "fused_layernorm_linear",
@@ -74,6 +80,8 @@ __all__ = [
     "gated_qkv_weight_reference",
     "gather_weight",
     "gather_weight_reference",
+    "gate_objective",
+    "gate_objective_reference",
     "gumbel_sigmoid",
     "head_runs",
     "interpreter_active",

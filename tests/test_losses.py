@@ -173,3 +173,33 @@ def test_once_the_structure_is_fixed_the_objective_is_the_task_alone_with_zero_l
     assert terms.total.item() == task.item() and terms.budget.item() == terms.feasibility.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in gated.gate_logits().values())
     assert fixed.count < sampled.count / 3, (fixed.count, sampled.count)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_whole_objective_compiles_into_one_graph_for_a_run_with_a_moving_target(backend):
+    """Multipliers that ascend in place and a target lowered every step (device buffers) reuse one graph; on the
+    Triton path the gate terms are one custom op inside it."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from hiap_kernels import interpreter_active
+
+    if backend == "triton" and not (torch.cuda.is_available() or interpreter_active()):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    gated = hiap.gate_vit(tiny_vit(depth=2), hiap.HiAPConfig(budget="target", target=0.6)).train()
+    randomize_logits(gated, torch.Generator().manual_seed(3))
+    if backend == "triton":
+        hiap.use_triton_kernels(gated)
+    student, targets = torch.randn(2, 10), torch.tensor([3, 4])
+    eager, compiled = hiap.HiAPObjective(gated), hiap.HiAPObjective(gated)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda: compiled(gated, student, None, targets).total, backend="aot_eager", fullgraph=True)
+    for target in (0.9, 0.8, 0.7):
+        eager.budget.set_target(target)
+        compiled.budget.set_target(target)
+        expected = eager(gated, student, None, targets).total
+        torch.testing.assert_close(step(), expected, rtol=1e-6, atol=1e-7)
+        assert torch.equal(compiled.budget.lambda1, eager.budget.lambda1)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -9,8 +9,7 @@ plus the static patch embedding and classifier head. A head whose v dims are all
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -18,9 +17,10 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention
 
 from hiap.method.convert import HiAPViT
-from hiap.method.gates import attention_decisions, ffn_decisions
+from hiap.method.gates import attention_decisions, ffn_decisions, minimum_count
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 from hiap.tokens.reduce import step_overhead_macs
+from hiap_kernels.objective import GateLayout, expected_gate_macs
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,9 @@ class StackedGates:
     min_heads: int
     min_dim_fraction: float
     min_neuron_fraction: float
+    # sigmoid(flat), made on first use. A dict rather than functools.cached_property, whose lock torch.compile cannot
+    # trace: the objective compiles into one graph.
+    _computed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, model: HiAPViT) -> "StackedGates":
@@ -131,10 +134,21 @@ class StackedGates:
             min_dim_fraction=first.min_dim_fraction, min_neuron_fraction=first_ffn.min_neuron_fraction,
         )
 
-    @cached_property
+    def layout(self) -> GateLayout:
+        """Shapes and hard minimums of these gates, as the fused objective (``hiap_kernels.gate_objective``) reads them."""
+        layers, heads, groups = self.qk.shape
+        return GateLayout(
+            layers=layers, heads=heads, groups=groups, neuron_groups=self.neuron.shape[-1], head_group=self.head_group,
+            neuron_group=self.neuron_group, min_heads=min(self.min_heads, heads),
+            dims_min=minimum_count(self.min_dim_fraction, groups),
+            neurons_min=minimum_count(self.min_neuron_fraction, self.neuron.shape[-1]))
+
+    @property
     def flat_probabilities(self) -> torch.Tensor:
         """``sigmoid(flat)``: every keep probability in one op (differentiable; computed once per StackedGates)."""
-        return torch.sigmoid(self.flat)
+        if "probabilities" not in self._computed:
+            self._computed["probabilities"] = torch.sigmoid(self.flat)
+        return self._computed["probabilities"]
 
     def keep_probabilities(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """P(open) of head, qk, v, block and neuron gates, shaped as the stacks (views; ``dtype``: one cast first)."""
@@ -236,14 +250,10 @@ def expected_cost(model: HiAPViT, img_size: int | tuple[int, int] | None = None,
     units = UnitCosts.at(token_count(model, img_size), model.vit.embed_dim)
     static = static_macs(model, img_size)
     # float64: 4.6e9 MACs in float32 would be off by hundreds.
-    p_head, p_qk, p_v, p_block, p_neuron = gates.keep_probabilities(torch.float64)
-    p_alive = 1.0 - torch.prod(1.0 - p_v, dim=-1)
-    qk_dims = (p_head * p_alive * p_qk.sum(dim=-1)).sum() * gates.head_group
-    v_dims = (p_head * p_v.sum(dim=-1)).sum() * gates.head_group
-    neurons = (p_block[:, 0] * p_neuron.sum(dim=-1)).sum() * gates.neuron_group
-    total = qk_dims * units.qk_dim + v_dims * units.v_dim + neurons * units.neuron + static
-    head_cost = gates.head_dim * (units.qk_dim + units.v_dim)
-    macro = p_head.sum() * head_cost + p_block.sum() * (gates.hidden_features * units.neuron)
+    gated, macro = expected_gate_macs(*gates.keep_probabilities(torch.float64), head_group=gates.head_group,
+                                      neuron_group=gates.neuron_group, unit_qk=units.qk_dim, unit_v=units.v_dim,
+                                      unit_neuron=units.neuron)
+    total = gated + static
     return ExpectedCost(total=total, macro=macro, static=static, dense=dense_macs(model, img_size))
 
 

@@ -15,8 +15,17 @@ import torch.nn.functional as F
 
 from hiap.config import HiAPConfig
 from hiap.method.convert import HiAPViT
-from hiap.method.cost import ExpectedCost, StackedGates, UnitCosts, expected_cost, static_macs, token_count
+from hiap.method.cost import (
+    ExpectedCost,
+    StackedGates,
+    UnitCosts,
+    dense_macs,
+    expected_cost,
+    static_macs,
+    token_count,
+)
 from hiap.method.gates import minimum_count
+from hiap_kernels.objective import ObjectiveConstants, feasibility_shortfall, lagrangian_budget
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
@@ -44,12 +53,8 @@ def feasibility_loss(model: HiAPViT, gates: StackedGates | None = None) -> torch
     """
     cfg = model.cfg
     gates = StackedGates.of(model) if gates is None else gates
-    p_head, p_qk, p_v, p_block, p_neuron = gates.keep_probabilities()
-    heads_short = F.relu(min(cfg.min_heads, p_head.shape[-1]) - p_head.sum(dim=-1)) ** 2  # [L]
-    dims_short = (F.relu(cfg.min_dim_fraction - p_qk.mean(dim=-1)) ** 2
-                  + F.relu(cfg.min_dim_fraction - p_v.mean(dim=-1)) ** 2)  # [L, H]
-    neurons_short = p_block[:, 0] * F.relu(cfg.min_neuron_fraction - p_neuron.mean(dim=-1)) ** 2  # [L]
-    return heads_short.sum() + (p_head * dims_short).sum() + neurons_short.sum()
+    return feasibility_shortfall(*gates.keep_probabilities(), min_heads=cfg.min_heads,
+                                 min_dim_fraction=cfg.min_dim_fraction, min_neuron_fraction=cfg.min_neuron_fraction)
 
 
 def budget_cost(model: HiAPViT, gates: StackedGates | None = None) -> ExpectedCost:
@@ -110,22 +115,16 @@ class BudgetLoss(nn.Module):
         self.current_target.fill_(float(target))
 
     def forward(self, cost: ExpectedCost) -> dict[str, torch.Tensor]:
-        dense = float(cost.dense)
-        fraction = cost.total / dense
-        macro = cost.macro / dense
-        micro = (cost.total - cost.static) / dense
-        if self.cfg.budget == "penalty":
-            budget = self.cfg.lambda_macro * macro + self.cfg.lambda_micro * micro
-        else:
-            gap = fraction - self.current_target
-            if self.ascending and self.training and torch.is_grad_enabled():
-                with torch.no_grad():
-                    measured = gap.detach().to(self.lambda1.dtype)
-                    self.lambda1.add_(self.cfg.lagrangian_lr * measured)
-                    self.lambda2.add_(self.cfg.lagrangian_lr * measured * measured)
-            budget = self.lambda1 * gap + self.lambda2 * gap**2
-        return {"budget": budget.float(), "expected_fraction": fraction.detach().float(),
-                "macro": macro.detach().float(), "micro": micro.detach().float()}
+        cfg = self.cfg
+        budget, fraction, macro, micro = lagrangian_budget(
+            cost.total, cost.macro, static=cost.static, dense=float(cost.dense), target_mode=cfg.budget == "target",
+            target=self.current_target, lambda1=self.lambda1, lambda2=self.lambda2, lagrangian_lr=cfg.lagrangian_lr,
+            lambda_macro=cfg.lambda_macro, lambda_micro=cfg.lambda_micro, ascend=self.ascends())
+        return {"budget": budget, "expected_fraction": fraction, "macro": macro, "micro": micro}
+
+    def ascends(self) -> bool:
+        """Whether this call moves the multipliers: a training forward with gradients, before the structure is fixed."""
+        return self.ascending and self.training and torch.is_grad_enabled()
 
 
 @dataclass
@@ -161,6 +160,16 @@ class HiAPObjective(nn.Module):
                     "minimums (min_heads, min_dim_fraction) and the static layers leave"
                 )
         self.budget = BudgetLoss(self.cfg)
+        # What the fused Triton objective reads besides the logits: built once, so a step copies nothing to the device.
+        gates = StackedGates.of(model)
+        self.gate_layout = gates.layout()
+        units = UnitCosts.at(token_count(model), model.vit.embed_dim)
+        constants = ObjectiveConstants(
+            unit_qk=units.qk_dim, unit_v=units.v_dim, unit_neuron=units.neuron, static=static_macs(model),
+            dense=dense_macs(model), lambda_macro=self.cfg.lambda_macro, lambda_micro=self.cfg.lambda_micro,
+            lagrangian_lr=self.cfg.lagrangian_lr, feasibility_weight=self.cfg.feasibility_weight,
+            min_dim_fraction=model.cfg.min_dim_fraction, min_neuron_fraction=model.cfg.min_neuron_fraction)
+        self.register_buffer("gate_constants", constants.tensor(gates.flat.device), persistent=False)
 
     def forward(self, model: HiAPViT, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 targets: torch.Tensor) -> ObjectiveTerms:
@@ -174,6 +183,15 @@ class HiAPObjective(nn.Module):
             return ObjectiveTerms(total=task + in_graph, task=task.detach(), budget=zero, feasibility=zero,
                                   expected_fraction=zero)
         gates = StackedGates.of(model)  # every layer's logits stacked once: the terms below do not grow with depth
+        fused = model.attention_layers()[0].triton_kernel(gates.flat, op="gate_objective")
+        if fused is not None:
+            # One launch for the cost model, the decision, the multipliers' ascent and feasibility, and their gradient.
+            gate_terms, diagnostics = fused(
+                gates.flat, self.gate_constants, self.budget.lambda1, self.budget.lambda2, self.budget.current_target,
+                self.gate_layout, target_mode=self.cfg.budget == "target", ascend=self.budget.ascends())
+            budget, feasibility, fraction = diagnostics.unbind()
+            return ObjectiveTerms(total=task + gate_terms, task=task.detach(), budget=budget, feasibility=feasibility,
+                                  expected_fraction=fraction)
         budget_terms = self.budget(budget_cost(model, gates))
         feasibility = self.cfg.feasibility_weight * feasibility_loss(model, gates)
         total = task + budget_terms["budget"] + feasibility
