@@ -70,6 +70,7 @@ def kernel_specs() -> list[KernelSpec]:
     from hiap_kernels.layernorm_linear.kernel import _layernorm_linear_kernel
     from hiap_kernels.linear_gelu.kernel import _linear_gelu_kernel
     from hiap_kernels.linear_residual.kernel import _linear_residual_kernel
+    from hiap_kernels.objective import kernel as objective
     from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel
     from hiap_kernels.token_merge import kernel as token_merge
     from hiap_kernels.token_similarity import kernel as token_similarity
@@ -118,6 +119,25 @@ def kernel_specs() -> list[KernelSpec]:
                                    rows=D, cols=F, stride_grad=F, stride_weight=F, stride_out=F, GROUP=128,
                                    GROUPS=F // 128, GROUPS_PER_PROGRAM=1, BLOCK_GP=1, **GATES),
                    configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))]),
+        # The gate terms of a step: DeiT-S's default layout (12 layers, 6 heads of 4 groups, 12 neuron groups), and
+        # ViT-L's per-dim / per-neuron one, the widest layer the program holds (its launcher's warps for each).
+        KernelSpec("_gate_objective_kernel", objective._gate_objective_kernel,
+                   lambda dt: dict(flat_ptr=T(dt), constants_ptr=T(torch.float64), lambda1_ptr=T(torch.float64),
+                                   lambda2_ptr=T(torch.float64), target_ptr=T(torch.float64), grad_ptr=T(dt),
+                                   terms_ptr=T(f32), diagnostics_ptr=T(f32), LAYERS=12, HEADS=H, GROUPS=DH // 16,
+                                   NEURON_GROUPS=F // 128, HEAD_GROUP=16, NEURON_GROUP=128, MIN_HEADS=1, DIMS_MIN=1,
+                                   NEURONS_MIN=2, TARGET_MODE=True, ASCEND=True, BLOCK_H=8, BLOCK_G=4,
+                                   BLOCK_N=16),
+                   configs=[triton.Config({}, num_warps=4)],
+                   variants=[{}, {"TARGET_MODE": False}]),
+        KernelSpec("_gate_objective_kernel[per-dim]", objective._gate_objective_kernel,
+                   lambda dt: dict(flat_ptr=T(dt), constants_ptr=T(torch.float64), lambda1_ptr=T(torch.float64),
+                                   lambda2_ptr=T(torch.float64), target_ptr=T(torch.float64), grad_ptr=T(dt),
+                                   terms_ptr=T(f32), diagnostics_ptr=T(f32), LAYERS=24, HEADS=16, GROUPS=64,
+                                   NEURON_GROUPS=4096, HEAD_GROUP=1, NEURON_GROUP=1, MIN_HEADS=1, DIMS_MIN=8,
+                                   NEURONS_MIN=410, TARGET_MODE=True, ASCEND=True, BLOCK_H=16,
+                                   BLOCK_G=64, BLOCK_N=4096),
+                   configs=[triton.Config({}, num_warps=8)]),
         # A fixed structure's gathers: two thirds of qkv's rows with bias and scale; half of fc2's columns.
         KernelSpec("_gather_weight_kernel", gather._gather_weight_kernel,
                    lambda dt: dict(weight_ptr=T(dt), bias_ptr=T(dt), index_ptr=T(torch.int64), scale_ptr=T(f32),

@@ -22,6 +22,8 @@ KERNELS = {
     "_gated_fc2_weight_backward_kernel",
     "_gather_weight_kernel",
     "_gather_weight_backward_kernel",
+    "_gate_objective_kernel",
+    "_gate_objective_kernel[per-dim]",
     "qkv_forward_kernel",
     "qkv_column_mask_kernel",
     "qkv_backward_dx_kernel",
