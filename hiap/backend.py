@@ -174,3 +174,11 @@ def kernels_in_use(model: nn.Module | None = None) -> Backend:
     if len(backends) > 1:
         raise ValueError(f"the modules of this model use different backends: {sorted(backends)}")
     return backends.pop() if backends else _GLOBAL_BACKEND
+
+
+def runs_triton_kernels(model: nn.Module, device: torch.device | str) -> bool:
+    """Whether a forward of ``model`` on ``device`` launches compiled Triton kernels (CUDA; the interpreter compiles
+    nothing), which the first call of each shape compiles."""
+    if torch.device(device).type != "cuda":
+        return False
+    return any((m.kernel_backend or _GLOBAL_BACKEND) == "triton" for m in backend_modules(model))

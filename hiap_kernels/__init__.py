@@ -27,7 +27,7 @@ Triton does not; the references and layout helpers are plain imports.
 
 import importlib
 
-from hiap_kernels.common.runtime import can_run_triton, interpreter_active, triton_available
+from hiap_kernels.common.runtime import can_run_triton, interpreter_active, kernel_cache_dir, triton_available
 from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
 from hiap_kernels.gated_weight.reference import (
     gated_fc2_weight_reference,
@@ -85,6 +85,7 @@ __all__ = [
     "gumbel_sigmoid",
     "head_runs",
     "interpreter_active",
+    "kernel_cache_dir",
     "layernorm_linear_reference",
     "linear_gelu_reference",
     "linear_residual_reference",

@@ -267,3 +267,42 @@ def test_a_fixed_layer_without_heads_or_neurons_is_its_projection_bias():
     # Every weight still receives a gradient (zeros where nothing is left), as DDP requires of each step.
     assert block.attn.qkv.weight.grad.abs().sum() == 0 and block.attn.proj.weight.grad.abs().sum() == 0
     assert block.mlp.fc1.weight.grad.abs().sum() == 0 and block.mlp.fc2.bias.grad is not None
+
+
+def test_a_process_whose_model_runs_triton_kernels_says_its_first_step_compiles_them(tmp_path, capsys, monkeypatch):
+    """On a GPU the first step of a process compiles the Triton kernels: the log says so and where Triton keeps them,
+    then how long the step took; a model on the reference path, or on a CPU, logs nothing of the kind."""
+    import hiap.app.train as train
+    from hiap.app.data import digits_datasets
+    from hiap.app.jobs import DenseJob
+    from hiap.app.models import DIGITS_VIT, create_dense_model
+    from hiap.app.runtime import DistContext
+    from hiap.backend import runs_triton_kernels
+    from hiap_kernels import kernel_cache_dir
+
+    gated = hiap.gate_vit(tiny_vit(depth=1), hiap.HiAPConfig())
+    cuda = torch.device("cuda")
+    assert not runs_triton_kernels(gated, cuda) and not runs_triton_kernels(gated, "cpu")
+    with hiap.use_triton_kernels(gated):
+        assert runs_triton_kernels(gated, cuda) and not runs_triton_kernels(gated, "cpu")
+
+    model = create_dense_model(DIGITS_VIT, 10, model_args={"depth": 1, "embed_dim": 32})
+    settings = train.LoopSettings(epochs=1, batch_size=256, log_every=5, checkpoint_every=0, show_progress=False,
+                                  amp=False)
+
+    def run():
+        train.fit(DenseJob(model, lr=1e-3), digits_datasets(model), settings, ctx=DistContext(),
+                  device=torch.device("cpu"), checkpoint_path=tmp_path / "checkpoint.pt", log=None, fingerprint={},
+                  resume=False)
+        return capsys.readouterr().err
+
+    assert "compiles" not in run()
+    # As on a GPU with the Triton path (nothing compiles on this machine; the synchronisation is the GPU's).
+    monkeypatch.setattr(train, "runs_triton_kernels", lambda model, device: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    (tmp_path / "checkpoint.pt").unlink()
+    lines = run().splitlines()
+    assert f"[teacher] the first step compiles this model's Triton kernels; Triton keeps them in {kernel_cache_dir()}, " \
+           "where a later run on this machine loads them instead" in lines
+    assert sum(line.startswith("[teacher] first step: ") and "kernel compilation included" in line
+               for line in lines) == 1

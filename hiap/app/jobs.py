@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
+from hiap.backend import runs_triton_kernels
 from hiap.method.convert import HiAPViT
 from hiap.method.cost import count_macs, expected_cost
 from hiap.method.gates import temperature_at
@@ -253,10 +254,13 @@ class HiAPJob(TrainingJob):
         self.gated.fix_structure(True)
         moved = f"; settling moved them to {settling['after']:.4f} in {settling['steps']} logit-only steps" \
             if settling["steps"] else ""
+        device = next(iter(self.gated.gate_logits().values())).device
+        compiles = " (its first step compiles the gather kernels)" if runs_triton_kernels(self.gated, device) else ""
         return {"event": FIX_EVENT, "search_steps": search, "total_steps": total_steps,
                 "target": self.cfg.target if self.cfg.budget == "target" else None, **settling,
                 "message": f"[hiap] structure fixed after {search} of {total_steps} steps: decided MACs "
-                           f"{settling['before']:.4f} of dense{moved}; the remaining steps train the decided network"}
+                           f"{settling['before']:.4f} of dense{moved}; the remaining steps train the decided network"
+                           f"{compiles}"}
 
     def loss(self, logits, targets, teacher_logits):
         terms = self.objective(self.gated, logits, teacher_logits, targets)

@@ -11,6 +11,7 @@ objective's Lagrange multipliers, step, RNG, the run's config) is written atomic
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from hiap.app.data import DataBundle, ShardedBatchSampler, eval_loader, train_lo
 from hiap.app.evaluation import evaluate_accuracy
 from hiap.app.jobs import TrainingJob
 from hiap.app.runtime import DistContext, InputError, atomic_torch_save, autocast, log_line, needs_grad_scaler, progress
+from hiap.backend import runs_triton_kernels
 
 __all__ = ["FitResult", "LoopSettings", "build_optimizer", "fit"]
 
@@ -105,6 +107,16 @@ def _wrap(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module
     if not ctx.distributed:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _first_step_note(model: nn.Module, device: torch.device) -> str | None:
+    """What the first step of this process is busy with when it compiles Triton kernels, else None."""
+    if not runs_triton_kernels(model, device):
+        return None
+    from hiap_kernels import kernel_cache_dir
+
+    return (f"the first step compiles this model's Triton kernels; Triton keeps them in {kernel_cache_dir()}, "
+            "where a later run on this machine loads them instead")
 
 
 def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: DistContext, device: torch.device,
@@ -186,6 +198,10 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
                              workers=settings.workers, pin_memory=device.type == "cuda")
     bar = progress(total=total_steps, initial=step, enabled=settings.show_progress and ctx.is_main,
                    desc=job.phase, unit="step")
+    # The first step of a process compiles the Triton kernels it meets (a minute on a GPU the first time, seconds
+    # once Triton's cache holds them): say so instead of leaving a bar that seems stuck.
+    compiling = _first_step_note(model, device)
+    first_step_start = None
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, step_in_epoch)
@@ -203,6 +219,10 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
                     log.write(event)
                 if message:
                     log_line(message, ctx)
+            if compiling is not None and first_step_start is None:
+                log_line(f"[{job.phase}] {compiling}", ctx)
+                bar.set_description(f"{job.phase} (compiling kernels)")
+                first_step_start = time.perf_counter()
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             teacher_logits = None
@@ -222,6 +242,12 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
                 optimizer.step()
             scheduler.step()
             step += 1
+            if compiling is not None:
+                torch.cuda.synchronize(device)  # once: the first step's time, compilation included
+                log_line(f"[{job.phase}] first step: {time.perf_counter() - first_step_start:.1f} s, kernel "
+                         "compilation included", ctx)
+                bar.set_description(job.phase)
+                compiling = None
             running_loss += metrics["loss"].double()
             running["batches"] += 1
             bar.update(1)

@@ -27,6 +27,24 @@ def triton_available() -> bool:
     return True
 
 
+def kernel_cache_dir() -> str | None:
+    """Where Triton keeps compiled kernels (and cached autotune choices) between processes; None without Triton."""
+    if not triton_available():
+        return None
+    try:  # Triton >= 3.4 reads TRITON_CACHE_DIR through its knobs
+        from triton import knobs
+
+        return knobs.cache.dir
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from triton.runtime.cache import default_cache_dir
+
+        return os.environ.get("TRITON_CACHE_DIR") or default_cache_dir()
+    except ImportError:  # pragma: no cover - the documented default
+        return os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+
+
 def can_run_triton(*tensors: torch.Tensor) -> bool:
     """Whether Triton kernels can run on these tensors: CUDA tensors, or CPU tensors under the interpreter."""
     if not triton_available():
