@@ -107,14 +107,26 @@ class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _on_backend(gated, backend: str):
+    """Route ``gated`` through ``backend``; skip the Triton one where it cannot run."""
+    from hiap_kernels import interpreter_active
+
+    if backend == "triton":
+        if not (torch.cuda.is_available() or interpreter_active()):
+            pytest.skip("needs a GPU or the Triton interpreter")
+        hiap.use_triton_kernels(gated)
+    return gated
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("budget", ["target", "penalty"])
-def test_the_objective_is_the_same_handful_of_ops_at_any_depth(budget):
+def test_the_objective_is_the_same_handful_of_ops_at_any_depth(budget, backend):
     """Expected cost, decided MACs, feasibility and the budget: a fixed number of ops (the layers' logits are stacked
-    once per kind). Only the backward's hand-over of each layer's gradient to its own logit parameters scales with
+    once per kind; on the Triton path one op computes the rest). Only the backward's hand-over of each layer's gradient to its own logit parameters scales with
     depth: two ops per parameter, as for every other parameter of the model."""
     counts = {}
     for depth in (4, 12):
-        gated = hiap.gate_vit(tiny_vit(depth=depth), hiap.HiAPConfig(budget=budget)).train()
+        gated = _on_backend(hiap.gate_vit(tiny_vit(depth=depth), hiap.HiAPConfig(budget=budget)).train(), backend)
         randomize_logits(gated, torch.Generator().manual_seed(0))
         objective = hiap.HiAPObjective(gated)
         logits, teacher = torch.randn(2, 10), torch.randn(2, 10)
@@ -129,12 +141,13 @@ def test_the_objective_is_the_same_handful_of_ops_at_any_depth(budget):
     assert counts[12][1] - counts[4][1] == 2 * 5 * (12 - 4), counts
 
 
-def test_one_training_step_never_waits_for_the_device():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_one_training_step_never_waits_for_the_device(backend):
     """Forward, objective, backward and the optimizer step (fused AdamW, as the training loop builds it)."""
     from hiap.app.train import build_optimizer
 
     teacher = tiny_vit()
-    gated = hiap.gate_vit(teacher).train()
+    gated = _on_backend(hiap.gate_vit(teacher).train(), backend)
     objective = hiap.HiAPObjective(gated)
     optimizer = build_optimizer([{"params": list(gated.weight_parameters().values()), "lr": 1e-4},
                                  {"params": list(gated.gate_logits().values()), "lr": 0.05}])
