@@ -26,9 +26,9 @@ from _providers import (
     compile_time_limit,
     triton_skip_reason,
 )
-from _records import Recorder
+from _records import Recorder, judged_here
 from _settings import ON_GPU
-from _timing import Work, time_provider, timing_policy
+from _timing import Work, paired_speedup, time_provider, timing_policy
 
 
 def _caused_by(error: BaseException, kind: type) -> bool:
@@ -99,9 +99,12 @@ class CaseRun:
 
     def measure(self, call: Callable[[], object], *, prepare: Callable[[], None] | None = None,
                 work: Work | None = None, shapes: dict | None = None, heavy: bool = False,
-                compile_cost: str | None = None) -> dict:
+                compile_cost: str | None = None, paired_baseline: Callable[[], object] | None = None) -> dict:
         """Time the provider and record it. A compiled provider whose compilation fails or overruns is skipped with
-        the reason (a torch.compile limitation is a finding, not a failure of this package); other errors fail."""
+        the reason (a torch.compile limitation is a finding, not a failure of this package); other errors fail.
+
+        ``paired_baseline``: the baseline's call; where a target of this device judges the cell, the two are also
+        timed in alternating rounds (``paired_speedup``) and the target reads that ratio."""
         limit_s = compile_time_limit(compile_cost) if compile_cost else None
         try:
             timing = time_provider(self.benchmark, call, prepare=prepare, policy=timing_policy(heavy),
@@ -114,6 +117,8 @@ class CaseRun:
             raise
         if "median_ms" not in timing:  # --benchmark-disable: the call ran once as a smoke test, nothing was timed
             return timing
+        if paired_baseline is not None and judged_here(self.case, self.provider, self.batch):
+            timing["paired_speedup"] = paired_speedup(paired_baseline, call)
         return self.recorder.add_result(case=self.case, provider=self.provider, batch=self.batch,
                                         shapes=shapes or {}, timing=timing, work=work, baseline=self.baseline,
                                         precision=self.precision)

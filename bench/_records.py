@@ -78,6 +78,12 @@ TARGETS = (
 )
 
 
+def judged_here(case: str, provider: str, batch: int) -> bool:
+    """Whether a target of this device judges this cell (the cells that measure a paired ratio on a CPU)."""
+    return any(t.device == DEVICE.type and t.case == case and t.provider == provider and t.batch in (None, batch)
+               for t in TARGETS)
+
+
 def _device_description() -> dict:
     if ON_GPU:
         props = torch.cuda.get_device_properties(DEVICE)
@@ -195,6 +201,13 @@ class Recorder:
                     entry["status"] = "not measured"
                 else:
                     speedup = base["median_ms"] / mine["median_ms"]
+                    paired = mine.get("paired_speedup")
+                    if paired and target.baseline == mine.get("baseline"):
+                        # Judged on rounds alternating with the baseline (drift cancels); the ratio of the two
+                        # cells' medians stays beside it.
+                        entry["speedup_of_cell_medians"] = speedup
+                        entry["judged_on"] = f"median of {paired['rounds']} alternating rounds"
+                        speedup = paired["median"]
                     entry["speedup"] = speedup
                     if target.of_mac_ratio:
                         mac_ratio = mine["shapes"]["mac_ratio_vs_dense"] / base["shapes"].get("mac_ratio_vs_dense", 1.0)
@@ -221,7 +234,9 @@ class Recorder:
                            else {"default": CPU_TIMING.__dict__, "heavy cases": CPU_TIMING_HEAVY.__dict__}),
                 "synchronised": ON_GPU,
                 "statistic": "median of timed rounds; first call and warm-up rounds excluded",
-                "ratio": "speedup_vs_baseline = baseline median / provider median (same run)",
+                "ratio": "speedup_vs_baseline = baseline median / provider median (same run); a cell a CPU target "
+                         "judges also carries paired_speedup, the median of baseline / provider over alternating "
+                         "rounds, which the target uses",
             },
             "peaks": self.peaks.as_dict() if self.peaks else None,
             # Set by run_gpu.sh: the summary line of the `pytest tests -m gpu` run that preceded the benchmarks.

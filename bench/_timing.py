@@ -171,6 +171,29 @@ def launching_ops(call: Callable[[], object]) -> int:
     return counter.count
 
 
+def paired_speedup(baseline: Callable[[], object], call: Callable[[], object], rounds: int = 7) -> dict:
+    """``baseline`` and ``call`` timed in alternation: each round runs one side twice and times the second run (the
+    first brings its weights back into the caches the other side evicted), then the other side; the result is the
+    median and quartiles of ``baseline time / call time`` over the rounds. A machine whose speed drifts between cells
+    (a shared CPU: 10 % and more over a run) slows both sides of a round alike, so their ratio holds where a ratio of
+    two cells' medians does not. The side that goes first alternates."""
+    ratios = []
+    for index in range(rounds):
+        times = {}
+        for name, fn in (("baseline", baseline), ("call", call))[:: 1 if index % 2 == 0 else -1]:
+            fn()
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name] = time.perf_counter() - start
+        ratios.append(times["baseline"] / times["call"])
+    ratios.sort()
+    quartile = len(ratios) // 4
+    return {"median": ratios[len(ratios) // 2], "q1": ratios[quartile], "q3": ratios[-1 - quartile],
+            "rounds": rounds}
+
+
 def drop_gradients(*tensors: torch.Tensor) -> Callable[[], None]:
     """A ``prepare`` for ``time_provider``: set each tensor's ``.grad`` to None, so every backward allocates afresh."""
 

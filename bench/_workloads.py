@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import timm
 import torch
@@ -272,3 +273,18 @@ def gated_weight_training_work(rows: int, cols: int, bias: bool) -> Work:
     writes dW. No FLOPs are counted: a multiply per element and a dot per row, the floor is the memory traffic."""
     elements = rows * cols + (rows if bias else 0)
     return Work(0.0, PARAM_BYTES * 5 * elements)
+
+
+def lazy_inference_call(make_forward: Callable[[], Callable], inputs: torch.Tensor) -> Callable[[], None]:
+    """A no-grad forward on ``inputs`` of the model ``make_forward`` builds at the first call, so that only a cell that
+    runs it pays for building it (the dense side of the CPU targets' alternating rounds)."""
+    forward = None
+
+    def call() -> None:
+        nonlocal forward
+        if forward is None:
+            forward = make_forward()
+        with torch.no_grad():
+            forward(inputs)
+
+    return call

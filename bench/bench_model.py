@@ -29,7 +29,15 @@ import pytest
 import torch
 from _harness import CaseRun
 from _settings import DEVICE, ON_GPU
-from _workloads import DEIT_S_SHAPES, dense_deit_s, extracted_deit_s, images, inference_work, regular_deit_s_at
+from _workloads import (
+    DEIT_S_SHAPES,
+    dense_deit_s,
+    extracted_deit_s,
+    images,
+    inference_work,
+    lazy_inference_call,
+    regular_deit_s_at,
+)
 
 import hiap
 
@@ -120,4 +128,5 @@ def test_deit_s_inference(benchmark, recorder, variant, batch):
         shapes["ffn_width"] = model.blocks[0].mlp.fc1.out_features
     weight_bytes = torch.finfo(weight_dtype).bits // 8
     run.measure(call, shapes=shapes, work=inference_work(model, batch, weight_bytes), heavy=batch > 1,
-                compile_cost="model" if compiled else None)
+                compile_cost="model" if compiled else None, 
+                paired_baseline=lazy_inference_call(lambda: _prepared("dense", "reference", batch, weight_dtype)[0], inputs))

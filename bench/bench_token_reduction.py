@@ -21,7 +21,7 @@ import pytest
 import torch
 from _harness import CaseRun
 from _settings import DEVICE, ON_GPU
-from _workloads import DEIT_S_SHAPES, dense_deit_s, extracted_deit_s, images, inference_work
+from _workloads import DEIT_S_SHAPES, dense_deit_s, extracted_deit_s, images, inference_work, lazy_inference_call
 
 import hiap
 from hiap.tokens import reduce_tokens
@@ -81,4 +81,5 @@ def test_deit_s_token_reduction(benchmark, recorder, variant):
               "token_counts": hiap.tokens.token_counts(model)}
     weight_bytes = torch.finfo(weight_dtype).bits // 8
     run.measure(call, shapes=shapes, work=inference_work(model, BATCH, weight_bytes), heavy=True,
-                compile_cost="model" if compiled else None)
+                compile_cost="model" if compiled else None, 
+                paired_baseline=lazy_inference_call(lambda: _prepared("dense", "reference", weight_dtype)[0], inputs))

@@ -143,12 +143,14 @@ def render_record(record: dict) -> str:
     if reasons:
         lines += ["", "Not measured in this run:"]
         lines += [f"- {count} cell(s): {reason}" for reason, count in reasons.items()]
-    # Targets are stated for a GPU: a GPU record lists every one, measured or not; a CPU record none.
-    judged = record.get("targets", []) if record["device"]["kind"] == "cuda" else []
+    # A GPU record lists every GPU target, measured or not; a CPU record its CPU targets.
+    judged = [t for t in record.get("targets", []) if not t["status"].startswith("not applicable")]
     if judged:
         lines += ["", "| target | batch | measured | needed | status |", "|---|---:|---:|---:|---|"]
         for target in judged:
             measured = f"{target['speedup']:.2f}x" if "speedup" in target else "-"
+            if "judged_on" in target:
+                measured += f" ({target['judged_on']}; cell medians {target['speedup_of_cell_medians']:.2f}x)"
             needed = f">= {target['minimum_speedup']}x"
             if target.get("maximum_memory_ratio") is not None:
                 if "memory_ratio" in target:
