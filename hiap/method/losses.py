@@ -184,7 +184,9 @@ class HiAPObjective(nn.Module):
                                   expected_fraction=zero)
         gates = StackedGates.of(model)  # every layer's logits stacked once: the terms below do not grow with depth
         fused = model.attention_layers()[0].triton_kernel(gates.flat, op="gate_objective")
-        if fused is not None:
+        # budget_cost measures the decided MACs when the model's config is in target mode; the fused op follows this
+        # objective's config, so a mismatch of the two (a cfg passed apart) takes the reference terms.
+        if fused is not None and model.cfg.budget == self.cfg.budget:
             # One launch for the cost model, the decision, the multipliers' ascent and feasibility, and their gradient.
             gate_terms, diagnostics = fused(
                 gates.flat, self.gate_constants, self.budget.lambda1, self.budget.lambda2, self.budget.current_target,
