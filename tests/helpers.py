@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hiap
 
@@ -26,3 +27,19 @@ def images(model, batch: int = 2, generator: torch.Generator | None = None) -> t
     vit = model.vit if isinstance(model, hiap.HiAPViT) else model
     height, width = vit.patch_embed.img_size
     return torch.randn(batch, vit.patch_embed.proj.in_channels, height, width, generator=generator)
+
+
+class LaunchingOps(TorchDispatchMode):
+    """Counts the dispatched ops that launch work (views excluded; a custom op counts once): what a launch-bound step
+    or a batch-1 forward pays for."""
+
+    VIEWS = {"view", "t", "detach", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "expand",
+             "_unsafe_view", "unbind", "as_strided", "alias", "split", "split_with_sizes", "reshape", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))

@@ -13,9 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hiap
 import hiap.method.inference as inference
 from hiap_kernels import interpreter_active
-from tests.helpers import images, randomize_logits, tiny_vit
+from tests.helpers import LaunchingOps, images, randomize_logits, tiny_vit
 
 NO_MINIMUMS = dict(min_heads=0, min_dim_fraction=0.0, min_neuron_fraction=0.0)
+needs_triton_path = pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_active()),
+                                       reason="needs a GPU or the Triton interpreter")
 
 
 def pruned_model(seed: int = 0, **cfg):
@@ -144,7 +146,7 @@ def test_a_pruned_model_in_float64_on_the_triton_backend_says_so_in_one_line():
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_active()), reason="needs a GPU or the Triton interpreter")
+@needs_triton_path
 @pytest.mark.parametrize("init_values", [None, 0.1])
 def test_fused_block_forward_equals_the_block(init_values):
     """proj and fc2 with bias, LayerScale and the residual add in their GEMM epilogues give the block's output."""
@@ -210,3 +212,31 @@ def test_optimize_takes_the_patch_embedding_gemm_only_when_it_measured_faster(mo
         patched = model(x)
         del model.patch_embed.forward
         torch.testing.assert_close(patched, model(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton_path
+def test_a_fused_block_launches_half_a_dense_blocks_ops_and_a_removed_half_one_add():
+    """Four fused GEMMs and the ragged attention against the ten ops of a dense timm block; a half with no head or no
+    neuron left is one add of its bias, its LayerNorm skipped: what a launch-bound batch 1 pays for."""
+    import types
+
+    from hiap.method.pruned import fused_block_forward
+
+    gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(min_heads=0, min_neuron_fraction=0.0, init_logit=3.0))
+    with torch.no_grad():
+        gated.gate_logits()["blocks.1.attn.gates.head"].fill_(-3.0)  # block 1: no head left
+        gated.gate_logits()["blocks.2.mlp.gates.block"].fill_(-3.0)  # block 2: no FFN left
+    model = _on_backend(hiap.extract(gated.eval()).requires_grad_(False), "triton")
+    dense = tiny_vit(depth=1).eval()
+    x = torch.randn(2, 17, model.embed_dim)
+    launches = []
+    for block in [dense.blocks[0], *model.blocks]:
+        if block is not dense.blocks[0]:
+            block.attn.attention_path = "triton"
+            block.forward = types.MethodType(fused_block_forward, block)
+        with torch.no_grad(), LaunchingOps() as ops:
+            out = block(x)
+        launches.append(ops.count)
+        if block is not dense.blocks[0]:
+            torch.testing.assert_close(out, block.__class__.forward(block, x), rtol=1e-5, atol=1e-5)
+    assert launches == [10, 5, 3, 4], launches

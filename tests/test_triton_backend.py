@@ -6,7 +6,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import hiap
 from hiap_kernels import interpreter_active
-from tests.helpers import randomize_logits
+from tests.helpers import LaunchingOps, randomize_logits
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreter_active()), reason="needs a GPU or the Triton interpreter"
@@ -93,29 +93,14 @@ def test_a_loaded_and_compiled_pruned_model_keeps_working_on_the_triton_path(tmp
             assert _relative_error(compiled(images), reference) < 1e-4
 
 
-class _LaunchingOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the dispatched ops that launch work (views excluded): what a launch-bound training step pays for."""
-
-    VIEWS = {"view", "t", "detach", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "expand",
-             "_unsafe_view", "unbind", "as_strided", "alias", "split", "split_with_sizes", "reshape", "lift_fresh"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ not in self.VIEWS
-        return func(*args, **(kwargs or {}))
-
-
 def _launching_ops(model) -> tuple[int, int]:
     """Launching ops of one training-mode forward and its backward."""
     from tests.helpers import images
 
     x = images(model).to(DEVICE)
-    with _LaunchingOps() as forward:
+    with LaunchingOps() as forward:
         out = model(x)
-    with _LaunchingOps() as backward:
+    with LaunchingOps() as backward:
         out.sum().backward()
     return forward.count, backward.count
 
@@ -182,7 +167,7 @@ def test_a_whole_training_step_launches_under_1_35x_a_dense_steps_ops_and_a_fixe
 
     def launches(step) -> int:
         step()  # the first step also creates the optimizer's state
-        with _LaunchingOps() as ops:
+        with LaunchingOps() as ops:
             step()
         return ops.count
 
@@ -230,7 +215,7 @@ def test_the_objective_is_one_op_on_the_triton_path_with_the_reference_paths_ter
             for _ in range(3):
                 gated.zero_grad(set_to_none=True)
                 student = gated.vit(x)
-                with _LaunchingOps() as ops:
+                with LaunchingOps() as ops:
                     terms = objective(gated, student, teacher_logits, targets)
                 terms.total.backward()
                 grads = {name: p.grad.clone() for name, p in gated.gate_logits().items()}

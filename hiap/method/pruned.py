@@ -207,7 +207,8 @@ def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     Each half of the block opens with its LayerNorm folded into the prologue of the GEMM that reads it
     (``fused_layernorm_linear``: norm1 -> qkv, norm2 -> fc1 with GELU in the epilogue) and ends in one
     ``fused_linear_residual`` GEMM (proj, fc2) with bias, LayerScale and the residual add in its epilogue: four
-    kernels and the attention per block instead of separate norm, bias, activation, scale and add kernels.
+    kernels and the attention per block instead of separate norm, bias, activation, scale and add kernels. A half with
+    no head or no neuron left is one add of its bias (LayerScaled).
     Inference only (eval, no gradients); attention runs on the module's own path. ``x [B, N, D] -> [B, N, D]``.
     """
     if attn_mask is not None or is_causal:
@@ -225,7 +226,8 @@ def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tens
             out, _ = attn.attention_output(norm1(x))
         x = linear_residual(out, attn.proj.weight, attn.proj.bias, x, _layer_scale(block.ls1, x.dtype))
     else:
-        x = x + block.ls1(attn(norm1(x)))
+        # No head left: the half adds proj's bias, which reads nothing of its input, so its LayerNorm is skipped.
+        x = x + block.ls1(attn(x))
     if mlp.hidden_features and type(mlp.act) is nn.GELU:
         activation = "gelu_tanh" if mlp.act.approximate == "tanh" else "gelu"
         if _plain_layer_norm(norm2):
@@ -235,4 +237,6 @@ def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tens
             hidden = load_triton_op("fused_linear_gelu")(norm2(x), mlp.fc1.weight, mlp.fc1.bias,
                                                          approximate=mlp.act.approximate)
         return linear_residual(hidden, mlp.fc2.weight, mlp.fc2.bias, x, _layer_scale(block.ls2, x.dtype))
+    if not mlp.hidden_features:  # no neuron left: fc2's bias alone, no LayerNorm to read
+        return x + block.ls2(mlp(x))
     return x + block.ls2(mlp(norm2(x)))
