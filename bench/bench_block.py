@@ -10,7 +10,8 @@
                                                      gate sampler
                                 hiap/triton          the same on the Triton backend (hiap.use_triton_kernels): each
                                                      gated layer's sampling, masking and gate gradients one
-                                                     launch each way (gated_qkv_weight, gated_fc2_weight)
+                                                     launch each way (gated_qkv_weight, gated_fc2_weight), and
+                                                     the objective's gate terms one (gate_objective)
                                 hiap/compiled        the same with the model forward compiled (one graph for the run)
                                 hiap-late/triton     late in training: half of the heads, dims and neurons closed
                                 hiap-fixed/triton    the last quarter of a run: that structure fixed
@@ -55,8 +56,9 @@ MODULE_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 CPU_MODULE_REDUCTION = "batch 2 instead of 64/256 (per-image shapes are DeiT-S's), fp32"
 # CPU: one training step of DeiT-S at batch 2 is already ~55 GFLOP, seconds on two shared cores.
 STEP_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
-# What hiap.use_triton_kernels switches the gated modules to (their GEMMs are cuBLAS's on every path).
-TRITON_MODULES = ("hiap_kernels.gated_weight.kernel", "hiap_kernels.gated_weight.gather")
+# What hiap.use_triton_kernels switches the gated modules (their GEMMs are cuBLAS's on every path) and the objective to.
+TRITON_MODULES = ("hiap_kernels.gated_weight.kernel", "hiap_kernels.gated_weight.gather",
+                  "hiap_kernels.objective.kernel")
 STEP_VARIANTS = ("dense/reference", "hiap/reference", "hiap/triton", "hiap/compiled", "hiap-late/triton",
                  "hiap-fixed/triton")
 
