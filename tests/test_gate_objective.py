@@ -99,7 +99,8 @@ def test_other_logit_dtypes_keep_their_dtype_and_match_the_reference(dtype):
 
 
 def test_the_counted_decision_equals_the_models_decision_per_entry():
-    """``decided_gate_macs`` counts; ``StackedGates.decided_macs`` decides every entry (top-k by argsort): one number."""
+    """``decided_gate_macs`` counts; ``StackedGates.decided_macs`` decides every entry (top-k by argsort): one
+    number."""
     from tests.helpers import randomize_logits, tiny_vit
 
     for seed in range(3):
@@ -110,7 +111,15 @@ def test_the_counted_decision_equals_the_models_decision_per_entry():
         units = hiap.method.cost.UnitCosts.at(17, 32)
         counted = decided_gate_macs(gates.head, gates.qk, gates.v, gates.block, gates.neuron, gates.layout(),
                                     unit_qk=units.qk_dim, unit_v=units.v_dim, unit_neuron=units.neuron)
-        assert int(counted) == int(gates.decided_macs(units, 0))
+        assert counted.dtype == torch.float64 and int(counted) == int(gates.decided_macs(units, 0))
+    # At DeiT-S's unit costs (float, as the op's constants hold them) the count stays exact: 1-MAC resolution.
+    deit = hiap.method.cost.UnitCosts.at(197, 384)
+    layout = GateLayout(12, 6, 4, 12, 16, 128, 1, 1, 2)
+    head, qk, v, block, neuron = layout.split(torch.ones(layout.numel))
+    qk[0, 0, 0] = -1.0  # one q/k group closed: a total that float32 (a 512-MAC step up there) cannot hold
+    counted = decided_gate_macs(head, qk, v, block, neuron, layout, unit_qk=float(deit.qk_dim),
+                                unit_v=float(deit.v_dim), unit_neuron=float(deit.neuron))
+    assert counted == 12 * (384 * (deit.qk_dim + deit.v_dim) + 1536 * deit.neuron) - 16 * deit.qk_dim
 
 
 def test_one_graph_under_torch_compile_with_the_multipliers_moved_in_place():

@@ -135,7 +135,8 @@ class StackedGates:
         )
 
     def layout(self) -> GateLayout:
-        """Shapes and hard minimums of these gates, as the fused objective (``hiap_kernels.gate_objective``) reads them."""
+        """Shapes and hard minimums of these gates, as the fused objective (``hiap_kernels.gate_objective``) reads
+        them."""
         layers, heads, groups = self.qk.shape
         return GateLayout(
             layers=layers, heads=heads, groups=groups, neuron_groups=self.neuron.shape[-1], head_group=self.head_group,

@@ -128,7 +128,9 @@ def _gate_objective_kernel(
         block_mass += pb
         # The decision from counts: a row keeps max(#{a > 0}, its minimum) entries (both sets are prefixes of its
         # descending order); which heads are kept needs their rank, ties broken by index.
-        ahead = (a_head[None, :] > a_head[:, None]) | ((a_head[None, :] == a_head[:, None]) & (head[None, :] < head[:, None]))
+        # [BH, BH]: head j ranks ahead of head h
+        ahead = (a_head[None, :] > a_head[:, None]) | (
+            (a_head[None, :] == a_head[:, None]) & (head[None, :] < head[:, None]))
         rank = tl.sum((ahead & head_ok[None, :]).to(tl.int32), axis=1)  # [BH]
         keep_head = head_ok & ((a_head > 0) | (rank < MIN_HEADS))
         v_count = tl.where(keep_head, tl.maximum(tl.sum((micro_ok & (a_v > 0)).to(tl.int32), axis=1), DIMS_MIN), 0)

@@ -113,7 +113,7 @@ def feasibility_shortfall(p_head: torch.Tensor, p_qk: torch.Tensor, p_v: torch.T
 def decided_gate_macs(head: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, block: torch.Tensor,
                       neuron: torch.Tensor, layout: GateLayout, *, unit_qk: int, unit_v: int,
                       unit_neuron: int) -> torch.Tensor:
-    """Gated MACs of the hard decision from counts alone (int64 scalar): what the kernel computes.
+    """Gated MACs of the hard decision from counts alone (fp64 scalar): what the kernel computes.
 
     The kept set of a row is ``{a > 0}`` united with its top k, and both are prefixes of the row's descending order,
     so a row keeps ``max(#{a > 0}, k)`` entries; only which heads are kept needs a rank (ties broken by index). A
@@ -128,8 +128,10 @@ def decided_gate_macs(head: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, blo
     v_count = torch.where(keep_head, (v > 0).sum(dim=-1).clamp(min=layout.dims_min), 0)
     qk_count = torch.where(v_count > 0, (qk > 0).sum(dim=-1).clamp(min=layout.dims_min), 0)
     neuron_count = torch.where(block[:, 0] > 0, (neuron > 0).sum(dim=-1).clamp(min=layout.neurons_min), 0)
-    return (qk_count.sum() * (layout.head_group * unit_qk) + v_count.sum() * (layout.head_group * unit_v)
-            + neuron_count.sum() * (layout.neuron_group * unit_neuron))
+    # fp64: exact for any MAC count below 2^53, whether the unit costs come as ints or floats
+    return (qk_count.sum().double() * (layout.head_group * unit_qk)
+            + v_count.sum().double() * (layout.head_group * unit_v)
+            + neuron_count.sum().double() * (layout.neuron_group * unit_neuron))
 
 
 def lagrangian_budget(total: torch.Tensor, macro: torch.Tensor, *, static: float, dense: float, target_mode: bool,
