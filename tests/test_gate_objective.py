@@ -109,7 +109,7 @@ def test_the_counted_decision_equals_the_models_decision_per_entry():
         randomize_logits(gated, torch.Generator().manual_seed(seed), scale=3.0)
         gates = hiap.method.cost.StackedGates.of(gated)
         units = hiap.method.cost.UnitCosts.at(17, 32)
-        counted = decided_gate_macs(gates.head, gates.qk, gates.v, gates.block, gates.neuron, gates.layout(),
+        counted = decided_gate_macs(gates.head, gates.qk, gates.v, gates.block, gates.neuron, gates.layout,
                                     unit_qk=units.qk_dim, unit_v=units.v_dim, unit_neuron=units.neuron)
         assert counted.dtype == torch.float64 and int(counted) == int(gates.decided_macs(units, 0))
     # At DeiT-S's unit costs (float, as the op's constants hold them) the count stays exact: 1-MAC resolution.

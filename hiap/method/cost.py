@@ -86,22 +86,18 @@ def _ffn_kept_neurons(mlp: nn.Module) -> int:
     raise TypeError(f"cannot count MACs of MLP module {type(mlp).__name__}")
 
 
-def _split_into(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
-    """Consecutive views of a 1-D tensor with the given shapes."""
-    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
-    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
-
-
 @dataclass(frozen=True)
 class StackedGates:
     """Every layer's logits of one kind in one tensor, so the cost terms are a few ops whatever the depth.
 
     head ``[L, H]``, qk and v ``[L, H, G]``, block ``[L, 1]``, neuron ``[L, F / G']``: views of ``flat``, the one
     differentiable concatenation of the layers' logit parameters (kind by kind, layer by layer), so that one sigmoid
-    gives every keep probability. With the group sizes and minimums the decision needs.
+    gives every keep probability. With the group sizes and minimums the decision needs, and ``layout``, the shapes and
+    hard minimums as the fused objective (``hiap_kernels.gate_objective``) reads them, which also splits ``flat``.
     """
 
     flat: torch.Tensor
+    layout: GateLayout
     head: torch.Tensor
     qk: torch.Tensor
     v: torch.Tensor
@@ -127,22 +123,18 @@ class StackedGates:
                  [g.block for g in ffn], [g.neuron for g in ffn])
         # One stack per kind, then one flat tensor: a fixed number of ops whatever the depth.
         flat = torch.cat([torch.stack(kind).reshape(-1) for kind in kinds])
-        shapes = [(len(kind), *kind[0].shape) for kind in kinds]
+        heads, groups = first.qk.shape
+        neuron_groups = first_ffn.neuron.shape[0]
+        layout = GateLayout(
+            layers=len(attention), heads=heads, groups=groups, neuron_groups=neuron_groups, head_group=first.group,
+            neuron_group=first_ffn.group, min_heads=min(first.min_heads, heads),
+            dims_min=minimum_count(first.min_dim_fraction, groups),
+            neurons_min=minimum_count(first_ffn.min_neuron_fraction, neuron_groups))
         return cls(
-            flat, *_split_into(flat, shapes), head_group=first.group, neuron_group=first_ffn.group,
+            flat, layout, *layout.split(flat), head_group=first.group, neuron_group=first_ffn.group,
             head_dim=first.head_dim, hidden_features=first_ffn.hidden_features, min_heads=first.min_heads,
             min_dim_fraction=first.min_dim_fraction, min_neuron_fraction=first_ffn.min_neuron_fraction,
         )
-
-    def layout(self) -> GateLayout:
-        """Shapes and hard minimums of these gates, as the fused objective (``hiap_kernels.gate_objective``) reads
-        them."""
-        layers, heads, groups = self.qk.shape
-        return GateLayout(
-            layers=layers, heads=heads, groups=groups, neuron_groups=self.neuron.shape[-1], head_group=self.head_group,
-            neuron_group=self.neuron_group, min_heads=min(self.min_heads, heads),
-            dims_min=minimum_count(self.min_dim_fraction, groups),
-            neurons_min=minimum_count(self.min_neuron_fraction, self.neuron.shape[-1]))
 
     @property
     def flat_probabilities(self) -> torch.Tensor:
@@ -154,7 +146,7 @@ class StackedGates:
     def keep_probabilities(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """P(open) of head, qk, v, block and neuron gates, shaped as the stacks (views; ``dtype``: one cast first)."""
         probabilities = self.flat_probabilities if dtype is None else self.flat_probabilities.to(dtype)
-        return _split_into(probabilities, [t.shape for t in (self.head, self.qk, self.v, self.block, self.neuron)])
+        return list(self.layout.split(probabilities))
 
     def decided_per_layer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Kept q/k dims, v dims and FFN neurons of every layer, int64 ``[L]`` each (what extraction keeps)."""

@@ -162,7 +162,7 @@ class HiAPObjective(nn.Module):
         self.budget = BudgetLoss(self.cfg)
         # What the fused Triton objective reads besides the logits: built once, so a step copies nothing to the device.
         gates = StackedGates.of(model)
-        self.gate_layout = gates.layout()
+        self.gate_layout = gates.layout
         units = UnitCosts.at(token_count(model), model.vit.embed_dim)
         constants = ObjectiveConstants(
             unit_qk=units.qk_dim, unit_v=units.v_dim, unit_neuron=units.neuron, static=static_macs(model),
