@@ -37,7 +37,6 @@ hands them the Triton ops on the Triton backend.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hiap_kernels.token_merge.reference import gather_rows, merge_tokens_reference
 from hiap_kernels.token_similarity.reference import nearest_tokens_reference
@@ -56,10 +55,14 @@ def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
     if r == 0:
         return x, size
     patches = x.shape[1]
-    metric = F.normalize(keys.float(), dim=-1)  # [B, P, W]
-    # Mean cosine similarity to the other tokens: (m_i . sum_j m_j - 1) / (P - 1).
-    total = metric.sum(dim=1, keepdim=True)  # [B, 1, W]
-    redundancy = (torch.matmul(metric, total.transpose(1, 2)).squeeze(-1) - 1.0) / max(patches - 1, 1)  # [B, P]
+    keys = keys.float()
+    # Mean cosine similarity to the other tokens, (m_i . sum_j m_j - 1) / (P - 1) with m_i = k_i / |k_i| as
+    # F.normalize has it, through the inverse norms: two products read the keys where they lie (a strided view of the
+    # qkv projection) instead of writing a normalised copy first.
+    inverse_norm = torch.linalg.vector_norm(keys, dim=-1).clamp_min(1e-12).reciprocal()  # [B, P]
+    total = torch.bmm(inverse_norm[:, None, :], keys)  # sum_j m_j, [B, 1, W]
+    similarity = torch.bmm(keys, total.transpose(1, 2)).squeeze(-1) * inverse_norm  # m_i . sum_j m_j, [B, P]
+    redundancy = (similarity - 1.0) / max(patches - 1, 1)  # [B, P]
     score = redundancy
     if cls is not None and importance_weight:
         importance = cls.float() / cls.float().sum(dim=-1, keepdim=True).clamp_min(1e-12) * patches
@@ -114,5 +117,5 @@ def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: 
         return ((patches + 1) // 2) * (patches // 2) * key_width
     class_attention = tokens * key_width if class_attention else 0
     if kind == "prune":
-        return class_attention + patches * key_width
+        return class_attention + 2 * patches * key_width  # the sum of the unit keys, then each key against it
     return class_attention + r * patches * key_width

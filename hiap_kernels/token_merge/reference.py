@@ -39,8 +39,10 @@ def merge_tokens_reference(x: torch.Tensor, size: torch.Tensor, keep: torch.Tens
         ``out [B, D, C]`` in x's dtype and ``out_size [B, D]`` float32.
     """
     size = size.float()[..., None]
-    weighted = gather_rows(x.float(), keep) * gather_rows(size, keep)
-    weighted = weighted.scatter_add(1, target[..., None].expand(-1, -1, x.shape[-1]),
-                                    gather_rows(x.float(), source) * gather_rows(size, source))
-    out_size = gather_rows(size, keep).scatter_add(1, target[..., None], gather_rows(size, source))
-    return (weighted / out_size).to(x.dtype), out_size.squeeze(-1)
+    keep_size, source_size = gather_rows(size, keep), gather_rows(size, source)  # [B, D, 1], [B, R, 1]
+    # The gathers are fresh tensors, so the arithmetic on [B, D, C] runs in place: one pass each, no new buffer.
+    weighted = gather_rows(x, keep).float().mul_(keep_size)
+    weighted.scatter_add_(1, target[..., None].expand(-1, -1, x.shape[-1]),
+                          gather_rows(x, source).float().mul_(source_size))
+    out_size = keep_size.scatter_add(1, target[..., None], source_size)
+    return weighted.div_(out_size).to(x.dtype), out_size.squeeze(-1)

@@ -12,12 +12,11 @@ so a whole-width tile would waste up to half its loads and FLOPs on padding (512
 operand, would not fit in registers; the chunks cost a re-read of the query chunk per candidate block, served by L1/L2.
 
 Numerics: the score is ``(q . c) / max(||q||, eps) / max(||c||, eps)``, eps = 1e-12 (``F.normalize``'s), all in fp32;
-fp16 / bf16 products are exact in fp32, so only the order of the fp32 sums differs from the reference, which
-normalises before its matmul (a few ulp). fp32 keys use ``input_precision="ieee"`` whatever torch's matmul precision
-says: the result is a discrete choice, and TF32's 10-bit mantissa would flip it between near neighbours. Ties go to
-the lowest candidate index, all-excluded rows give (-inf, 0), and NaN wins the max at its first candidate, as
-``torch.max`` does (``reference.py``). Keys whose squared norm overflows fp32 (entries beyond ~1e19) are outside the
-contract (the reference's norms overflow there too).
+fp16 / bf16 products are exact in fp32, so only the order of the fp32 sums differs from the reference (a few ulp).
+fp32 keys use ``input_precision="ieee"`` whatever torch's matmul precision says: the result is a discrete choice, and
+TF32's 10-bit mantissa would flip it between near neighbours. Ties go to the lowest candidate index, all-excluded
+rows give (-inf, 0), and NaN wins the max at its first candidate, as ``torch.max`` does (``reference.py``). Keys whose
+squared norm overflows fp32 (entries beyond ~1e19) are outside the contract (the reference's norms overflow there too).
 """
 
 from __future__ import annotations

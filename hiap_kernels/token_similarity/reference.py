@@ -20,7 +20,8 @@ Ties, exclusions and NaN follow ``torch.max`` over the similarity row (the refer
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+_EPS = 1e-12  # F.normalize's default
 
 
 def nearest_tokens_reference(queries: torch.Tensor, candidates: torch.Tensor,
@@ -39,9 +40,17 @@ def nearest_tokens_reference(queries: torch.Tensor, candidates: torch.Tensor,
     if candidates.shape[1] == 0:  # nothing to choose from: the all-excluded answer (torch.max refuses an empty row)
         return (queries.new_full((batch, rows), float("-inf"), dtype=torch.float32),
                 queries.new_zeros((batch, rows), dtype=torch.int64))
-    similarity = torch.matmul(F.normalize(queries.float(), dim=-1),
-                              F.normalize(candidates.float(), dim=-1).transpose(1, 2))  # [B, M, P]
+    queries, candidates = queries.float(), candidates.float()
+    # The dot products of the keys as they lie, then both norms divided out: no normalised copy of the candidates
+    # (on a CPU that copy cost more than the product), and the kernel's order of operations.
+    similarity = torch.bmm(queries, candidates.transpose(1, 2))  # [B, M, P]
+    similarity = (similarity / _norm(queries)[:, :, None]) / _norm(candidates)[:, None, :]
     if excluded is not None:
         similarity = similarity.masked_fill(excluded[:, None, :], float("-inf"))
     score, index = similarity.max(dim=-1)
     return score, index
+
+
+def _norm(keys: torch.Tensor) -> torch.Tensor:
+    """``max(||k||, eps)`` per token of ``keys [B, T, W]``: ``[B, T]``, F.normalize's denominator."""
+    return torch.linalg.vector_norm(keys, dim=-1).clamp_min(_EPS)
