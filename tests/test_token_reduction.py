@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import hiap
@@ -157,9 +158,9 @@ def test_proportional_attention_sees_a_merged_token_as_its_copies():
         from hiap.tokens.attention import attend
         from hiap.tokens.patch import _proportional_bias
 
-        size = torch.ones(tokens.shape[0], tokens.shape[1] - 1, 1)
+        size = torch.ones(tokens.shape[0], tokens.shape[1], 1)  # every token's, the class token's included
         size[:, -1] = 2.0
-        got = attend(block.attn, block.norm1(tokens), _proportional_bias(size, 1, tokens.dtype), keys=False,
+        got = attend(block.attn, block.norm1(tokens), _proportional_bias(size, tokens.dtype), keys=False,
                      cls=False).out
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -272,3 +273,39 @@ def test_merge_steps_choose_the_same_tokens_with_the_triton_kernels(dtype):
         got, got_size = step(merge=merge_tokens, nearest=nearest_tokens)
         assert torch.equal(got_size, expected_size)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+class _ResidualStreamWrites(TorchDispatchMode):
+    """Counts the ops that write a new tensor as large as a step's output (in-place ops and views excluded)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.writes = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.is_mutable and not func.is_view and isinstance(out, torch.Tensor) \
+                and out.numel() >= self.numel and out._base is None:
+            self.writes.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("step", ["prune", "merge", "tome"])
+def test_a_step_writes_the_residual_stream_once_prefix_included(step):
+    """The prefix tokens ride along in the step's gather or merge: no split and concatenation of the residual stream,
+    and the size-weighted merge runs in place on what it gathered."""
+    generator = torch.Generator().manual_seed(0)
+    batch, prefix, patches, channels, width, r = 2, 3, 20, 16, 12, 5
+    x = torch.randn(batch, prefix + patches, channels, generator=generator)
+    keys = torch.randn(batch, prefix + patches, width, generator=generator)
+    cls = torch.rand(batch, prefix + patches, generator=generator)
+    size = torch.rand(batch, prefix + patches, 1, generator=generator) + 1
+    size[:, :prefix] = 1.0
+    run = {"prune": lambda: redundancy_prune(x, size, keys, cls, r, prefix=prefix),
+           "merge": lambda: importance_merge(x, size, keys, cls, r, prefix=prefix),
+           "tome": lambda: bipartite_soft_matching(x, size, keys, r, prefix=prefix)}[step]
+    with _ResidualStreamWrites(batch * (prefix + patches - r) * channels) as counted:
+        out, out_size = run()
+    assert counted.writes == [counted.writes[0]], counted.writes
+    assert out.shape == (batch, prefix + patches - r, channels) and out_size.shape == (batch, prefix + patches - r, 1)
+    assert torch.equal(out[:, :prefix], x[:, :prefix]) and (out_size[:, :prefix] == 1).all()

@@ -6,7 +6,8 @@ back. Blocks before the first one that removes tokens keep timm's forward untouc
 nothing leaves the model bit for bit what it was. From the first reducing block on, each block runs:
 
     x = x + ls1(attn(norm1(x), bias = log(size)))      proportional attention over merged tokens
-    x = prefix tokens + step(patch tokens)             prune / merge / ToMe, r fixed per block
+    x = step(x)                                         prune / merge / ToMe of patch tokens, r fixed per block;
+                                                        the prefix tokens stay in front, untouched
     x = x + ls2(mlp(norm2(x)))
 
 The sizes travel in a small state object the blocks share; the first reducing block starts it afresh on every
@@ -35,8 +36,8 @@ _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "dr
 
 @dataclass
 class _TokenState:
-    """Sizes of the current patch tokens ``[B, P, 1]`` (float32) and the attention bias ``log(size)`` made from them
-    once per change (``[B, 1, 1, N]``); both None while every token is one patch."""
+    """Sizes of the current tokens ``[B, N, 1]`` (float32, 1 for the prefix tokens) and the attention bias
+    ``log(size)`` made from them once per change (``[B, 1, 1, N]``); both None while every token is one patch."""
 
     size: torch.Tensor | None = None
     bias: torch.Tensor | None = None
@@ -68,13 +69,12 @@ def _patches(vit: nn.Module) -> int:
     return vit.patch_embed.num_patches
 
 
-def _proportional_bias(size: torch.Tensor | None, prefix: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """``log(size)`` per key, 0 for the prefix tokens: ``[B, 1, 1, N]`` (None while every size is 1)."""
+def _proportional_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``log(size)`` per key (exactly 0 for the prefix tokens, whose size is 1): ``[B, 1, 1, N]`` (None while every
+    size is 1)."""
     if size is None:
         return None
-    log_size = size.squeeze(-1).log()
-    bias = torch.cat([log_size.new_zeros(log_size.shape[0], prefix), log_size], dim=1)
-    return bias[:, None, None, :].to(dtype)
+    return size.squeeze(-1).log()[:, None, None, :].to(dtype)
 
 
 @dataclass
@@ -122,24 +122,21 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
                    cls=step.removes > 0 and wants_cls)
     x = x + block.drop_path1(block.ls1(stats.out))
     if step.removes:
-        head, patches = x[:, :prefix], x[:, prefix:]
-        keys = stats.keys[:, prefix:]
-        cls = None if stats.cls is None else stats.cls[:, prefix:]
+        # The steps take the whole residual stream and keep the prefix tokens in front (hiap.tokens.reduce).
         if size is None and step.kind != "prune":
-            size = patches.new_ones(patches.shape[0], patches.shape[1], 1, dtype=torch.float32)
+            size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
         if step.kind == "prune":
             # Pruning moves no mass: while no token was merged every size is 1 and attention needs no bias.
             ones = size is None
-            patches, size = redundancy_prune(patches, patches.new_ones(1, 1, 1) if ones else size, keys, cls, step.r,
-                                             plan.importance_weight)
+            x, size = redundancy_prune(x, x.new_ones(1, 1, 1) if ones else size, stats.keys, stats.cls, step.r,
+                                       plan.importance_weight, prefix=prefix)
             size = None if ones else size
         elif step.kind == "merge":
-            patches, size = importance_merge(patches, size, keys, cls, step.r, **_merge_ops(block, patches))
+            x, size = importance_merge(x, size, stats.keys, stats.cls, step.r, **_merge_ops(block, x), prefix=prefix)
         else:
-            patches, size = bipartite_soft_matching(patches, size, keys, step.r, **_merge_ops(block, patches))
-        x = torch.cat([head, patches], dim=1)
+            x, size = bipartite_soft_matching(x, size, stats.keys, step.r, **_merge_ops(block, x), prefix=prefix)
         plan.state.size = size
-        plan.state.bias = _proportional_bias(size, prefix, x.dtype)  # the blocks after this one all read it
+        plan.state.bias = _proportional_bias(size, x.dtype)  # the blocks after this one all read it
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 

@@ -1,16 +1,17 @@
 """The token-reduction steps, in plain PyTorch: RAPID's redundancy pruning and importance merging, and ToMe.
 
-Every step works on the patch tokens of one block (class and register tokens are split off before and never touched)
-after its attention, on:
+Every step works on the tokens of one block after its attention, on:
 
-    x     [B, P, C]  the residual stream
-    size  [B, P, 1]  how many original patches each token stands for (float32; ones before any merge)
-    keys  [B, P, W]  the block's attention keys, every head's kept columns side by side (the similarity metric)
-    cls   [B, P]     the class token's attention to each token, mean over heads (RAPID only)
+    x     [B, N, C]  the residual stream: ``prefix`` class and register tokens, then P = N - prefix patch tokens
+    size  [B, N, 1]  how many original patches each token stands for (float32; ones before any merge)
+    keys  [B, N, W]  the block's attention keys, every head's kept columns side by side (the similarity metric)
+    cls   [B, N]     the class token's attention to each token, mean over heads (RAPID only)
 
-and returns ``(x [B, P - r, C], size [B, P - r, 1])``. Merged tokens are size-weighted means, and their size is the sum
-of what they absorbed, so attention can weight them by it (``log(size)`` added to the scores: ToMe's proportional
-attention). Static shapes: r is fixed per block, so a reduced model compiles and replays from a CUDA graph.
+and returns ``(x [B, N - r, C], size [B, N - r, 1])``: the prefix tokens first and untouched (never scored, merged or
+dropped), then the patch tokens that remain. The prefix rides along in the step's one gather (or merge launch): no
+split and concatenation of the whole residual stream around it. Merged tokens are size-weighted means, and their size
+is the sum of what they absorbed, so attention can weight them by it (``log(size)`` added to the scores: ToMe's
+proportional attention). Static shapes: r is fixed per block, so a reduced model compiles and replays from a CUDA graph.
 
 This package's reading of RAPID (arXiv 2606.08156, of which only the abstract is public), configurable:
 
@@ -42,20 +43,31 @@ from hiap_kernels.token_merge.reference import gather_rows, merge_tokens_referen
 from hiap_kernels.token_similarity.reference import nearest_tokens_reference
 
 
+def _with_prefix(index: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Patch-token positions ``index [B, K]`` as token positions, after the ``prefix`` tokens: ``[B, prefix + K]``."""
+    if prefix == 0:
+        return index
+    head = torch.arange(prefix, device=index.device).expand(index.shape[0], prefix)
+    return torch.cat([head, index + prefix], dim=1)
+
+
 def _merge(merge, x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, source: torch.Tensor,
-           target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``merge`` (``merge_tokens_reference`` or the Triton ``merge_tokens``) with sizes kept as ``[B, P, 1]``."""
-    out, out_size = merge(x, size.squeeze(-1).float(), keep, source, target)
+           target: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge`` (``merge_tokens_reference`` or the Triton ``merge_tokens``) of patch positions ``keep``, ``source``
+    and ``target`` (an index into ``keep``), the prefix tokens kept in front (their size is 1, so the size-weighted
+    mean of a token with nothing folded into it is the token itself, exactly); sizes as ``[B, N, 1]``."""
+    out, out_size = merge(x, size.squeeze(-1).float(), _with_prefix(keep, prefix), source + prefix, target + prefix)
     return out, out_size[..., None]
 
 
 def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor | None, r: int,
-                     importance_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAPID's shallow step: drop the ``r`` most redundant, least attended patch tokens (module docstring)."""
+                     importance_weight: float = 1.0, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAPID's shallow step: drop the ``r`` most redundant, least attended patch tokens (module docstring). ``size``
+    may be ``[1, 1, 1]`` (every token one patch), and is then returned as it is."""
     if r == 0:
         return x, size
-    patches = x.shape[1]
-    keys = keys.float()
+    patches = x.shape[1] - prefix
+    keys = keys[:, prefix:].float()
     # Mean cosine similarity to the other tokens, (m_i . sum_j m_j - 1) / (P - 1) with m_i = k_i / |k_i| as
     # F.normalize has it, through the inverse norms: two products read the keys where they lie (a strided view of the
     # qkv projection) instead of writing a normalised copy first.
@@ -65,20 +77,23 @@ def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
     redundancy = (similarity - 1.0) / max(patches - 1, 1)  # [B, P]
     score = redundancy
     if cls is not None and importance_weight:
-        importance = cls.float() / cls.float().sum(dim=-1, keepdim=True).clamp_min(1e-12) * patches
+        cls = cls[:, prefix:].float()
+        importance = cls / cls.sum(dim=-1, keepdim=True).clamp_min(1e-12) * patches
         score = score - importance_weight * importance
     keep = torch.topk(score, patches - r, dim=1, largest=False, sorted=False).indices.sort(dim=1).values  # [B, P-r]
+    keep = _with_prefix(keep, prefix)
     if size.shape[1] == 1:  # a broadcast size (every token 1) stays one
         return gather_rows(x, keep), size
     return gather_rows(x, keep), gather_rows(size, keep)
 
 
 def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, r: int,
-                     merge=merge_tokens_reference, nearest=nearest_tokens_reference
+                     merge=merge_tokens_reference, nearest=nearest_tokens_reference, prefix: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAPID's deep step: merge the ``r`` least attended tokens into their most similar kept token."""
+    """RAPID's deep step: merge the ``r`` least attended patch tokens into their most similar kept token."""
     if r == 0:
         return x, size
+    keys, cls = keys[:, prefix:], cls[:, prefix:]
     order = torch.argsort(cls.float(), dim=1, stable=True)  # least attended first, [B, P]
     source = order[:, :r]
     destination = order[:, r:].sort(dim=1).values  # kept in their original order, [B, P - r]
@@ -88,24 +103,26 @@ def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
     # A kept token's place among the destinations: how many kept tokens come before it.
     place = torch.cumsum((~is_source).to(torch.int64), dim=1) - 1  # [B, P]
     target = torch.gather(place, 1, partner)
-    return _merge(merge, x, size, destination, source, target)
+    return _merge(merge, x, size, destination, source, target, prefix)
 
 
 def bipartite_soft_matching(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: int,
-                            merge=merge_tokens_reference, nearest=nearest_tokens_reference
+                            merge=merge_tokens_reference, nearest=nearest_tokens_reference, prefix: int = 0
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe's step: merge ``r`` tokens of set A (even positions) into their most similar token of set B (odd)."""
+    """ToMe's step: merge ``r`` patch tokens of set A (even patch positions) into their most similar token of set B
+    (odd)."""
     if r == 0:
         return x, size
+    keys = keys[:, prefix:]
     edge, partner = nearest(keys[:, ::2], keys[:, 1::2])  # [B, |A|]: views of the keys, no copy
     ranked = torch.argsort(edge, dim=-1, descending=True, stable=True)
     source = ranked[:, :r]
     unmerged = ranked[:, r:].sort(dim=1).values
-    # In token positions: A is 0, 2, 4, ... and B is 1, 3, 5, ...; the output is [unmerged A | all of B].
-    b_tokens = torch.arange(1, x.shape[1], 2, device=x.device).expand(x.shape[0], -1)
+    # In patch positions: A is 0, 2, 4, ... and B is 1, 3, 5, ...; the output is [unmerged A | all of B].
+    b_tokens = torch.arange(1, keys.shape[1], 2, device=x.device).expand(x.shape[0], -1)
     keep = torch.cat([2 * unmerged, b_tokens], dim=1)
     target = torch.gather(partner, 1, source) + unmerged.shape[1]
-    return _merge(merge, x, size, keep, 2 * source, target)
+    return _merge(merge, x, size, keep, 2 * source, target, prefix)
 
 
 def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: int, class_attention: bool) -> int:
