@@ -156,8 +156,11 @@ def lagrangian_budget(total: torch.Tensor, macro: torch.Tensor, *, static: float
         if ascend:
             with torch.no_grad():
                 measured = gap.detach().to(lambda1.dtype)
-                lambda1.add_(lagrangian_lr * measured)
-                lambda2.add_(lagrangian_lr * measured * measured)
+                # Through a one-element view: torch 2.11's compiler drops an in-place update of a 0-dim float64 CPU
+                # tensor outright (its pass that turns such tensors into Python floats restarts the trace without
+                # it), so a compiled step would never move the multipliers. The view is the same memory.
+                lambda1.view(1).add_(lagrangian_lr * measured)
+                lambda2.view(1).add_(lagrangian_lr * measured * measured)
         budget = lambda1 * gap + lambda2 * gap**2
     return budget.float(), fraction.detach().float(), macro.detach().float(), micro.detach().float()
 
