@@ -251,6 +251,16 @@ def nearest_tokens_work(batch: int, queries: int, candidates: int, width: int, k
     return Work(flops, bytes_)
 
 
+def token_redundancy_work(batch: int, patches: int, width: int) -> Work:
+    """RAPID's prune score: reads the keys once and the class token's attention (float32); writes a float32 score per
+    token. The FLOPs are the sum of the unit keys and each key's product with it (2 each per token and key column);
+    the norms are overhead."""
+    act = activation_bytes()
+    flops = 4 * batch * patches * width
+    bytes_ = batch * patches * (act * width + 4 + 4)
+    return Work(flops, bytes_)
+
+
 def linear_residual_inference_work(rows: int, in_features: int, out_features: int) -> Work:
     """y = r + gamma * (x W^T + b), forward only: reads x, W, b, gamma, r; writes y."""
     act = activation_bytes()

@@ -73,6 +73,7 @@ def kernel_specs() -> list[KernelSpec]:
     from hiap_kernels.objective import kernel as objective
     from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel
     from hiap_kernels.token_merge import kernel as token_merge
+    from hiap_kernels.token_score import kernel as token_score
     from hiap_kernels.token_similarity import kernel as token_similarity
 
     f32, i32 = torch.float32, torch.int32
@@ -201,6 +202,16 @@ def kernel_specs() -> list[KernelSpec]:
                                           num_warps=token_similarity._GPU_BLOCKS[3])],
                    variants=[{"BLOCK_M": token_similarity._GPU_BLOCKS[0], "HAS_EXCLUDED": False},
                              {"BLOCK_M": 16, "HAS_EXCLUDED": True}]),
+        # RAPID's prune score: one program per image, every patch token a row of the tile. DeiT-S's 196 tokens (keys
+        # a view of the packed qkv projection, row stride 3 D), ViT-L/16's 576 at 384 px, and the largest tile.
+        KernelSpec("_token_redundancy_kernel", token_score._token_redundancy_kernel,
+                   lambda dt: dict(keys_ptr=T(dt), cls_ptr=T(f32), score_ptr=T(f32), patches=N - 1, width=D,
+                                   keys_stride_b=N * 3 * D, keys_stride_p=3 * D, cls_stride_b=N, cls_stride_p=1,
+                                   redundancy_scale=1.0 / (N - 2), share_scale=float(N - 1), importance_weight=1.0,
+                                   eps=token_score._EPS, HAS_CLS=True),
+                   configs=[triton.Config({}, num_warps=token_score._GPU_WARPS)],
+                   variants=[{"BLOCK_P": block_p, "BLOCK_W": token_score._block_w(block_p)}
+                             for block_p in (256, 1024, 4096)]),
         KernelSpec("_layernorm_linear_kernel", _layernorm_linear_kernel,  # norm2 -> fc1 -> GELU at the dense width
                    lambda dt: dict(x_ptr=T(dt), norm_weight_ptr=T(dt), norm_bias_ptr=T(dt), weight_ptr=T(dt),
                                    bias_ptr=T(dt), out_ptr=T(dt), num_rows=M, num_features=F, in_features=D,

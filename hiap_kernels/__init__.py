@@ -19,6 +19,7 @@ import), which the tests compare against and ``hiap`` uses as its reference path
     linear_residual/ fused_linear_residual  proj / fc2 GEMM with bias, LayerScale and residual add  (inference)
     token_merge/    merge_tokens       size-weighted gather + fold + divide of token reduction          (inference)
     token_similarity/ nearest_tokens   each token's most cosine-similar candidate, no similarity matrix (inference)
+    token_score/    token_redundancy   RAPID's prune score: redundancy minus attention share, per image   (inference)
     common/         what every kernel shares: tile order, k-loop, GELU, precision policy, allocation
 
 This package never imports ``hiap``. The Triton ops are imported on first use, so ``import hiap_kernels`` works where
@@ -42,6 +43,7 @@ from hiap_kernels.objective.reference import GateLayout, ObjectiveConstants, gat
 from hiap_kernels.ragged_attn.reference import build_head_table, ragged_attention_padded
 from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
 from hiap_kernels.token_merge.reference import merge_tokens_reference
+from hiap_kernels.token_score.reference import token_redundancy_reference
 from hiap_kernels.token_similarity.reference import nearest_tokens_reference
 
 # Public Triton op -> the module that defines it. No module of this package is named like an op, so importing one
@@ -60,6 +62,7 @@ _TRITON_OPS = {
     "fused_linear_residual": "hiap_kernels.linear_residual.kernel",
     "fused_layernorm_linear": "hiap_kernels.layernorm_linear.kernel",
     "nearest_tokens": "hiap_kernels.token_similarity.kernel",
+    "token_redundancy": "hiap_kernels.token_score.kernel",
 }
 
 __all__ = [
@@ -99,6 +102,8 @@ __all__ = [
     "ragged_attention_padded",
     "ragged_attention_sdpa",
     "sample_gates",
+    "token_redundancy",
+    "token_redundancy_reference",
     "triton_available",
 ]
 

@@ -34,6 +34,7 @@ KERNELS = {
     "_linear_gelu_kernel",
     "_merge_tokens_kernel",
     "_nearest_tokens_kernel",
+    "_token_redundancy_kernel",
     "_linear_residual_kernel",
     "_layernorm_linear_kernel",
 }

@@ -220,8 +220,9 @@ def test_keep_fraction_picks_the_smallest_r_that_reaches_it():
 @needs_triton
 @pytest.mark.parametrize("spec", ["m6,p6,m6", "tome:r=6"])
 def test_pruned_model_on_the_triton_backend_merges_and_attends_as_the_reference(spec):
-    """On the Triton backend merges run through merge_tokens and nearest_tokens, and once tokens are merged the ragged
-    kernel adds log(size) per key, as SDPA's mask does: the outputs match the PyTorch path."""
+    """On the Triton backend merges run through merge_tokens and nearest_tokens, prunes through token_redundancy, and
+    once tokens are merged the ragged kernel adds log(size) per key, as SDPA's mask does: the outputs match the
+    PyTorch path."""
     gated = hiap.gate_vit(_vit(), hiap.HiAPConfig(dim_group=1, min_heads=1, min_dim_fraction=0.0,
                                                   min_neuron_fraction=0.0))
     randomize_logits(gated, torch.Generator().manual_seed(5))
@@ -241,7 +242,7 @@ def test_pruned_model_on_the_triton_backend_merges_and_attends_as_the_reference(
 
         for block in pruned.blocks:
             block.attn.triton_kernel = lambda *args, _spy=spy: _spy
-        used = {"merge_tokens": [], "nearest_tokens": []}
+        used = {"merge_tokens": [], "nearest_tokens": [], "token_redundancy": []}
         ops = {name: hiap.backend.load_triton_op(name) for name in used}
         for name, op in ops.items():
             hiap.backend._LOADED_OPS[name] = lambda *args, _op=op, _used=used[name]: _used.append(1) or _op(*args)
@@ -251,6 +252,7 @@ def test_pruned_model_on_the_triton_backend_merges_and_attends_as_the_reference(
             hiap.backend._LOADED_OPS.update(ops)
     assert calls and any(calls)  # the kernel ran, and with a bias after the first merge
     assert used["merge_tokens"] and used["nearest_tokens"]  # and the merges went through the Triton ops
+    assert bool(used["token_redundancy"]) == ("p" in spec)  # and the prune's score
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

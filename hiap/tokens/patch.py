@@ -29,6 +29,7 @@ from hiap.tokens.attention import attend, check_attention
 from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
 from hiap.tokens.schedule import LayerStep, TokenSchedule, as_schedule
 from hiap_kernels.token_merge.reference import merge_tokens_reference
+from hiap_kernels.token_score.reference import token_redundancy_reference
 from hiap_kernels.token_similarity.reference import nearest_tokens_reference
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -101,8 +102,11 @@ def _token_op(block: nn.Module, tokens: torch.Tensor, name: str, reference):
     return reference
 
 
-def _merge_ops(block: nn.Module, tokens: torch.Tensor) -> dict:
-    """The ``merge`` and ``nearest`` arguments of a merge step, for ``block`` and its ``tokens``."""
+def _step_ops(block: nn.Module, tokens: torch.Tensor, kind: str) -> dict:
+    """The kernel arguments of a ``kind`` step (prune: ``score``; merge and ToMe: ``merge``, ``nearest``), for
+    ``block`` and its ``tokens``."""
+    if kind == "prune":
+        return {"score": _token_op(block, tokens, "token_redundancy", token_redundancy_reference)}
     return {"merge": _token_op(block, tokens, "merge_tokens", merge_tokens_reference),
             "nearest": _token_op(block, tokens, "nearest_tokens", nearest_tokens_reference)}
 
@@ -129,12 +133,14 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
             # Pruning moves no mass: while no token was merged every size is 1 and attention needs no bias.
             ones = size is None
             x, size = redundancy_prune(x, x.new_ones(1, 1, 1) if ones else size, stats.keys, stats.cls, step.r,
-                                       plan.importance_weight, prefix=prefix)
+                                       plan.importance_weight, prefix=prefix, **_step_ops(block, x, step.kind))
             size = None if ones else size
         elif step.kind == "merge":
-            x, size = importance_merge(x, size, stats.keys, stats.cls, step.r, **_merge_ops(block, x), prefix=prefix)
+            x, size = importance_merge(x, size, stats.keys, stats.cls, step.r, prefix=prefix,
+                                       **_step_ops(block, x, step.kind))
         else:
-            x, size = bipartite_soft_matching(x, size, stats.keys, step.r, **_merge_ops(block, x), prefix=prefix)
+            x, size = bipartite_soft_matching(x, size, stats.keys, step.r, prefix=prefix,
+                                              **_step_ops(block, x, step.kind))
         plan.state.size = size
         plan.state.bias = _proportional_bias(size, x.dtype)  # the blocks after this one all read it
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

@@ -29,10 +29,11 @@ edge; the r A tokens with the strongest edges merge into their B partners; the o
 order) followed by B. ToMe averages the keys over heads; pruned heads have no common width, so here both methods
 compare the concatenated keys.
 
-The merge steps take their two kernels as arguments, the PyTorch references by default: ``merge`` (the size-weighted
-fold, ``merge_tokens``) and ``nearest`` (each token's most cosine-similar partner, ``nearest_tokens``: normalised
-keys, similarities, excluded partners at -inf, max and argmax with ties to the lowest index); ``hiap.tokens.patch``
-hands them the Triton ops on the Triton backend.
+The steps take their kernels as arguments, the PyTorch references by default: the prune step its ``score`` (the
+score above, ``token_redundancy``), the merge steps ``merge`` (the size-weighted fold, ``merge_tokens``) and
+``nearest`` (each token's most cosine-similar partner, ``nearest_tokens``: normalised keys, similarities, excluded
+partners at -inf, max and argmax with ties to the lowest index); ``hiap.tokens.patch`` hands them the Triton ops on
+the Triton backend.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from __future__ import annotations
 import torch
 
 from hiap_kernels.token_merge.reference import gather_rows, merge_tokens_reference
+from hiap_kernels.token_score.reference import token_redundancy_reference
 from hiap_kernels.token_similarity.reference import nearest_tokens_reference
 
 
@@ -61,26 +63,16 @@ def _merge(merge, x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, sourc
 
 
 def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor | None, r: int,
-                     importance_weight: float = 1.0, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAPID's shallow step: drop the ``r`` most redundant, least attended patch tokens (module docstring). ``size``
-    may be ``[1, 1, 1]`` (every token one patch), and is then returned as it is."""
+                     importance_weight: float = 1.0, prefix: int = 0, score=token_redundancy_reference
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAPID's shallow step: drop the ``r`` patch tokens of highest ``score`` (``token_redundancy``: most redundant,
+    least attended; module docstring). ``size`` may be ``[1, 1, 1]`` (every token one patch), and is then returned
+    as it is."""
     if r == 0:
         return x, size
     patches = x.shape[1] - prefix
-    keys = keys[:, prefix:].float()
-    # Mean cosine similarity to the other tokens, (m_i . sum_j m_j - 1) / (P - 1) with m_i = k_i / |k_i| as
-    # F.normalize has it, through the inverse norms: two products read the keys where they lie (a strided view of the
-    # qkv projection) instead of writing a normalised copy first.
-    inverse_norm = torch.linalg.vector_norm(keys, dim=-1).clamp_min(1e-12).reciprocal()  # [B, P]
-    total = torch.bmm(inverse_norm[:, None, :], keys)  # sum_j m_j, [B, 1, W]
-    similarity = torch.bmm(keys, total.transpose(1, 2)).squeeze(-1) * inverse_norm  # m_i . sum_j m_j, [B, P]
-    redundancy = (similarity - 1.0) / max(patches - 1, 1)  # [B, P]
-    score = redundancy
-    if cls is not None and importance_weight:
-        cls = cls[:, prefix:].float()
-        importance = cls / cls.sum(dim=-1, keepdim=True).clamp_min(1e-12) * patches
-        score = score - importance_weight * importance
-    keep = torch.topk(score, patches - r, dim=1, largest=False, sorted=False).indices.sort(dim=1).values  # [B, P-r]
+    scores = score(keys[:, prefix:], None if cls is None else cls[:, prefix:], importance_weight)  # [B, P]
+    keep = torch.topk(scores, patches - r, dim=1, largest=False, sorted=False).indices.sort(dim=1).values  # [B, P-r]
     keep = _with_prefix(keep, prefix)
     if size.shape[1] == 1:  # a broadcast size (every token 1) stays one
         return gather_rows(x, keep), size
