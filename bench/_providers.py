@@ -86,6 +86,16 @@ def compile_reference(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def provider_op(provider: str, op_name: str, reference: Callable) -> Callable:
+    """What a cell of ``provider`` times: ``hiap_kernels.<op_name>`` (triton), ``compile_reference(reference)``
+    (compiled) or ``reference`` itself."""
+    if provider == "triton":
+        return getattr(importlib.import_module("hiap_kernels"), op_name)
+    if provider == "compiled":
+        return compile_reference(reference)
+    return reference
+
+
 def allow_many_compiled_variants(limit: int = 64) -> None:
     """Every batch size and every distinct gate offset is its own guarded variant; the default limit of 8 per
     function would silently fall back to eager half-way through the suite."""

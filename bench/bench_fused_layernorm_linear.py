@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _harness import CaseRun
-from _providers import PROVIDERS, compile_reference
+from _providers import PROVIDERS, provider_op
 from _settings import ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, TOKENS, activations, layernorm_linear_inference_work
 
@@ -33,12 +33,7 @@ def test_fused_layernorm_linear(benchmark, recorder, provider, batch, case):
     run.note_cpu_reduction(f"batch 2 instead of 64/256 ({2 * TOKENS} rows), fp32")
     run.require_provider(triton_modules=("hiap_kernels.layernorm_linear.kernel",), compile_cost="small")
     run.require_time(20)
-    if provider == "triton":
-        from hiap_kernels import fused_layernorm_linear as op
-    elif provider == "compiled":
-        op = compile_reference(layernorm_linear_reference)
-    else:
-        op = layernorm_linear_reference
+    op = provider_op(provider, "fused_layernorm_linear", layernorm_linear_reference)
 
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     rows = batch * TOKENS

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _harness import CaseRun
-from _providers import PROVIDERS, compile_reference
+from _providers import PROVIDERS, provider_op
 from _settings import ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, FFN_DIM, TOKENS, activations, linear_gelu_inference_work
 
@@ -33,12 +33,7 @@ def test_fused_linear_gelu(benchmark, recorder, provider, batch, width):
     run.note_cpu_reduction(f"batch 2 instead of 64/256 ({2 * TOKENS} rows of DeiT-S fc1 inputs), fp32")
     run.require_provider(triton_modules=("hiap_kernels.linear_gelu.kernel",), compile_cost="small")
     run.require_time(20)
-    if provider == "triton":
-        from hiap_kernels import fused_linear_gelu as op
-    elif provider == "compiled":
-        op = compile_reference(linear_gelu_reference)
-    else:
-        op = linear_gelu_reference
+    op = provider_op(provider, "fused_linear_gelu", linear_gelu_reference)
 
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     rows = batch * TOKENS

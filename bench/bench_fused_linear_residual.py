@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _harness import CaseRun
-from _providers import PROVIDERS, compile_reference
+from _providers import PROVIDERS, provider_op
 from _settings import ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, TOKENS, activations, linear_residual_inference_work
 
@@ -31,12 +31,7 @@ def test_fused_linear_residual(benchmark, recorder, provider, batch, in_features
     run.note_cpu_reduction(f"batch 2 instead of 64/256 ({2 * TOKENS} rows), fp32")
     run.require_provider(triton_modules=("hiap_kernels.linear_residual.kernel",), compile_cost="small")
     run.require_time(20)
-    if provider == "triton":
-        from hiap_kernels import fused_linear_residual as op
-    elif provider == "compiled":
-        op = compile_reference(linear_residual_reference)
-    else:
-        op = linear_residual_reference
+    op = provider_op(provider, "fused_linear_residual", linear_residual_reference)
 
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     rows = batch * TOKENS

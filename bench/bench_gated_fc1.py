@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 from _harness import CaseRun
-from _providers import PROVIDERS, compile_reference
+from _providers import PROVIDERS, provider_op
 from _settings import autocast_context, batch_sizes
 from _timing import drop_gradients
 from _workloads import (
@@ -42,12 +42,7 @@ def test_gated_fc1_fwd_bwd(benchmark, recorder, provider, batch):
     run.note_cpu_reduction(CPU_REDUCTION)
     run.require_provider(triton_modules=("hiap_kernels.gated_linear.fc1",), compile_cost="small")
     run.require_time(30)
-    if provider == "triton":
-        from hiap_kernels import gated_fc1 as op
-    elif provider == "compiled":
-        op = compile_reference(gated_fc1_reference)
-    else:
-        op = gated_fc1_reference
+    op = provider_op(provider, "gated_fc1", gated_fc1_reference)
 
     mlp = gated_deit_s(depth=1).train().vit.blocks[0].mlp
     draw = mlp.gates.draw()

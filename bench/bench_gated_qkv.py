@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _harness import CaseRun
-from _providers import PROVIDERS, compile_reference
+from _providers import PROVIDERS, provider_op
 from _settings import autocast_context, batch_sizes
 from _timing import drop_gradients
 from _workloads import (
@@ -49,12 +49,7 @@ def test_gated_qkv_fwd_bwd(benchmark, recorder, provider, batch):
     run.note_cpu_reduction(CPU_REDUCTION)
     run.require_provider(triton_modules=("hiap_kernels.gated_linear.qkv",), compile_cost="small")
     run.require_time(30)
-    if provider == "triton":
-        from hiap_kernels import gated_qkv as op
-    elif provider == "compiled":
-        op = compile_reference(gated_qkv_reference)
-    else:
-        op = gated_qkv_reference
+    op = provider_op(provider, "gated_qkv", gated_qkv_reference)
 
     attn = gated_deit_s(depth=1).train().vit.blocks[0].attn
     draw = attn.gates.draw()

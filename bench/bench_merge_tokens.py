@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _harness import CaseRun
-from _providers import PROVIDERS, compile_reference
+from _providers import PROVIDERS, provider_op
 from _settings import DEVICE, ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, merge_tokens_work
 
@@ -40,12 +40,7 @@ def test_merge_tokens(benchmark, recorder, provider, batch):
     run.note_cpu_reduction("batch 4 instead of 64/256, fp32")
     run.require_provider(triton_modules=("hiap_kernels.token_merge.kernel",), compile_cost="small")
     run.require_time(15)
-    if provider == "triton":
-        from hiap_kernels import merge_tokens as op
-    elif provider == "compiled":
-        op = compile_reference(merge_tokens_reference)
-    else:
-        op = merge_tokens_reference
+    op = provider_op(provider, "merge_tokens", merge_tokens_reference)
     inputs = _inputs(batch, torch.bfloat16 if ON_GPU else torch.float32)
 
     def call() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _harness import CaseRun
-from _providers import PROVIDERS, compile_reference
+from _providers import PROVIDERS, provider_op
 from _settings import DEVICE, ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, nearest_tokens_work
 
@@ -46,12 +46,7 @@ def test_nearest_tokens(benchmark, recorder, provider, batch, case):
     run.note_cpu_reduction("batch 4 instead of 64/256, fp32")
     run.require_provider(triton_modules=("hiap_kernels.token_similarity.kernel",), compile_cost="small")
     run.require_time(15)
-    if provider == "triton":
-        from hiap_kernels import nearest_tokens as op
-    elif provider == "compiled":
-        op = compile_reference(nearest_tokens_reference)
-    else:
-        op = nearest_tokens_reference
+    op = provider_op(provider, "nearest_tokens", nearest_tokens_reference)
     queries, candidates, excluded = _inputs(case, batch, torch.bfloat16 if ON_GPU else torch.float32)
 
     def call() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _harness import CaseRun
-from _providers import PROVIDERS, compile_reference
+from _providers import PROVIDERS, provider_op
 from _settings import DEVICE, ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, token_redundancy_work
 
@@ -39,12 +39,7 @@ def test_token_redundancy(benchmark, recorder, provider, batch):
     run.note_cpu_reduction("batch 4 instead of 64/256, fp32")
     run.require_provider(triton_modules=("hiap_kernels.token_score.kernel",), compile_cost="small")
     run.require_time(15)
-    if provider == "triton":
-        from hiap_kernels import token_redundancy as op
-    elif provider == "compiled":
-        op = compile_reference(token_redundancy_reference)
-    else:
-        op = token_redundancy_reference
+    op = provider_op(provider, "token_redundancy", token_redundancy_reference)
     keys, cls = _inputs(batch, torch.bfloat16 if ON_GPU else torch.float32)
 
     def call() -> None:
