@@ -119,6 +119,11 @@ def test_training_forward_compiles_with_inductor_in_one_graph():
     expected = gated.vit(x)
     compiled = torch.compile(gated.vit, fullgraph=True)
     assert torch.allclose(compiled(x), expected, atol=1e-5)
+    with torch.no_grad():  # with a head and two neuron groups retired: their gathers are in the one graph too
+        gated.gate_logits()["blocks.0.attn.gates.head"][1] = -8.0
+        gated.gate_logits()["blocks.0.mlp.gates.neuron"][:2] = -8.0
+    assert gated.retire_closed(0.01)["neuron_groups"] == 2
+    assert torch.allclose(compiled(x), gated.vit(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -150,3 +155,97 @@ def test_an_annealed_training_run_compiles_once(backend):
         losses.append(float(loss.detach()))
     assert counters["stats"]["unique_graphs"] == 1 and len(set(losses)) > 1
     torch._dynamo.reset()
+
+
+def _retired_twin(gated: hiap.HiAPViT) -> hiap.HiAPViT:
+    """A copy of ``gated`` without retirement whose retired gates are forced shut by their logits: what retirement
+    must compute (a retired gate is closed and its logits learn nothing from the task)."""
+    import copy
+
+    twin = copy.deepcopy(gated)
+    twin.set_retired({})
+    logits = twin.gate_logits()
+    with torch.no_grad():
+        for name, mask in gated.retired().items():
+            if "attn" in name:
+                logits[f"{name}.gates.head"][mask] = -1e4
+            else:
+                logits[f"{name}.gates.neuron"][mask] = -1e4
+    return twin
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_retired_heads_and_neurons_are_closed_and_cost_nothing_while_the_other_gates_sample(path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hiap_kernels import interpreter_active
+
+    if path == "triton" and not (torch.cuda.is_available() or interpreter_active()):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig()).to(device).train()
+    randomize_logits(gated, torch.Generator().manual_seed(3))
+    logits = gated.gate_logits()
+    with torch.no_grad():
+        logits["blocks.0.attn.gates.head"][1] = -8.0  # a head gate closed for good
+        logits["blocks.1.attn.gates.v"][2] = -8.0  # every v group of a head
+        logits["blocks.0.mlp.gates.neuron"][:3] = -8.0  # three neuron groups
+        logits["blocks.1.mlp.gates.block"].fill_(-8.0)  # a whole FFN block
+        logits["blocks.1.mlp.gates.neuron"][0] = -8.0  # (its groups are retired with it)
+    counts = gated.retire_closed(0.01)
+    retired = gated.retired()
+    assert counts == {"heads": 2, "heads_total": 6, "neuron_groups": 15, "neuron_groups_total": 24}
+    assert retired["blocks.0.attn"].tolist() == [False, True, False] and retired["blocks.1.mlp"].all()
+    twin = _retired_twin(gated)
+    x = images(gated, batch=3, generator=torch.Generator().manual_seed(5)).to(device)
+    with torch.no_grad():
+        eval_before = gated.eval()(x)
+    gated.train()
+    with hiap.use_triton_kernels(gated) if path == "triton" else hiap.use_reference_kernels(gated):
+        with FlopCounterMode(display=False) as retired_flops:
+            out = gated(x)
+        out.square().mean().backward()
+    with FlopCounterMode(display=False) as full_flops:
+        expected = twin(x)
+    expected.square().mean().backward()
+    # The same draw of every live gate (the same step's seed, the same Philox counters), the retired ones closed.
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grads = dict(twin.named_parameters())
+    for name, parameter in gated.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    for name, mask in retired.items():  # the retired gates learn nothing from the task
+        kind = "head" if "attn" in name else "neuron"
+        assert logits[f"{name}.gates.{kind}"].grad[mask.to(device)].abs().max() == 0
+
+    def linear_flops(counter) -> int:
+        counts = counter.get_flop_counts()["Global"].items()
+        return sum(n for op, n in counts if str(op).split(".")[1] in ("mm", "addmm"))
+
+    # Two heads of 16 (qkv's 48 rows and proj's 16 columns each) and 15 neuron groups of 16 (fc1 rows, fc2 columns).
+    batch, tokens, width, head_dim, neuron_group = 3, 17, 48, 16, 16
+    saved = 2 * 2 * 4 * head_dim * batch * tokens * width + 15 * neuron_group * 2 * 2 * batch * tokens * width
+    assert linear_flops(full_flops) - linear_flops(retired_flops) == saved
+    with torch.no_grad():  # eval mode applies the decision and ignores retirement
+        torch.testing.assert_close(gated.eval()(x), eval_before, rtol=0, atol=0)
+    gated.set_retired({})
+    assert gated.retired_counts()["heads"] == 0 and gated.attention_layers()[0].live_rows is None
+
+
+def test_retirement_keeps_what_the_decision_keeps_and_rejects_bad_masks():
+    gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(min_heads=1, min_neuron_fraction=0.25))
+    with torch.no_grad():
+        for logit in gated.gate_logits().values():
+            logit.fill_(-8.0)
+        gated.gate_logits()["blocks.0.attn.gates.head"][2] = -7.0
+        gated.gate_logits()["blocks.0.mlp.gates.block"].fill_(1.0)
+    retired = {name: mask.tolist() for name, mask in (gated.retire_closed(0.01), gated.retired())[1].items()}
+    # The decision's minimums keep one head per layer (the top logit) and a quarter of a kept block's neuron groups.
+    assert retired["blocks.0.attn"] == [True, True, False] and sum(retired["blocks.1.attn"]) == 2
+    assert sum(retired["blocks.0.mlp"]) == 12 - 3 and all(retired["blocks.1.mlp"])
+    assert hiap.count_macs(gated) == hiap.count_macs(hiap.extract(gated))
+    with pytest.raises(ValueError, match="bool tensor of shape \\(3,\\)"):
+        gated.attention_layers()[0].retire(torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no gated modules named"):
+        gated.set_retired({"blocks.9.attn": torch.zeros(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="retire_below must lie in"):
+        gated.retire_closed(0.7)

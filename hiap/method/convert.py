@@ -75,6 +75,60 @@ class HiAPViT(nn.Module):
         for module in self.gated_modules():
             module.use_decision(fixed)
 
+    @torch.no_grad()
+    def retire_closed(self, below: float) -> dict[str, int]:
+        """Retire the heads and neuron groups closed for good: those whose gate (a head's, or all of its v groups';
+        a neuron group's, or its FFN block's) opens with probability ``sigmoid(a)`` under ``below`` and that the
+        decision removes. Until the next call, training-mode forwards hold them closed and skip their rows and columns
+        forward and backward, so a step gets cheaper as the run prunes; the draw of every other gate is unchanged.
+
+        The straight-through gradient such a gate loses is the one of a sample that is closed with probability over
+        ``1 - below``; the budget terms still see its logit, which may climb back over the limit and be brought back
+        by a later call. One device read per layer: call it on logging steps, not on every step. Returns the counts
+        ``{"heads", "heads_total", "neuron_groups", "neuron_groups_total"}``.
+        """
+        masks = {name: module.gates.retirable(below) for name, module in self.named_retirable()}
+        self.set_retired(masks)
+        return self.retired_counts()
+
+    def named_retirable(self) -> Iterator[tuple[str, nn.Module]]:
+        """The gated modules by name (``blocks.3.attn``, ``blocks.3.mlp`` ...)."""
+        for name, module in self.vit.named_modules():
+            if isinstance(module, (GatedAttention, GatedMlp)):
+                yield name, module
+
+    def retired(self) -> dict[str, torch.Tensor]:
+        """What ``retire_closed`` left out, by module name: bool ``[H]`` heads / ``[F / G]`` neuron groups."""
+        out = {}
+        for name, module in self.named_retirable():
+            if isinstance(module, GatedAttention):
+                mask = module.retired_heads
+                out[name] = torch.zeros(module.num_heads, dtype=torch.bool) if mask is None else mask.cpu()
+            else:
+                mask = module.retired_groups
+                groups = module.hidden_features // module.gates.group
+                out[name] = torch.zeros(groups, dtype=torch.bool) if mask is None else mask.cpu()
+        return out
+
+    def set_retired(self, masks: dict[str, torch.Tensor]) -> None:
+        """Apply ``retired()``'s masks (a checkpoint's, or ``retire_closed``'s); modules not named keep all units."""
+        unknown = sorted(set(masks) - {name for name, _ in self.named_retirable()})
+        if unknown:
+            raise ValueError(f"no gated modules named {unknown}")
+        for name, module in self.named_retirable():
+            module.retire(masks.get(name))
+
+    def retired_counts(self) -> dict[str, int]:
+        """How many heads and neuron groups are retired, and of how many."""
+        counts = dict.fromkeys(("heads", "heads_total", "neuron_groups", "neuron_groups_total"), 0)
+        for _, module in self.named_retirable():
+            kind = "heads" if isinstance(module, GatedAttention) else "neuron_groups"
+            mask = module.retired_heads if kind == "heads" else module.retired_groups
+            total = module.num_heads if kind == "heads" else module.hidden_features // module.gates.group
+            counts[kind] += 0 if mask is None else int(mask.sum())
+            counts[f"{kind}_total"] += total
+        return counts
+
     def gate_logits(self) -> dict[str, nn.Parameter]:
         """The gate logits by name (``blocks.3.attn.gates.head`` ...), for an optimizer group of their own."""
         return {

@@ -13,6 +13,10 @@ GEMMs stay the library's (cuBLAS on a GPU, forward and backward), the masking to
 weights instead of ``[B N, 3 H Dh]`` and ``[B N, F]`` activations, and autograd gives the gates' gradients
 (``dL/dm = <dL/dW', W> + dL/db' b``, exactly the output-masked formula of ``hiap_kernels.gated_qkv_reference``). With
 every gate open the masks are exact ones: the model computes bit for bit what timm's does.
+
+Two states leave units out of the GEMMs altogether, by gathering the kept rows and columns of the weights: a fixed
+structure (``use_decision``: the decision, no sampling) and retirement (``retire``: heads and neuron groups closed for
+good are left out of the sampled weights while the other gates keep sampling).
 """
 
 from __future__ import annotations
@@ -79,6 +83,12 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         self.register_buffer("decided_columns", None, persistent=False)
         self.register_buffer("decided_rows_inverse", None, persistent=False)
         self.register_buffer("decided_columns_inverse", None, persistent=False)
+        # While some heads are retired (``retire``): the other heads' qkv rows and proj columns, with their inverses.
+        self.register_buffer("live_rows", None, persistent=False)
+        self.register_buffer("live_columns", None, persistent=False)
+        self.register_buffer("live_rows_inverse", None, persistent=False)
+        self.register_buffer("live_columns_inverse", None, persistent=False)
+        self.register_buffer("retired_heads", None, persistent=False)
 
     @torch.no_grad()
     def use_decision(self, fixed: bool) -> None:
@@ -90,33 +100,64 @@ class GatedAttention(KernelBackendMixin, nn.Module):
             return
         scale = self.gates.qkv_row_scale(tuple(keep.float() for keep in self.gates.decisions()))  # [3 H Dh]
         live = scale[2 * self.attn_dim :].view(self.num_heads, self.head_dim).ne(0).any(dim=1)  # v columns left
+        rows, columns, rows_inverse, columns_inverse = self._head_index(live)
+        self.decided_rows, self.decided_columns = rows, columns
+        self.decided_row_scale = scale[rows]
+        self.decided_rows_inverse, self.decided_columns_inverse = rows_inverse, columns_inverse
+
+    @torch.no_grad()
+    def retire(self, heads: torch.Tensor | None) -> None:
+        """Stop computing the heads marked in bool ``heads [H]`` (None or none marked: compute all) while the gates
+        sample: a retired head is closed, its qkv rows, SDPA head and proj columns are left out of the forward and
+        backward, and its logits get no gradient from the task loss. Eval-mode forwards and a fixed structure
+        (``use_decision``) ignore it. ``HiAPViT.retire_closed`` picks the heads; read once, here."""
+        if heads is None or not bool(heads.any()):
+            self.retired_heads = self.live_rows = self.live_columns = None
+            self.live_rows_inverse = self.live_columns_inverse = None
+            return
+        if heads.shape != (self.num_heads,) or heads.dtype != torch.bool:
+            raise ValueError(f"retired heads must be a bool tensor of shape ({self.num_heads},), got "
+                             f"{heads.dtype} {tuple(heads.shape)}")
+        self.retired_heads = heads.to(self.gates.head.device).clone()
+        self.live_rows, self.live_columns, self.live_rows_inverse, self.live_columns_inverse = \
+            self._head_index(~self.retired_heads)
+
+    def _head_index(self, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For bool ``live [H]``: the live heads' rows of the qkv weight ``[3 H' Dh]``, their columns of proj's input
+        ``[H' Dh]`` (int64, in head order) and each one's inverse index."""
         heads = live.nonzero().squeeze(1)
         columns = (heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)).reshape(-1)
-        self.decided_rows = torch.cat([part * self.attn_dim + columns for part in range(3)])
-        self.decided_row_scale = scale[self.decided_rows]
-        self.decided_columns = columns
-        self.decided_rows_inverse = inverse_index(self.decided_rows, 3 * self.attn_dim)
-        self.decided_columns_inverse = inverse_index(columns, self.attn_dim)
+        rows = torch.cat([part * self.attn_dim + columns for part in range(3)])
+        return rows, columns, inverse_index(rows, 3 * self.attn_dim), inverse_index(columns, self.attn_dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if self.decided_rows is not None:
-            return self._decided_forward(x, attn_mask, is_causal)
+            return self._gathered_forward(x, self.qkv.weight, self.qkv.bias, self.decided_rows,
+                                          self.decided_rows_inverse, self.decided_row_scale, self.decided_columns,
+                                          self.decided_columns_inverse, attn_mask, is_causal)
         # The gated weight and bias: one launch of the fused op on the Triton backend, its reference chain otherwise.
         draw = self.gates.draw()
         gated_weight = self.triton_kernel(x, self.qkv.weight) or gated_qkv_weight_reference
         weight, bias = gated_weight(self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
+        if self.live_rows is not None and draw.sample:
+            # Retired heads left out: the live heads' rows of the sampled weight (the gates of every head are drawn,
+            # so each live gate takes the same Philox counter as without retirement).
+            return self._gathered_forward(x, weight, bias, self.live_rows, self.live_rows_inverse, None,
+                                          self.live_columns, self.live_columns_inverse, attn_mask, is_causal)
         return self.proj_drop(self.proj(self._attention(x, weight, bias, attn_mask, is_causal)[0]))
 
-    def _decided_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-        """The live heads only, on the gated model's weights: their qkv rows scaled by the decision, SDPA over them,
-        proj over their columns (an attention without heads is proj's bias). Token reduction's ``attend`` keeps the
-        masked path, whose q and k it reads at every head."""
-        heads = self.decided_columns.numel() // self.head_dim
-        # The kept rows / columns, scaled as decided: one launch each way on the Triton backend.
+    def _gathered_forward(self, x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
+                          rows: torch.Tensor, rows_inverse: torch.Tensor, row_scale: torch.Tensor | None,
+                          columns: torch.Tensor, columns_inverse: torch.Tensor, attn_mask: torch.Tensor | None,
+                          is_causal: bool) -> torch.Tensor:
+        """Some heads only (the decided or the unretired ones): their ``rows`` of the qkv weight ``[3 H Dh, D]``
+        (times ``row_scale`` where given), SDPA over them, proj over their ``columns`` (an attention without heads is
+        proj's bias). Token reduction's ``attend`` keeps the masked path, whose q and k it reads at every head."""
+        heads = columns.numel() // self.head_dim
+        # The kept rows / columns (scaled as decided): one launch each way on the Triton backend.
         gather = self.triton_kernel(x, self.qkv.weight, op="gather_weight") or gather_weight_reference
-        weight, bias = gather(self.qkv.weight, self.qkv.bias, self.decided_rows, self.decided_rows_inverse,
-                              self.decided_row_scale, dim=0)
-        proj_weight, _ = gather(self.proj.weight, None, self.decided_columns, self.decided_columns_inverse, None, dim=1)
+        weight, bias = gather(qkv_weight, qkv_bias, rows, rows_inverse, row_scale, dim=0)
+        proj_weight, _ = gather(self.proj.weight, None, columns, columns_inverse, None, dim=1)
         if heads == 0:
             # [B, N, 0]: proj gives its bias. Both weights still take part (zero gradients), as DDP expects.
             out = F.linear(x, weight, bias)
@@ -145,7 +186,10 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         """The forward, also returning what token reduction reads: ``(out [B, N, D], q, k [B, H, N, Dh], live_qk
         [H, Dh], live_heads [H])``, the last two bool: the q/k columns and heads a pruned copy would have (open gates;
         a head without v columns is gone), so that reduction compares the keys the extracted model compares."""
-        values = self.gates.values(self.gates.draw())
+        draw = self.gates.draw()
+        values = self.gates.values(draw)
+        if self.retired_heads is not None and draw.sample:  # retired heads closed, as the forward leaves them out
+            values = (values[0].masked_fill(self.retired_heads, 0.0), *values[1:])
         scale = self.gates.qkv_row_scale(values).to(self.qkv.weight.dtype)  # [3 * H * Dh]
         bias = None if self.qkv.bias is None else self.qkv.bias * scale
         out, q, k = self._attention(x, self.qkv.weight * scale[:, None], bias, attn_mask, is_causal)
@@ -189,6 +233,9 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         # neuron's place among them (-1 where removed).
         self.register_buffer("decided_neurons", None, persistent=False)
         self.register_buffer("decided_neurons_inverse", None, persistent=False)
+        # While some neuron groups are retired (``retire``): the other neurons [F''] and their inverse.
+        self.register_buffer("live_neurons", None, persistent=False)
+        self.register_buffer("live_neurons_inverse", None, persistent=False)
 
     @torch.no_grad()
     def use_decision(self, fixed: bool) -> None:
@@ -197,23 +244,52 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         self.decided_neurons = self.gates.kept_neurons().nonzero().squeeze(1) if fixed else None
         self.decided_neurons_inverse = inverse_index(self.decided_neurons, self.hidden_features) if fixed else None
 
+    @torch.no_grad()
+    def retire(self, groups: torch.Tensor | None) -> None:
+        """Stop computing the neuron groups marked in bool ``groups [F / G]`` (None or none marked: compute all)
+        while the gates sample: a retired group is closed, its fc1 rows and fc2 columns are left out of the forward
+        and backward, and its logits get no gradient from the task loss. Eval-mode forwards and a fixed structure
+        ignore it. ``HiAPViT.retire_closed`` picks the groups; read once, here."""
+        if groups is None or not bool(groups.any()):
+            self.live_neurons = self.live_neurons_inverse = None
+            return
+        expected = (self.hidden_features // self.gates.group,)
+        if groups.shape != expected or groups.dtype != torch.bool:
+            raise ValueError(f"retired neuron groups must be a bool tensor of shape {expected}, got "
+                             f"{groups.dtype} {tuple(groups.shape)}")
+        live = (~groups.to(self.gates.neuron.device)).repeat_interleave(self.gates.group)
+        self.live_neurons = live.nonzero().squeeze(1)
+        self.live_neurons_inverse = inverse_index(self.live_neurons, self.hidden_features)
+
+    @property
+    def retired_groups(self) -> torch.Tensor | None:
+        """Bool ``[F / G]``: the neuron groups ``retire`` left out, or None."""
+        if self.live_neurons is None:
+            return None
+        return (self.live_neurons_inverse < 0).view(-1, self.gates.group)[:, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decided_neurons is not None:
-            return self._decided_forward(x)
+            return self._gathered_forward(x, self.fc2.weight, self.decided_neurons, self.decided_neurons_inverse)
         draw = self.gates.draw()
         # fc2's weight with the neuron mask on its columns: one launch on the Triton backend, the reference otherwise.
         gated_weight = self.triton_kernel(x, self.fc2.weight) or gated_fc2_weight_reference
         weight = gated_weight(self.fc2.weight, *draw.logits, **draw.options())
+        if self.live_neurons is not None and draw.sample:
+            # Retired groups left out: the live neurons' columns of the sampled weight (every gate is drawn, so each
+            # live gate takes the same Philox counter as without retirement).
+            return self._gathered_forward(x, weight, self.live_neurons, self.live_neurons_inverse)
         hidden = self.drop1(self.act(self.fc1(x)))
         return self.drop2(F.linear(hidden, weight, self.fc2.bias))
 
-    def _decided_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The extracted FFN's forward on the gated model's weights: the kept rows of fc1 and columns of fc2 (their
-        gradients land in those rows and columns; an FFN without neurons is fc2's bias)."""
-        kept, inverse = self.decided_neurons, self.decided_neurons_inverse
+    def _gathered_forward(self, x: torch.Tensor, fc2_weight: torch.Tensor, kept: torch.Tensor,
+                          inverse: torch.Tensor) -> torch.Tensor:
+        """Some neurons only (the decided or the unretired ones): the ``kept`` rows of fc1 and columns of
+        ``fc2_weight [D, F]`` (their gradients land in those rows and columns; an FFN without neurons is fc2's
+        bias)."""
         gather = self.triton_kernel(x, self.fc1.weight, op="gather_weight") or gather_weight_reference
         fc1_weight, fc1_bias = gather(self.fc1.weight, self.fc1.bias, kept, inverse, None, dim=0)
-        fc2_weight, _ = gather(self.fc2.weight, None, kept, inverse, None, dim=1)
+        fc2_weight, _ = gather(fc2_weight, None, kept, inverse, None, dim=1)
         hidden = self.drop1(self.act(F.linear(x, fc1_weight, fc1_bias)))
         return self.drop2(F.linear(hidden, fc2_weight, self.fc2.bias))
 

@@ -37,6 +37,7 @@ __all__ = [
     "gate_offset",
     "minimum_count",
     "resolve_groups",
+    "retirement_logit",
     "step_seed",
     "temperature_at",
     "top_k_mask",
@@ -72,6 +73,13 @@ def resolve_groups(dim_group: int, neuron_group: int, head_dim: int, ffn_width: 
     head = dim_group or aligned_group(head_dim, HEAD_ALIGNMENT, MIN_GROUPS_PER_HEAD)
     neuron = neuron_group or dim_group or aligned_group(ffn_width, FFN_ALIGNMENT, MIN_GROUPS_PER_FFN)
     return head, neuron
+
+
+def retirement_logit(below: float) -> float:
+    """The logit under which a gate's keep probability ``sigmoid(a)`` is below ``below`` (in (0, 1/2])."""
+    if not 0.0 < below <= 0.5:
+        raise ValueError(f"retire_below must lie in (0, 0.5], got {below!r}")
+    return math.log(below) - math.log1p(-below)
 
 
 def gate_offset(layer_index: int, kind: str) -> int:
@@ -326,6 +334,16 @@ class AttentionGates(LayerGates):
         m_q = keep_qk.repeat_interleave(self.group, dim=1) & alive[:, None]
         return m_q, m_v
 
+    @torch.no_grad()
+    def retirable(self, below: float) -> torch.Tensor:
+        """Heads closed for good: bool ``[H]``, where the head gate, or every v group, opens with probability under
+        ``below`` and the decision removes the head (so the eval model, the MAC count and extraction never see a
+        retired head, whatever the minimums keep)."""
+        keep_head, _, keep_v = self.decisions()
+        limit = retirement_logit(below)
+        closed = (self.head < limit) | (self.v < limit).all(dim=1)
+        return closed & ~(keep_head & keep_v.any(dim=1))
+
     def qkv_row_scale(self, values: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Per row of timm's fused qkv weight ``[3 * H * Dh]``: ``m_q = dqk`` on q rows, 1 on k rows, ``m_v = g * dv``
         on v rows. Scaling the weight rows (and bias) by it equals masking the projection's output columns."""
@@ -370,6 +388,15 @@ class FfnGates(LayerGates):
         """What extraction keeps: bool ``[F]`` over the hidden neurons."""
         keep_block, keep_neuron = self.decisions()
         return keep_neuron.repeat_interleave(self.group) & keep_block
+
+    @torch.no_grad()
+    def retirable(self, below: float) -> torch.Tensor:
+        """Neuron groups closed for good: bool ``[F / G]``, where the block gate or the group's gate opens with
+        probability under ``below`` and the decision removes the group."""
+        keep_block, keep_neuron = self.decisions()
+        limit = retirement_logit(below)
+        closed = (self.block < limit) | (self.neuron < limit)
+        return closed & ~(keep_neuron & keep_block)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_features}, group={self.group}, offset={self.offset}"
