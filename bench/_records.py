@@ -51,13 +51,14 @@ TARGETS = (
     Target("gated FFN fwd+bwd vs eager", "gated_fc1_fwd_bwd", "triton", "reference", 1.8),
     Target("gated FFN fwd+bwd vs compiled", "gated_fc1_fwd_bwd", "triton", "compiled", 1.15),
     Target("gated attention fwd+bwd vs eager", "gated_attention_fwd_bwd", "triton", "reference", 1.4),
-    # A HiAP step (full objective) at most 1.1x a dense timm step, and at most 0.9x late in training.
+    # A HiAP step (full objective) at most 1.1x a dense timm step, and at most 0.9x late in training: half of the
+    # structure at CLOSED_LOGIT, which a run's next check retires (``HiAPConfig.retire_below``).
     Target("HiAP training step vs a dense timm step (b64)", "training_step", "hiap/triton", "dense/reference",
            1 / 1.1, batch=64),
     Target("HiAP training step vs a dense timm step (b256)", "training_step", "hiap/triton", "dense/reference",
            1 / 1.1, batch=256),
     Target("HiAP training step, half the structure closed, vs a dense timm step", "training_step",
-           "hiap-late/triton", "dense/reference", 1 / 0.9, batch=256),
+           "hiap-retired/triton", "dense/reference", 1 / 0.9, batch=256),
     Target("ragged attention vs padded SDPA", "ragged_attention", "triton", "reference", 1.5),
     Target("extracted DeiT-S (hiap.optimize, compiled) throughput vs dense timm eager", "deit_s_inference",
            "extracted/compiled", "dense/reference", 1.3, batch=256),

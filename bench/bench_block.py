@@ -14,6 +14,9 @@
                                                      the objective's gate terms one (gate_objective)
                                 hiap/compiled        the same with the model forward compiled (one graph for the run)
                                 hiap-late/triton     late in training: half of the heads, dims and neurons closed
+                                hiap-retired/triton  the same once those gates are closed for good and retired
+                                                     (``retire_closed``): the closed heads and neuron groups skipped
+                                                     while every other gate still samples
                                 hiap-fixed/triton    the last quarter of a run: that structure fixed
                                                      (``fix_structure``), removed heads and neurons skipped
 
@@ -60,7 +63,7 @@ STEP_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 TRITON_MODULES = ("hiap_kernels.gated_weight.kernel", "hiap_kernels.gated_weight.gather",
                   "hiap_kernels.objective.kernel")
 STEP_VARIANTS = ("dense/reference", "hiap/reference", "hiap/triton", "hiap/compiled", "hiap-late/triton",
-                 "hiap-fixed/triton")
+                 "hiap-retired/triton", "hiap-fixed/triton")
 
 
 def _pin_backend(module: torch.nn.Module, provider: str) -> None:
@@ -139,8 +142,10 @@ def test_training_step(benchmark, recorder, variant, batch):
             optimizer.step()
     else:
         model = gated_deit_s().train()
-        if model_name in ("hiap-late", "hiap-fixed"):
+        if model_name in ("hiap-late", "hiap-retired", "hiap-fixed"):
             _close_half(model)
+        if model_name == "hiap-retired":
+            model.retire_closed(model.cfg.retire_below)
         _pin_backend(model, provider)
         if model_name == "hiap-fixed":
             model.fix_structure()

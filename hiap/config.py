@@ -37,6 +37,11 @@ class HiAPConfig:
         fix_at: fraction of the run after which the structure is fixed (gates and multipliers stop, the decision is
             settled onto the target and the rest of the run trains the weights of the network extraction keeps);
             1 lets the gates learn to the last step, as in the paper.
+        retire_below, retire_every: while the gates search, every ``retire_every`` steps the heads and neuron groups
+            whose gate opens with probability under ``retire_below`` (and that the decision removes) are retired:
+            held closed and left out of the forward and backward until the next check, so steps get cheaper as the
+            run prunes (``HiAPViT.retire_closed``). ``retire_below=0`` samples every gate to the end of the search,
+            as in the paper.
     Feasibility (soft penalties during training, hard minimums in the decision):
         min_heads: heads kept per layer at least.
         min_dim_fraction: fraction of q/k and of v dims kept per kept head at least.
@@ -63,6 +68,8 @@ class HiAPConfig:
     gap_weight: float = 5.0
     target_ramp: float = 0.5
     fix_at: float = 0.75
+    retire_below: float = 0.01
+    retire_every: int = 25
     min_heads: int = 1
     min_dim_fraction: float = 0.125
     min_neuron_fraction: float = 0.05
@@ -83,7 +90,8 @@ class HiAPConfig:
                 raise ValueError(f"HiAPConfig: {message}")
 
         for name in ("init_logit", "tau0", "tau_min", "target", "lambda_macro", "lambda_micro", "lagrangian_lr",
-                     "gap_weight", "target_ramp", "fix_at", "min_dim_fraction", "min_neuron_fraction", "feasibility_weight", "kd_alpha",
+                     "gap_weight", "target_ramp", "fix_at", "retire_below", "min_dim_fraction", "min_neuron_fraction",
+                     "feasibility_weight", "kd_alpha",
                      "kd_temperature", "lr", "gate_lr"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
@@ -96,6 +104,9 @@ class HiAPConfig:
         need(self.budget in ("penalty", "target"), f"budget must be 'penalty' or 'target', got {self.budget!r}")
         need(0.0 < self.target <= 1.0, f"target must lie in (0, 1], got {self.target}")
         need(0.0 < self.fix_at <= 1.0, f"fix_at must lie in (0, 1], got {self.fix_at}")
+        need(0.0 <= self.retire_below <= 0.5, f"retire_below must lie in [0, 0.5], got {self.retire_below}")
+        need(isinstance(self.retire_every, int) and not isinstance(self.retire_every, bool) and self.retire_every >= 1,
+             f"retire_every must be an integer >= 1, got {self.retire_every!r}")
         need(0.0 <= self.target_ramp <= 1.0, f"target_ramp must lie in [0, 1], got {self.target_ramp}")
         for name in ("lambda_macro", "lambda_micro", "lagrangian_lr", "gap_weight", "feasibility_weight", "lr",
                      "gate_lr"):

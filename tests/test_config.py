@@ -26,6 +26,10 @@ def test_defaults_follow_the_design():
         (dict(budget="lagrange"), "budget"),
         (dict(kd_alpha=float("nan")), "kd_alpha"),
         (dict(seed=-1), "seed"),
+        (dict(retire_below=0.6), "retire_below"),
+        (dict(retire_below=float("nan")), "retire_below"),
+        (dict(retire_every=0), "retire_every"),
+        (dict(retire_every=2.5), "retire_every"),
     ],
 )
 def test_out_of_range_values_are_rejected_with_the_field_name(fields, message):

@@ -201,6 +201,41 @@ def test_the_search_ramps_the_target_speeds_short_runs_up_and_then_fixes_the_str
     assert all(never.before_step(step, 44) is None for step in range(44)) and not paper.structure_fixed
 
 
+def test_the_search_retires_gates_closed_for_good_on_its_checks_and_a_resumed_job_leaves_out_the_same():
+    from hiap.app.jobs import RETIRE_EVENT, HiAPJob
+
+    teacher = tiny_vit()
+    cfg = hiap.HiAPConfig(retire_every=4)
+    gated = hiap.gate_vit(teacher, cfg).train()
+    job = HiAPJob(gated, teacher, hiap.HiAPObjective(gated))
+    assert job.before_step(0, 44) is None  # nothing closed for good: no event
+    with torch.no_grad():
+        gated.gate_logits()["blocks.1.attn.gates.head"][0] = -8.0
+        gated.gate_logits()["blocks.0.mlp.gates.neuron"][:2] = -8.0
+    assert job.before_step(1, 44) is None and gated.retired_counts()["heads"] == 0  # not a check step
+    event = job.before_step(4, 44)
+    assert event["event"] == RETIRE_EVENT and (event["heads"], event["neuron_groups"]) == (1, 2)
+    assert "1 of 6 heads and 2 of 24 neuron groups" in event["message"]
+    assert job.before_step(8, 44) is None  # the same units: no new event
+    assert job.log_extras()["retired_heads"] == 1 and job.log_extras()["retired_neuron_groups"] == 2
+    # A resumed run: a fresh job and model from the checkpointed state leave out the same units from their first step.
+    state, model_state = job.retired.state_dict(), gated.state_dict()
+    resumed = hiap.gate_vit(teacher, cfg).train()
+    resumed.load_state_dict(model_state)
+    resumed_job = HiAPJob(resumed, teacher, hiap.HiAPObjective(resumed))
+    resumed_job.retired.load_state_dict(state)
+    assert resumed_job.before_step(9, 44) is None
+    assert {k: v.tolist() for k, v in resumed.retired().items()} == {k: v.tolist() for k, v in gated.retired().items()}
+    with torch.no_grad():  # the logit climbs back: the next check brings the head back
+        gated.gate_logits()["blocks.1.attn.gates.head"][0] = 0.5
+    assert job.before_step(12, 44)["heads"] == 0 and gated.retired_counts()["neuron_groups"] == 2
+    never = hiap.gate_vit(teacher, hiap.HiAPConfig(retire_below=0.0))
+    never.load_state_dict(model_state)
+    never_job = HiAPJob(never, teacher, hiap.HiAPObjective(never))
+    assert all(never_job.before_step(step, 44) is None for step in range(0, 33, 4))
+    assert never.retired_counts()["neuron_groups"] == 0
+
+
 def test_a_fixed_structure_trains_the_network_extraction_keeps_and_skips_what_it_removed():
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -22,9 +22,11 @@ from hiap.method.losses import HiAPObjective, distillation_loss
 TOLERANCE = 0.01
 # The history / log event of the step at which a HiAP run fixes its structure.
 FIX_EVENT = "fix_structure"
+# The event of a step at which the set of retired heads and neuron groups changed (``HiAPConfig.retire_below``).
+RETIRE_EVENT = "retire"
 
-__all__ = ["DenseJob", "DistillJob", "FIX_EVENT", "HiAPJob", "TOLERANCE", "TrainingJob", "fixed_structure",
-           "settle_budget"]
+__all__ = ["DenseJob", "DistillJob", "FIX_EVENT", "HiAPJob", "RETIRE_EVENT", "RetiredUnits", "TOLERANCE", "TrainingJob",
+           "fixed_structure", "settle_budget"]
 
 
 def fixed_structure(history: list[dict] | None) -> dict | None:
@@ -179,6 +181,26 @@ def settle_budget(gated: HiAPViT, tolerance: float = TOLERANCE, step_size: float
     return {"steps": steps, "before": before, "after": fraction}
 
 
+class RetiredUnits(nn.Module):
+    """What ``HiAPViT.retire_closed`` last left out, as checkpointed state: one bool buffer per gated module (heads
+    ``[H]`` or neuron groups ``[F / G]``), so a resumed run leaves out the same units until the next check."""
+
+    def __init__(self, gated: HiAPViT):
+        super().__init__()
+        self._buffers_by_module = {}
+        for name, mask in gated.retired().items():
+            buffer = name.replace(".", "_")
+            self.register_buffer(buffer, mask.clone())
+            self._buffers_by_module[name] = buffer
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, buffer) for name, buffer in self._buffers_by_module.items()}
+
+    def store(self, masks: dict[str, torch.Tensor]) -> None:
+        for name, buffer in self._buffers_by_module.items():
+            getattr(self, buffer).copy_(masks[name])
+
+
 class HiAPJob(TrainingJob):
     """One single-stage HiAP run: weights and gate logits together under KD, the MAC budget and the feasibility
     penalties, with the Gumbel-Sigmoid temperature annealed from tau0 to tau_min.
@@ -198,6 +220,10 @@ class HiAPJob(TrainingJob):
         self.objective = objective
         self.cfg = gated.cfg
         self.dense_macs = expected_cost(gated).dense
+        self.retired = RetiredUnits(gated)
+        # The retired units are applied to the model on the first step (from a checkpoint, when resumed).
+        self._retired_applied = False
+        self._retired_counts = gated.retired_counts()
 
     def search_steps(self, total_steps: int) -> int:
         """Steps in which the gates learn: ``round(fix_at * total_steps)``, at least one."""
@@ -231,7 +257,7 @@ class HiAPJob(TrainingJob):
         return groups
 
     def state_modules(self) -> dict[str, nn.Module]:
-        return {"objective": self.objective}
+        return {"objective": self.objective, "retired": self.retired}
 
     def checkpoint_metadata(self) -> dict:
         return {"architecture": self.gated.architecture, "hiap_config": self.cfg.to_dict()}
@@ -247,7 +273,7 @@ class HiAPJob(TrainingJob):
             # Set on every step (a no-op unless it changes), so a run resumed after the fix trains the decided
             # network as well.
             self.gated.fix_structure(search < total_steps and step >= search)
-            return None
+            return self._retire(step, search)
         self.gated.fix_structure(False)  # fixing below reads the settled decision afresh
         searched = count_macs(self.gated) / self.dense_macs
         settling = settle_budget(self.gated, TOLERANCE) or {"steps": 0, "before": searched, "after": searched}
@@ -261,6 +287,33 @@ class HiAPJob(TrainingJob):
                 "message": f"[hiap] structure fixed after {search} of {total_steps} steps: decided MACs "
                            f"{settling['before']:.4f} of dense{moved}; the remaining steps train the decided network"
                            f"{compiles}"}
+
+    def _retire(self, step: int, search: int) -> dict | None:
+        """Every ``retire_every`` steps of the search, retire what is closed for good (one device read per layer);
+        an event when that changes what is left out."""
+        if self.cfg.retire_below <= 0 or step >= search:
+            return None
+        if step % self.cfg.retire_every:
+            if not self._retired_applied:  # the first step of this process: what the last check left out
+                self.gated.set_retired(self.retired.masks())
+                self._retired_applied = True
+                self._retired_counts = self.gated.retired_counts()
+            return None
+        before = {name: mask.clone() for name, mask in self.retired.masks().items()}
+        counts = self.gated.retire_closed(self.cfg.retire_below)
+        self._retired_applied = True
+        self._retired_counts = counts
+        after = self.gated.retired()
+        if all(torch.equal(before[name], after[name].to(before[name].device)) for name in before):
+            return None
+        self.retired.store(after)
+        event = {"event": RETIRE_EVENT, **counts}
+        if not any(bool(mask.any()) for mask in before.values()):  # said once; the step log carries the counts
+            event["message"] = (f"[hiap] step {step}: {counts['heads']} of {counts['heads_total']} heads and "
+                                f"{counts['neuron_groups']} of {counts['neuron_groups_total']} neuron groups are "
+                                f"closed for good (keep probability < {self.cfg.retire_below:g}) and left out of the "
+                                "steps from now on")
+        return event
 
     def loss(self, logits, targets, teacher_logits):
         terms = self.objective(self.gated, logits, teacher_logits, targets)
@@ -287,4 +340,6 @@ class HiAPJob(TrainingJob):
             "tau": self.gated.temperature,
             "lambda1": float(budget.lambda1), "lambda2": float(budget.lambda2),
             "keep_probability": keep,
+            "retired_heads": self._retired_counts["heads"],
+            "retired_neuron_groups": self._retired_counts["neuron_groups"],
         }
