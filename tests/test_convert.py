@@ -167,10 +167,8 @@ def _retired_twin(gated: hiap.HiAPViT) -> hiap.HiAPViT:
     logits = twin.gate_logits()
     with torch.no_grad():
         for name, mask in gated.retired().items():
-            if "attn" in name:
-                logits[f"{name}.gates.head"][mask] = -1e4
-            else:
-                logits[f"{name}.gates.neuron"][mask] = -1e4
+            logit = logits[f"{name}.gates.head" if "attn" in name else f"{name}.gates.neuron"]
+            logit[mask.to(logit.device)] = -1e4
     return twin
 
 
