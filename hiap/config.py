@@ -40,8 +40,8 @@ class HiAPConfig:
         retire_below, retire_every: while the gates search, every ``retire_every`` steps the heads and neuron groups
             whose gate opens with probability under ``retire_below`` (and that the decision removes) are retired:
             held closed and left out of the forward and backward until the next check, so steps get cheaper as the
-            run prunes (``HiAPViT.retire_closed``). ``retire_below=0`` samples every gate to the end of the search,
-            as in the paper.
+            run prunes (``HiAPViT.retire_closed``; one device read per check, so the default is a multiple of the
+            CLI's logging interval). ``retire_below=0`` samples every gate to the end of the search, as in the paper.
     Feasibility (soft penalties during training, hard minimums in the decision):
         min_heads: heads kept per layer at least.
         min_dim_fraction: fraction of q/k and of v dims kept per kept head at least.
@@ -69,7 +69,7 @@ class HiAPConfig:
     target_ramp: float = 0.5
     fix_at: float = 0.75
     retire_below: float = 0.01
-    retire_every: int = 25
+    retire_every: int = 50
     min_heads: int = 1
     min_dim_fraction: float = 0.125
     min_neuron_fraction: float = 0.05

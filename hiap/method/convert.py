@@ -88,7 +88,9 @@ class HiAPViT(nn.Module):
         ``{"heads", "heads_total", "neuron_groups", "neuron_groups_total"}``.
         """
         masks = {name: module.gates.retirable(below) for name, module in self.named_retirable()}
-        self.set_retired(masks)
+        # One device read for the whole model: the masks travel to the host together.
+        host = torch.cat([mask.reshape(-1) for mask in masks.values()]).cpu().split([m.numel() for m in masks.values()])
+        self.set_retired(dict(zip(masks, host)))
         return self.retired_counts()
 
     def named_retirable(self) -> Iterator[tuple[str, nn.Module]]:
@@ -98,16 +100,13 @@ class HiAPViT(nn.Module):
                 yield name, module
 
     def retired(self) -> dict[str, torch.Tensor]:
-        """What ``retire_closed`` left out, by module name: bool ``[H]`` heads / ``[F / G]`` neuron groups."""
+        """What ``retire_closed`` left out, by module name: bool ``[H]`` heads / ``[F / G]`` neuron groups (host)."""
         out = {}
         for name, module in self.named_retirable():
-            if isinstance(module, GatedAttention):
-                mask = module.retired_heads
-                out[name] = torch.zeros(module.num_heads, dtype=torch.bool) if mask is None else mask.cpu()
-            else:
-                mask = module.retired_groups
-                groups = module.hidden_features // module.gates.group
-                out[name] = torch.zeros(groups, dtype=torch.bool) if mask is None else mask.cpu()
+            units = module.num_heads if isinstance(module, GatedAttention) else \
+                module.hidden_features // module.gates.group
+            mask = module.retired_mask
+            out[name] = torch.zeros(units, dtype=torch.bool) if mask is None else mask.clone()
         return out
 
     def set_retired(self, masks: dict[str, torch.Tensor]) -> None:
@@ -119,14 +118,12 @@ class HiAPViT(nn.Module):
             module.retire(masks.get(name))
 
     def retired_counts(self) -> dict[str, int]:
-        """How many heads and neuron groups are retired, and of how many."""
+        """How many heads and neuron groups are retired, and of how many (no device read)."""
         counts = dict.fromkeys(("heads", "heads_total", "neuron_groups", "neuron_groups_total"), 0)
-        for _, module in self.named_retirable():
-            kind = "heads" if isinstance(module, GatedAttention) else "neuron_groups"
-            mask = module.retired_heads if kind == "heads" else module.retired_groups
-            total = module.num_heads if kind == "heads" else module.hidden_features // module.gates.group
-            counts[kind] += 0 if mask is None else int(mask.sum())
-            counts[f"{kind}_total"] += total
+        for name, mask in self.retired().items():
+            kind = "heads" if isinstance(self.vit.get_submodule(name), GatedAttention) else "neuron_groups"
+            counts[kind] += int(mask.sum())
+            counts[f"{kind}_total"] += mask.numel()
         return counts
 
     def gate_logits(self) -> dict[str, nn.Parameter]:

@@ -89,6 +89,7 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         self.register_buffer("live_rows_inverse", None, persistent=False)
         self.register_buffer("live_columns_inverse", None, persistent=False)
         self.register_buffer("retired_heads", None, persistent=False)
+        self.retired_mask: torch.Tensor | None = None  # the same on the host (bool [H]), for counts without a read
 
     @torch.no_grad()
     def use_decision(self, fixed: bool) -> None:
@@ -110,17 +111,22 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         """Stop computing the heads marked in bool ``heads [H]`` (None or none marked: compute all) while the gates
         sample: a retired head is closed, its qkv rows, SDPA head and proj columns are left out of the forward and
         backward, and its logits get no gradient from the task loss. Eval-mode forwards and a fixed structure
-        (``use_decision``) ignore it. ``HiAPViT.retire_closed`` picks the heads; read once, here."""
-        if heads is None or not bool(heads.any()):
-            self.retired_heads = self.live_rows = self.live_columns = None
-            self.live_rows_inverse = self.live_columns_inverse = None
-            return
-        if heads.shape != (self.num_heads,) or heads.dtype != torch.bool:
+        (``use_decision``) ignore it. ``HiAPViT.retire_closed`` picks the heads. A host mask costs no device read."""
+        if heads is not None and (heads.shape != (self.num_heads,) or heads.dtype != torch.bool):
             raise ValueError(f"retired heads must be a bool tensor of shape ({self.num_heads},), got "
                              f"{heads.dtype} {tuple(heads.shape)}")
-        self.retired_heads = heads.to(self.gates.head.device).clone()
-        self.live_rows, self.live_columns, self.live_rows_inverse, self.live_columns_inverse = \
-            self._head_index(~self.retired_heads)
+        heads = None if heads is None else heads.cpu()
+        if heads is None or not bool(heads.any()):
+            self.retired_mask = self.retired_heads = self.live_rows = self.live_columns = None
+            self.live_rows_inverse = self.live_columns_inverse = None
+            return
+        device = self.gates.head.device
+        # Built on the host, then copied over: the index sizes are host numbers anyway.
+        self.retired_mask = heads.clone()
+        self.retired_heads = heads.to(device)
+        index = self._head_index(~heads)
+        self.live_rows, self.live_columns, self.live_rows_inverse, self.live_columns_inverse = (
+            tensor.to(device) for tensor in index)
 
     def _head_index(self, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For bool ``live [H]``: the live heads' rows of the qkv weight ``[3 H' Dh]``, their columns of proj's input
@@ -236,6 +242,7 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         # While some neuron groups are retired (``retire``): the other neurons [F''] and their inverse.
         self.register_buffer("live_neurons", None, persistent=False)
         self.register_buffer("live_neurons_inverse", None, persistent=False)
+        self.retired_mask: torch.Tensor | None = None  # the retired groups on the host (bool [F / G]), or None
 
     @torch.no_grad()
     def use_decision(self, fixed: bool) -> None:
@@ -249,24 +256,20 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         """Stop computing the neuron groups marked in bool ``groups [F / G]`` (None or none marked: compute all)
         while the gates sample: a retired group is closed, its fc1 rows and fc2 columns are left out of the forward
         and backward, and its logits get no gradient from the task loss. Eval-mode forwards and a fixed structure
-        ignore it. ``HiAPViT.retire_closed`` picks the groups; read once, here."""
-        if groups is None or not bool(groups.any()):
-            self.live_neurons = self.live_neurons_inverse = None
-            return
+        ignore it. ``HiAPViT.retire_closed`` picks the groups. A host mask costs no device read."""
         expected = (self.hidden_features // self.gates.group,)
-        if groups.shape != expected or groups.dtype != torch.bool:
+        if groups is not None and (groups.shape != expected or groups.dtype != torch.bool):
             raise ValueError(f"retired neuron groups must be a bool tensor of shape {expected}, got "
                              f"{groups.dtype} {tuple(groups.shape)}")
-        live = (~groups.to(self.gates.neuron.device)).repeat_interleave(self.gates.group)
-        self.live_neurons = live.nonzero().squeeze(1)
-        self.live_neurons_inverse = inverse_index(self.live_neurons, self.hidden_features)
-
-    @property
-    def retired_groups(self) -> torch.Tensor | None:
-        """Bool ``[F / G]``: the neuron groups ``retire`` left out, or None."""
-        if self.live_neurons is None:
-            return None
-        return (self.live_neurons_inverse < 0).view(-1, self.gates.group)[:, 0]
+        groups = None if groups is None else groups.cpu()
+        if groups is None or not bool(groups.any()):
+            self.retired_mask = self.live_neurons = self.live_neurons_inverse = None
+            return
+        device = self.gates.neuron.device
+        self.retired_mask = groups.clone()
+        live = (~groups).repeat_interleave(self.gates.group).nonzero().squeeze(1)
+        self.live_neurons = live.to(device)
+        self.live_neurons_inverse = inverse_index(live, self.hidden_features).to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decided_neurons is not None:
