@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -161,10 +163,35 @@ def verify_digest(tensors: dict[str, torch.Tensor], stored: str | None, path: st
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """``safetensors`` file with ``metadata`` and the tensors' digest, written through :func:`atomic_path`."""
+    """``safetensors`` file with ``metadata`` and the tensors' digest, written through :func:`atomic_path`.
+
+    Equal tensors and metadata give equal bytes, in any process (see :func:`sort_safetensors_metadata`).
+    """
     from safetensors.torch import save_file
 
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={**metadata, DIGEST_KEY: tensor_digest(tensors)})
+        sort_safetensors_metadata(tmp)
     return Path(path)
+
+
+def sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header in place with its metadata keys in sorted order.
+
+    safetensors writes the metadata from a hash map whose order changes from one process to the next, so two runs
+    that save the very same model would give files of different bytes (and checksums). The header keeps its length
+    (the same keys and values, reordered), so the tensor data that follows it does not move.
+    """
+    with open(path, "r+b") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # escaped differently from safetensors' own writer: leave the file as it is
+            return
+        file.seek(8)
+        file.write(text.ljust(length, b" "))  # safetensors pads its header with spaces too

@@ -174,13 +174,22 @@ def _retired_twin(gated: hiap.HiAPViT) -> hiap.HiAPViT:
 
 @pytest.mark.parametrize("path", ["reference", "triton"])
 def test_retired_heads_and_neurons_are_closed_and_cost_nothing_while_the_other_gates_sample(path):
-    from torch.utils.flop_counter import FlopCounterMode
-
     from hiap_kernels import interpreter_active
 
     if path == "triton" and not (torch.cuda.is_available() or interpreter_active()):
         pytest.skip("needs a GPU or the Triton interpreter")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_retirement(path, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.gpu
+def test_retirement_on_the_gpus_kernels_gpu():
+    """The same on the compiled kernels (``pytest -m gpu`` runs only marked tests)."""
+    _check_retirement("triton", "cuda")
+
+
+def _check_retirement(path: str, device: str) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
     gated = hiap.gate_vit(tiny_vit(), hiap.HiAPConfig()).to(device).train()
     randomize_logits(gated, torch.Generator().manual_seed(3))
     logits = gated.gate_logits()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,34 @@ def test_a_damaged_pruned_file_is_refused_naming_the_file(tmp_path, capsys):
         hiap.load_pruned(path)
     assert run_cli("eval", path, "--model-args", "depth=2") == 2
     assert "damaged" in capsys.readouterr().err
+
+
+def test_equal_models_save_to_equal_bytes_in_any_process(tmp_path):
+    """safetensors writes metadata in a per-process hash-map order; the header is rewritten with sorted keys, so a
+    pruned file's checksum depends on the model alone."""
+    import struct
+    import subprocess
+    import sys
+
+    script = ("import sys, torch, hiap\n"
+              "from tests.helpers import randomize_logits, tiny_vit\n"
+              "torch.manual_seed(0)\n"
+              "gated = hiap.gate_vit(tiny_vit())\n"
+              "randomize_logits(gated, torch.Generator().manual_seed(0))\n"
+              "hiap.save_pruned(hiap.extract(gated), sys.argv[1])\n")
+    paths = [tmp_path / f"pruned{index}.safetensors" for index in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=str(Path(__file__).parent.parent))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    data = paths[0].read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8:8 + length])["__metadata__"]
+    assert list(metadata) == sorted(metadata) == ["hiap_digest", "hiap_layout"]
+    torch.manual_seed(0)
+    pruned, _ = _pruned(tmp_path)
+    loaded = hiap.load_pruned(paths[0])
+    x = images(loaded)
+    torch.testing.assert_close(loaded.eval()(x), pruned.eval()(x), rtol=0, atol=0)
 
 
 def test_a_pruned_file_without_a_digest_still_loads_with_a_warning(tmp_path):
