@@ -103,3 +103,17 @@ def test_the_macs_plot_marks_the_tolerance_and_the_step_where_the_structure_was_
     assert "structure fixed" in labels and "+-1%" in labels
     fixed = [line for line in captured[0].axes[0].get_lines() if line.get_label() == "structure fixed"]
     assert list(fixed[0].get_xdata()) == [30, 30]
+
+
+def test_the_report_says_from_when_and_how_many_gates_were_retired():
+    from hiap.app.report import _retirement_lines
+
+    totals = {"heads_total": 16, "neuron_groups_total": 64}
+    history = [{"event": "epoch", "step": 22},
+               {"event": "retire", "step": 150, "heads": 0, "neuron_groups": 32, **totals},
+               {"event": "retire", "step": 200, "heads": 1, "neuron_groups": 48, **totals},
+               {"event": "retire", "step": 250, "heads": 0, "neuron_groups": 40, **totals}]
+    assert _retirement_lines(history) == [
+        "Gates closed for good were left out of the search's steps from step 150 on: at most 1 of 16 heads and 48 of "
+        "64 neuron groups."]
+    assert _retirement_lines(history[:1]) == []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from hiap.app.jobs import RETIRE_EVENT
 from hiap.app.plots import plot_accuracy_vs_macs, plot_gate_probabilities, plot_macs, plot_structure
 from hiap.app.runtime import atomic_write_json, atomic_write_text
 
@@ -127,6 +128,7 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
         config = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings["hiap"].items())
         lines.append(f"HiAP config: `{config}`; {settings['epochs']} epochs of batch {settings['batch_size']}.")
     lines += _fixed_structure_lines(outcome.get("fixed_structure"))
+    lines += _retirement_lines(outcome.get("history") or [])
     settling = outcome.get("settling")
     if settling and settling["steps"]:
         lines.append(f"Budget settling moved the decided MACs from {settling['before']:.4f} to {settling['after']:.4f} "
@@ -165,6 +167,20 @@ def _fixed_structure_lines(fixed: dict | None) -> list[str]:
     elif fixed.get("target") is not None:
         line += f" ({100 * (fixed['after'] / fixed['target'] - 1):+.2f}% from the target; no settling needed)"
     return [line + f". The last {total - search} steps trained the weights of the decided network."]
+
+
+def _retirement_lines(history: list[dict]) -> list[str]:
+    """When the search retired gates closed for good (``retire_below``): from which step, and how many at most."""
+    events = [record for record in history if record.get("event") == RETIRE_EVENT]
+    if not events:
+        return []
+    first = next((record for record in events if record["heads"] or record["neuron_groups"]), None)
+    if first is None:
+        return []
+    heads = max(record["heads"] for record in events)
+    groups = max(record["neuron_groups"] for record in events)
+    return [f"Gates closed for good were left out of the search's steps from step {first['step']} on: at most "
+            f"{heads} of {first['heads_total']} heads and {groups} of {first['neuron_groups_total']} neuron groups."]
 
 
 def _token_section(outcome: dict) -> list[str]:
