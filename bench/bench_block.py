@@ -19,6 +19,7 @@
                                                      while every other gate still samples
                                 hiap-fixed/triton    the last quarter of a run: that structure fixed
                                                      (``fix_structure``), removed heads and neurons skipped
+                                hiap-*/reference     on a CPU, the late, retired and fixed steps on the PyTorch path
 
 Each training-step record carries ``ops_per_step``, the launching ops (views excluded) of one eager step: what a
 launch-bound step (DeiT-S at batch 64 on an H100) pays for.
@@ -64,6 +65,8 @@ TRITON_MODULES = ("hiap_kernels.gated_weight.kernel", "hiap_kernels.gated_weight
                   "hiap_kernels.objective.kernel")
 STEP_VARIANTS = ("dense/reference", "hiap/reference", "hiap/triton", "hiap/compiled", "hiap-late/triton",
                  "hiap-retired/triton", "hiap-fixed/triton")
+if not ON_GPU:  # the Triton cells need a GPU: on a CPU the late, retired and fixed steps run the reference path
+    STEP_VARIANTS += ("hiap-late/reference", "hiap-retired/reference", "hiap-fixed/reference")
 
 
 def _pin_backend(module: torch.nn.Module, provider: str) -> None:
