@@ -148,3 +148,16 @@ def gelu_and_derivative(pre, APPROXIMATE_TANH: tl.constexpr):
         # pdf of the standard normal: exp(-x^2 / 2) / sqrt(2 pi)
         derivative = cdf + pre * tl.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
     return value, derivative
+
+
+@triton.jit
+def inverse_row_norms(row_ptrs, row_valid, width, eps, BLOCK_ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``1 / max(|row|, eps)`` in fp32 for the ``[BLOCK_ROWS, BLOCK_W]`` pointers ``row_ptrs`` (each row's first
+    ``BLOCK_W`` elements, unit stride), summed a width chunk at a time; rows not ``row_valid`` read as zeros."""
+    ws = tl.arange(0, BLOCK_W)
+    squares = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    for w0 in range(0, width, BLOCK_W):
+        chunk = tl.load(row_ptrs + w0, mask=row_valid[:, None] & ((w0 + ws) < width)[None, :],
+                        other=0.0).to(tl.float32)
+        squares += tl.sum(chunk * chunk, axis=1)
+    return tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(squares), eps))

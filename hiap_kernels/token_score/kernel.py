@@ -22,6 +22,7 @@ import triton.language as tl
 
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor, next_power_of_2_at_least_16
+from hiap_kernels.common.tiles import inverse_row_norms
 
 __all__ = ["token_redundancy"]
 
@@ -65,12 +66,7 @@ def _token_redundancy_kernel(
     key_ptrs = keys_ptr + batch * keys_stride_b + rows[:, None] * keys_stride_p + ws[None, :]
 
     # [BLOCK_P]: inverse key norms (padding rows are zero keys and add nothing below)
-    squares = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for w0 in range(0, width, BLOCK_W):
-        chunk = tl.load(key_ptrs + w0, mask=row_valid[:, None] & ((w0 + ws) < width)[None, :],
-                        other=0.0).to(tl.float32)
-        squares += tl.sum(chunk * chunk, axis=1)
-    inverse = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(squares), eps))
+    inverse = inverse_row_norms(key_ptrs, row_valid, width, eps, BLOCK_P, BLOCK_W)
 
     # [BLOCK_P]: m_i . sum_j m_j, one chunk of the width at a time
     dots = tl.zeros((BLOCK_P,), dtype=tl.float32)

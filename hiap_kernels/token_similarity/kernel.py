@@ -27,6 +27,7 @@ import triton.language as tl
 
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor, next_power_of_2_at_least_16
+from hiap_kernels.common.tiles import inverse_row_norms
 
 __all__ = ["nearest_tokens"]
 
@@ -70,12 +71,7 @@ def _nearest_tokens_kernel(
     candidates_base = candidates_ptr + batch * candidates_stride_b
 
     # [BLOCK_M]: inverse query norms, fp32
-    query_squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for w0 in range(0, width, BLOCK_W):
-        chunk = tl.load(query_ptrs + w0, mask=row_valid[:, None] & ((w0 + ws) < width)[None, :],
-                        other=0.0).to(tl.float32)
-        query_squares += tl.sum(chunk * chunk, axis=1)
-    query_inv = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(query_squares), eps))
+    query_inv = inverse_row_norms(query_ptrs, row_valid, width, eps, BLOCK_M, BLOCK_W)
 
     # [BLOCK_M]: the running max (+inf stands for NaN, see below) and its candidate
     best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
