@@ -33,10 +33,15 @@ class HiAPViT(nn.Module):
         self.schedule = schedule
         self.register_buffer("gate_step", torch.zeros((), dtype=torch.int64))
 
-    def gated_modules(self) -> Iterator[nn.Module]:
-        for module in self.vit.modules():
+    def named_gated_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """The gated attention and FFN modules by name (``blocks.3.attn``, ``blocks.3.mlp`` ...)."""
+        for name, module in self.vit.named_modules():
             if isinstance(module, (GatedAttention, GatedMlp)):
-                yield module
+                yield name, module
+
+    def gated_modules(self) -> Iterator[nn.Module]:
+        for _, module in self.named_gated_modules():
+            yield module
 
     def attention_layers(self) -> list[GatedAttention]:
         return [block.attn for block in self.vit.blocks]
@@ -87,43 +92,37 @@ class HiAPViT(nn.Module):
         by a later call. One device read per layer: call it on logging steps, not on every step. Returns the counts
         ``{"heads", "heads_total", "neuron_groups", "neuron_groups_total"}``.
         """
-        masks = {name: module.gates.retirable(below) for name, module in self.named_retirable()}
+        masks = {name: module.gates.retirable(below) for name, module in self.named_gated_modules()}
         # One device read for the whole model: the masks travel to the host together.
         host = torch.cat([mask.reshape(-1) for mask in masks.values()]).cpu().split([m.numel() for m in masks.values()])
         self.set_retired(dict(zip(masks, host)))
         return self.retired_counts()
 
-    def named_retirable(self) -> Iterator[tuple[str, nn.Module]]:
-        """The gated modules by name (``blocks.3.attn``, ``blocks.3.mlp`` ...)."""
-        for name, module in self.vit.named_modules():
-            if isinstance(module, (GatedAttention, GatedMlp)):
-                yield name, module
-
     def retired(self) -> dict[str, torch.Tensor]:
         """What ``retire_closed`` left out, by module name: bool ``[H]`` heads / ``[F / G]`` neuron groups (host)."""
         out = {}
-        for name, module in self.named_retirable():
-            units = module.num_heads if isinstance(module, GatedAttention) else \
-                module.hidden_features // module.gates.group
+        for name, module in self.named_gated_modules():
+            units = module.gates.head if isinstance(module, GatedAttention) else module.gates.neuron
             mask = module.retired_mask
-            out[name] = torch.zeros(units, dtype=torch.bool) if mask is None else mask.clone()
+            out[name] = torch.zeros(len(units), dtype=torch.bool) if mask is None else mask.clone()
         return out
 
     def set_retired(self, masks: dict[str, torch.Tensor]) -> None:
         """Apply ``retired()``'s masks (a checkpoint's, or ``retire_closed``'s); modules not named keep all units."""
-        unknown = sorted(set(masks) - {name for name, _ in self.named_retirable()})
+        unknown = sorted(set(masks) - {name for name, _ in self.named_gated_modules()})
         if unknown:
             raise ValueError(f"no gated modules named {unknown}")
-        for name, module in self.named_retirable():
+        for name, module in self.named_gated_modules():
             module.retire(masks.get(name))
 
     def retired_counts(self) -> dict[str, int]:
         """How many heads and neuron groups are retired, and of how many (no device read)."""
         counts = dict.fromkeys(("heads", "heads_total", "neuron_groups", "neuron_groups_total"), 0)
-        for name, mask in self.retired().items():
-            kind = "heads" if isinstance(self.vit.get_submodule(name), GatedAttention) else "neuron_groups"
-            counts[kind] += int(mask.sum())
-            counts[f"{kind}_total"] += mask.numel()
+        masks = self.retired()
+        for name, module in self.named_gated_modules():
+            kind = "heads" if isinstance(module, GatedAttention) else "neuron_groups"
+            counts[kind] += int(masks[name].sum())
+            counts[f"{kind}_total"] += masks[name].numel()
         return counts
 
     def gate_logits(self) -> dict[str, nn.Parameter]:
