@@ -125,8 +125,8 @@ def render(teachers: list[dict], rows: list[dict], summary: list[dict]) -> str:
         lines.append(f"| {entry['method']} | {entry['r']} | {schedule} | {entry['mac_fraction']:.3f} | {accuracy} | "
                      f"{loss}{speed} | {versus} | {record} |")
     if timed:
-        lines += ["", "Speed: the dense teacher's latency over the model's, at the same batch, the median of interleaved "
-                  "rounds on this CPU, averaged over the teachers."]
+        lines += ["", "Speed: the dense teacher's latency over the model's, at the same batch, the median of "
+                  "interleaved rounds on this CPU, averaged over the teachers."]
     return "\n".join(lines) + "\n"
 
 
