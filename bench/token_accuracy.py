@@ -9,8 +9,9 @@ split (digits: 360 images, one is 0.28 points; MNIST-1D: 2,400 signals, one is 0
 paired: the summary gives each method's difference to ToMe per seed and how many seeds it wins, ties and loses. The
 validation cross-entropy tells apart what accuracy ties.
 
-Per ``r`` (tokens removed per block): RAPID (prune in the first half, merge in the second), RAPID without the
-importance term in its prune score, merging only, and ToMe. Each row states its MAC fraction (``count_macs``,
+Per ``r`` (tokens removed per block): RAPID (prune in the first half by redundancy, merge in the second), RAPID
+with the class token's attention in its prune score (``weight=1``; ``--importance-weights`` sets the weights of these
+rows), merging only, and ToMe. Each row states its MAC fraction (``count_macs``,
 reduction included) so equal token counts can be checked, and its throughput against the dense teacher: every
 model of one teacher is timed in the same interleaved rounds (``measure_latencies``, this machine's CPU), so equal
 token counts can be checked for equal throughput as well.
@@ -33,9 +34,13 @@ from hiap.app.evaluation import evaluate_classifier, measure_latencies, model_in
 from hiap.app.session import PipelineSettings, prepare_session
 from hiap.tokens import reduce_tokens, token_schedule
 
-VARIANTS = {"rapid": "rapid:r={r}", "rapid (no importance)": "rapid:r={r},weight=0",
-            "merge only": "rapid:r={r},switch=0", "tome": "tome:r={r}"}
 BASELINE = "tome"
+
+
+def variants(importance_weights: list[float]) -> dict[str, str]:
+    """Method name -> schedule text with ``{r}`` open: RAPID, RAPID with each importance weight, merging only, ToMe."""
+    weighted = {f"rapid + importance {weight:g}": f"rapid:r={{r}},weight={weight:g}" for weight in importance_weights}
+    return {"rapid": "rapid:r={r}", **weighted, "merge only": "rapid:r={r},switch=0", "tome": "tome:r={r}"}
 
 
 def evaluate_teacher(args: argparse.Namespace, seed: int) -> tuple[dict, list[dict]]:
@@ -51,7 +56,7 @@ def evaluate_teacher(args: argparse.Namespace, seed: int) -> tuple[dict, list[di
     rows = [{"seed": seed, "method": "dense", "r": 0, "schedule": "-", "mac_fraction": 1.0,
              **evaluate_classifier(teacher, loader, device, show_progress=False)}]
     for r in args.removals:
-        for method, spec in VARIANTS.items():
+        for method, spec in variants(args.importance_weights).items():
             model = reduce_tokens(copy.deepcopy(teacher), spec.format(r=r))
             models[f"{method} r={r}"] = model
             rows.append({"seed": seed, "method": method, "r": r, "schedule": token_schedule(model).describe(),
@@ -136,6 +141,8 @@ def main() -> None:
     parser.add_argument("--removals", type=int, nargs="+", default=[1, 2, 3], help="tokens removed per block")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="teacher seeds: one teacher per seed, every method evaluated on each (default: 0)")
+    parser.add_argument("--importance-weights", type=float, nargs="*", default=[1.0],
+                        help="RAPID rows with the class token's attention in the prune score at these weights")
     parser.add_argument("--data", default=None, help="as hiap prune's --data (default: the digits)")
     parser.add_argument("--model", default="digits_vit", help="as hiap prune's --model (default: %(default)s)")
     parser.add_argument("--cache-dir", default="~/.cache/hiap", help="where the teachers are cached")
@@ -145,6 +152,8 @@ def main() -> None:
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         parser.error("--seeds must be distinct non-negative integers")
+    if any(not 0 < weight < float("inf") for weight in args.importance_weights):
+        parser.error("--importance-weights must be positive and finite (0 is the default RAPID row)")
     if min(args.removals) < 1 or args.latency_batch < 1 or args.threads < 1 or args.latency_rounds < 0:
         parser.error("--removals, --latency-batch and --threads must be positive, --latency-rounds non-negative")
     teachers, rows = [], []

@@ -18,7 +18,7 @@ from tests.helpers import images, randomize_logits, tiny_vit
 from tests.kernel_checks import needs_triton
 
 # 64 px with 8 px patches: 64 patch tokens and a class token per image.
-SCHEDULES = ["rapid:r=6", "rapid:r=4,switch=0.25,weight=0", "tome:r=6", "p5,m7,t4", "-,m9,-", "rapid:keep=0.6"]
+SCHEDULES = ["rapid:r=6", "rapid:r=4,switch=0.25,weight=1", "tome:r=6", "p5,m7,t4", "-,m9,-", "rapid:keep=0.6"]
 
 
 def _vit(**overrides):

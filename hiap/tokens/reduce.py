@@ -16,10 +16,12 @@ proportional attention). Static shapes: r is fixed per block, so a reduced model
 This package's reading of RAPID (arXiv 2606.08156, of which only the abstract is public), configurable:
 
 * prune (shallow to middle blocks): a token's redundancy is its mean cosine similarity to the other patch tokens
-  (computed as its similarity to the sum of all, ``O(P W)`` instead of ``O(P^2 W)``: the same number); its importance
-  is the class token's attention to it, normalised to mean 1. The r tokens with the highest
-  ``redundancy - importance_weight * importance`` are dropped: over-represented patterns go first, unless the class
-  token attends to them.
+  (computed as its similarity to the sum of all, ``O(P W)`` instead of ``O(P^2 W)``: the same number), and the r most
+  redundant tokens are dropped: over-represented patterns go first. With ``importance_weight`` > 0 the score is
+  ``redundancy - importance_weight * importance``, the importance being the class token's attention to the token,
+  normalised to mean 1, so tokens the class token attends to are spared. The default is 0, the abstract's
+  "redundancy-similarity aware" metric: on paired teacher seeds (``bench/token_accuracy.py``) every weight above 0
+  scored lower than 0, the more so the larger it was.
 * merge (deep blocks): the r tokens the class token attends to least are merged, each into its most similar token
   among the rest, which keeps the tokens the class token relies on intact.
 * Token order is kept by both (the kept tokens stay in their original order).
@@ -63,10 +65,10 @@ def _merge(merge, x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, sourc
 
 
 def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor | None, r: int,
-                     importance_weight: float = 1.0, prefix: int = 0, score=token_redundancy_reference
+                     importance_weight: float = 0.0, prefix: int = 0, score=token_redundancy_reference
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAPID's shallow step: drop the ``r`` patch tokens of highest ``score`` (``token_redundancy``: most redundant,
-    least attended; module docstring). ``size`` may be ``[1, 1, 1]`` (every token one patch), and is then returned
+    """RAPID's shallow step: drop the ``r`` patch tokens of highest ``score`` (``token_redundancy``: the most redundant,
+    and with an importance weight the least attended; module docstring). ``size`` may be ``[1, 1, 1]`` (every token one patch), and is then returned
     as it is."""
     if r == 0:
         return x, size

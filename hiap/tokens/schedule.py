@@ -8,6 +8,7 @@ Text form (the CLI's ``--tokens``):
 
     rapid:r=16                 RAPID: prune 16 tokens per block in the first half, merge 16 in the second half
     rapid:r=16,switch=0.33     ... turning from pruning to merging at a third of the depth
+    rapid:r=16,weight=1        ... with the class token's attention in the prune score (default 0: redundancy alone)
     rapid:keep=0.6             ... with r chosen so the blocks see ~60 % of the dense token-layer work
     tome:r=8 / tome:keep=0.6   ToMe: bipartite soft matching, r tokens per block
     p16,p16,m16,t8,-,...       explicit, one entry per block: p = prune, m = merge, t = ToMe, - = nothing
@@ -45,10 +46,11 @@ class LayerStep:
 
 @dataclass(frozen=True)
 class TokenSchedule:
-    """One ``LayerStep`` per block, plus the RAPID prune metric's importance weight (see ``hiap.tokens.reduce``)."""
+    """One ``LayerStep`` per block, plus the RAPID prune metric's importance weight (see ``hiap.tokens.reduce``;
+    0, the default, prunes by redundancy alone)."""
 
     steps: tuple[LayerStep, ...]
-    importance_weight: float = 1.0
+    importance_weight: float = 0.0
 
     def __post_init__(self):
         if not math.isfinite(self.importance_weight) or self.importance_weight < 0:
@@ -84,7 +86,7 @@ class TokenSchedule:
         return ",".join("-" if s.kind == "keep" else f"{letters[s.kind]}{s.r}" for s in self.steps)
 
 
-def rapid_schedule(depth: int, r: int, switch: float = 0.5, importance_weight: float = 1.0) -> TokenSchedule:
+def rapid_schedule(depth: int, r: int, switch: float = 0.5, importance_weight: float = 0.0) -> TokenSchedule:
     """RAPID: prune ``r`` tokens in each block before ``switch * depth``, merge ``r`` in each block from there on."""
     if not 0.0 <= switch <= 1.0:
         raise ValueError(f"switch must lie in [0, 1], got {switch}")
@@ -137,7 +139,7 @@ def parse_schedule(spec: str, depth: int, patches: int, prefix: int) -> TokenSch
             raise ValueError(f"token schedule {spec!r}: give exactly one of r= and keep=")
         try:
             switch = float(options.get("switch", 0.5))
-            weight = float(options.get("weight", 1.0))
+            weight = float(options.get("weight", 0.0))
             r_value = int(options["r"]) if "r" in options else None
             keep = float(options["keep"]) if "keep" in options else None
         except ValueError as error:
