@@ -1,7 +1,8 @@
 """The similarity step of token reduction (each token's most cosine-similar partner), inference, DeiT-S shapes.
 
     nearest_tokens_tome        keys [B, 196, 384]: the 98 even patch tokens against the 98 odd ones (ToMe's matching)
-    nearest_tokens_rapid_r16   16 merged tokens against all 196, themselves excluded (RAPID's importance merge, r = 16)
+    nearest_tokens_rapid_r16   RAPID's importance merge at r = 16: its 24 candidates (the default merge pool, 1.5 r)
+                               against all 196 tokens, the candidates excluded
 
 Providers: ``nearest_tokens_reference`` (F.normalize, a similarity matmul, the mask and a max in PyTorch, eager) /
 torch.compile of it / ``hiap_kernels.nearest_tokens`` (one launch, no similarity matrix). bf16 keys on a GPU, fp32 on
@@ -17,22 +18,25 @@ from _providers import PROVIDERS, provider_op
 from _settings import DEVICE, ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, nearest_tokens_work
 
+from hiap.tokens.reduce import merge_candidates
+from hiap.tokens.schedule import DEFAULT_MERGE_POOL
 from hiap_kernels import nearest_tokens_reference
 
 BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(4,))
 PATCHES = 196
 MERGED = 16
+CANDIDATES = merge_candidates(PATCHES, MERGED, DEFAULT_MERGE_POOL)
 CASES = ("tome", f"rapid_r{MERGED}")
 
 
 def _inputs(case: str, batch: int, dtype: torch.dtype):
     """(queries, candidates, excluded) as token reduction passes them: views of one key tensor for ToMe; the gathered
-    sources, every key and the sources' mask for RAPID."""
+    merge candidates, every key and the candidates' mask for RAPID."""
     generator = torch.Generator().manual_seed(batch)
     keys = torch.randn(batch, PATCHES, EMBED_DIM, generator=generator).to(DEVICE, dtype)
     if case == "tome":
         return keys[:, ::2], keys[:, 1::2], None
-    source = torch.stack([torch.randperm(PATCHES, generator=generator)[:MERGED] for _ in range(batch)]).to(DEVICE)
+    source = torch.stack([torch.randperm(PATCHES, generator=generator)[:CANDIDATES] for _ in range(batch)]).to(DEVICE)
     excluded = torch.zeros(batch, PATCHES, dtype=torch.bool, device=DEVICE).scatter_(1, source, True)
     return torch.gather(keys, 1, source[..., None].expand(-1, -1, EMBED_DIM)), keys, excluded
 
@@ -55,7 +59,7 @@ def test_nearest_tokens(benchmark, recorder, provider, batch, case):
 
     shapes = {**DEIT_S_SHAPES, "queries": list(queries.shape), "candidates": list(candidates.shape),
               "excluded": None if excluded is None else list(excluded.shape)}
-    key_rows = PATCHES if case == "tome" else PATCHES + MERGED  # RAPID's queries are a gathered copy
+    key_rows = PATCHES if case == "tome" else PATCHES + CANDIDATES  # RAPID's queries are a gathered copy
     run.measure(call, shapes=shapes,
                 work=nearest_tokens_work(batch, queries.shape[1], candidates.shape[1], EMBED_DIM, key_rows,
                                          masked=excluded is not None),

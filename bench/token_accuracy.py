@@ -11,10 +11,11 @@ validation cross-entropy tells apart what accuracy ties.
 
 Per ``r`` (tokens removed per block): RAPID (prune in the first half by redundancy, merge in the second), RAPID
 with the class token's attention in its prune score (``weight=1``; ``--importance-weights`` sets the weights of these
-rows), merging only, and ToMe. Each row states its MAC fraction (``count_macs``,
-reduction included) so equal token counts can be checked, and its throughput against the dense teacher: every
-model of one teacher is timed in the same interleaved rounds (``measure_latencies``, this machine's CPU), so equal
-token counts can be checked for equal throughput as well.
+rows), RAPID merging the r least attended tokens (``pool=1``; ``--merge-pools``), merging only (with those pools
+too), and ToMe. Each row
+states its MAC fraction (``count_macs``, reduction included) so equal token counts can be checked, and its
+throughput against the dense teacher: every model of one teacher is timed in the same interleaved rounds
+(``measure_latencies``, this machine's CPU), so equal token counts can be checked for equal throughput as well.
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ from hiap.tokens import reduce_tokens, token_schedule
 BASELINE = "tome"
 
 
-def variants(importance_weights: list[float]) -> dict[str, str]:
-    """Method name -> schedule text with ``{r}`` open: RAPID, RAPID with each importance weight, merging only, ToMe."""
+def variants(importance_weights: list[float], merge_pools: list[float]) -> dict[str, str]:
+    """Method name -> schedule text with ``{r}`` open: RAPID, RAPID with each importance weight and each merge pool,
+    merging only (with each merge pool too), ToMe."""
     weighted = {f"rapid + importance {weight:g}": f"rapid:r={{r}},weight={weight:g}" for weight in importance_weights}
-    return {"rapid": "rapid:r={r}", **weighted, "merge only": "rapid:r={r},switch=0", "tome": "tome:r={r}"}
+    pooled = {f"rapid, merge pool {pool:g}": f"rapid:r={{r}},pool={pool:g}" for pool in merge_pools}
+    merging = {"merge only": "rapid:r={r},switch=0",
+               **{f"merge only, pool {pool:g}": f"rapid:r={{r}},switch=0,pool={pool:g}" for pool in merge_pools}}
+    return {"rapid": "rapid:r={r}", **weighted, **pooled, **merging, "tome": "tome:r={r}"}
 
 
 def evaluate_teacher(args: argparse.Namespace, seed: int) -> tuple[dict, list[dict]]:
@@ -56,7 +61,7 @@ def evaluate_teacher(args: argparse.Namespace, seed: int) -> tuple[dict, list[di
     rows = [{"seed": seed, "method": "dense", "r": 0, "schedule": "-", "mac_fraction": 1.0,
              **evaluate_classifier(teacher, loader, device, show_progress=False)}]
     for r in args.removals:
-        for method, spec in variants(args.importance_weights).items():
+        for method, spec in variants(args.importance_weights, args.merge_pools).items():
             model = reduce_tokens(copy.deepcopy(teacher), spec.format(r=r))
             models[f"{method} r={r}"] = model
             rows.append({"seed": seed, "method": method, "r": r, "schedule": token_schedule(model).describe(),
@@ -143,6 +148,8 @@ def main() -> None:
                         help="teacher seeds: one teacher per seed, every method evaluated on each (default: 0)")
     parser.add_argument("--importance-weights", type=float, nargs="*", default=[1.0],
                         help="RAPID rows with the class token's attention in the prune score at these weights")
+    parser.add_argument("--merge-pools", type=float, nargs="*", default=[1.0],
+                        help="RAPID rows whose merge steps choose among this many times r of the least attended tokens")
     parser.add_argument("--data", default=None, help="as hiap prune's --data (default: the digits)")
     parser.add_argument("--model", default="digits_vit", help="as hiap prune's --model (default: %(default)s)")
     parser.add_argument("--cache-dir", default="~/.cache/hiap", help="where the teachers are cached")
@@ -154,6 +161,8 @@ def main() -> None:
         parser.error("--seeds must be distinct non-negative integers")
     if any(not 0 < weight < float("inf") for weight in args.importance_weights):
         parser.error("--importance-weights must be positive and finite (0 is the default RAPID row)")
+    if any(not 1 <= pool < float("inf") for pool in args.merge_pools):
+        parser.error("--merge-pools must be finite and >= 1")
     if min(args.removals) < 1 or args.latency_batch < 1 or args.threads < 1 or args.latency_rounds < 0:
         parser.error("--removals, --latency-batch and --threads must be positive, --latency-rounds non-negative")
     teachers, rows = [], []

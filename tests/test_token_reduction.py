@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import hiap
 import hiap_kernels
 from hiap.tokens import LayerStep, TokenSchedule, parse_schedule, reduce_tokens, restore_tokens, token_counts
-from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
+from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, merge_candidates, redundancy_prune
 from tests.helpers import images, randomize_logits, tiny_vit
 from tests.kernel_checks import needs_triton
 
@@ -134,7 +134,7 @@ def test_importance_merge_keeps_the_most_attended_tokens_unchanged():
     x = torch.randn(1, 8, 3, generator=generator)
     keys = torch.randn(1, 8, 4, generator=generator)
     cls = torch.tensor([[0.5, 0.01, 0.2, 0.02, 0.1, 0.03, 0.1, 0.04]])
-    merged, size = importance_merge(x, torch.ones(1, 8, 1), keys, cls, 3)
+    merged, size = importance_merge(x, torch.ones(1, 8, 1), keys, cls, 3, pool=1.0)
     # Tokens 1, 3 and 5 (least attended) are merged away; the rest keep their order.
     assert size.sum() == 8 and merged.shape[1] == 5
     untouched = size.flatten() == 1
@@ -142,6 +142,31 @@ def test_importance_merge_keeps_the_most_attended_tokens_unchanged():
     for position, token in enumerate(kept_order):
         if untouched[position]:
             assert torch.equal(merged[0, position], x[0, token])
+
+
+@pytest.mark.parametrize("pool", [2.0, 1.5])
+def test_importance_merge_pool_merges_the_candidates_with_a_near_twin(pool):
+    """r = 2 of 8 patch tokens with a pool of 4 candidates (1.5 * 2 = 3 rounds to 3, 2 * 2 = 4): of the least
+    attended, those whose keys nearly copy a token outside the candidates are the ones merged, into that token."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, 3, generator=generator)
+    keys = torch.randn(1, 8, 4, generator=generator)
+    keys[0, 3] = keys[0, 2] * 1.5  # a twin of token 2 (cosine 1)
+    keys[0, 5] = keys[0, 4] + 1e-3  # a near twin of token 4
+    cls = torch.tensor([[0.5, 0.01, 0.2, 0.02, 0.1, 0.03, 0.1, 0.04]])  # least attended: 1, 3, 5, 7
+    merged, size = importance_merge(x, torch.ones(1, 8, 1), keys, cls, 2, pool=pool)
+    kept = [0, 1, 2, 4, 6, 7]
+    assert merged.shape == (1, 6, 3) and size.flatten().tolist() == [1, 1, 2, 2, 1, 1]
+    for position, token in enumerate(kept):
+        expected = (x[0, token] + x[0, token + 1]) / 2 if token in (2, 4) else x[0, token]
+        torch.testing.assert_close(merged[0, position], expected)
+
+
+def test_merge_candidates_bounds():
+    assert merge_candidates(196, 14, 1.5) == 21 and merge_candidates(196, 14, 1.0) == 14
+    assert merge_candidates(8, 3, 1.5) == 4  # at most half the patches ...
+    assert merge_candidates(8, 6, 1.5) == 6  # ... but never fewer than r
+    assert merge_candidates(10, 1, 1.5) == 2  # 1.5 rounds half up
 
 
 def test_proportional_attention_sees_a_merged_token_as_its_copies():
@@ -193,6 +218,9 @@ def test_reduced_model_compiles_without_graph_breaks():
         ("rapid:r=2,speed=3", "unknown option"),
         ("rapid:keep=0.6,r=2", "exactly one"),
         ("tome:keep=0", "keep must lie"),
+        ("rapid:r=2,pool=0.5", "merge_pool must be finite and >= 1"),
+        ("rapid:r=2,weight=-1", "importance_weight must be finite and >= 0"),
+        ("tome:r=2,pool=2", "unknown option"),
         ("", "empty"),
     ],
 )
@@ -207,6 +235,14 @@ def test_models_that_pool_by_averaging_are_refused_but_may_keep_all_tokens():
     with pytest.raises(ValueError, match="class-token model"):
         reduce_tokens(model, "tome:r=2")
     reduce_tokens(model, "-,-,-")  # nothing removed: allowed, and exact
+
+
+def test_rapid_options_reach_the_schedule():
+    schedule = parse_schedule("rapid:r=4,weight=0.5,pool=2,switch=0.25", depth=12, patches=196, prefix=1)
+    assert (schedule.importance_weight, schedule.merge_pool) == (0.5, 2.0)
+    assert [step.kind for step in schedule.steps] == ["prune"] * 3 + ["merge"] * 9
+    default = parse_schedule("rapid:r=4", depth=12, patches=196, prefix=1)
+    assert (default.importance_weight, default.merge_pool) == (0.0, 1.5)
 
 
 def test_keep_fraction_picks_the_smallest_r_that_reaches_it():

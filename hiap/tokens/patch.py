@@ -86,6 +86,7 @@ class _BlockPlan:
     prefix: int
     first: bool
     importance_weight: float
+    merge_pool: float
     state: _TokenState
 
 
@@ -136,7 +137,7 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
                                        plan.importance_weight, prefix=prefix, **_step_ops(block, x, step.kind))
             size = None if ones else size
         elif step.kind == "merge":
-            x, size = importance_merge(x, size, stats.keys, stats.cls, step.r, prefix=prefix,
+            x, size = importance_merge(x, size, stats.keys, stats.cls, step.r, prefix=prefix, pool=plan.merge_pool,
                                        **_step_ops(block, x, step.kind))
         else:
             x, size = bipartite_soft_matching(x, size, stats.keys, step.r, prefix=prefix,
@@ -176,7 +177,8 @@ def reduce_tokens(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep
     reduced_before = False
     for step, block in zip(schedule.steps, blocks):
         if reduced_before or step.removes:
-            block.hiap_token_plan = _BlockPlan(step, prefix, not reduced_before, schedule.importance_weight, state)
+            block.hiap_token_plan = _BlockPlan(step, prefix, not reduced_before, schedule.importance_weight,
+                                               schedule.merge_pool, state)
             block.forward = types.MethodType(_reduced_block_forward, block)
         reduced_before = reduced_before or step.removes > 0
     vit.hiap_token_schedule = schedule

@@ -22,8 +22,12 @@ This package's reading of RAPID (arXiv 2606.08156, of which only the abstract is
   normalised to mean 1, so tokens the class token attends to are spared. The default is 0, the abstract's
   "redundancy-similarity aware" metric: on paired teacher seeds (``bench/token_accuracy.py``) every weight above 0
   scored lower than 0, the more so the larger it was.
-* merge (deep blocks): the r tokens the class token attends to least are merged, each into its most similar token
-  among the rest, which keeps the tokens the class token relies on intact.
+* merge (deep blocks): the ``merge_pool * r`` tokens the class token attends to least are the candidates (at most
+  half the patch tokens, never fewer than r); each finds its most similar token outside them, and the r candidates
+  closest to their partner are merged into it. The tokens the class token relies on stay intact, and of the less
+  important ones those with a near twin go first ("fusing less important but similar neighbours"). ``merge_pool``
+  = 1 merges the r least attended whatever their similarity; the default 1.5 measured better on paired teacher
+  seeds (``bench/token_accuracy.py``).
 * Token order is kept by both (the kept tokens stay in their original order).
 
 ToMe (Bolya et al. 2023), as published: tokens alternate into sets A and B; every A token's most similar B token is its
@@ -40,11 +44,21 @@ the Triton backend.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from hiap.tokens.schedule import DEFAULT_MERGE_POOL
 from hiap_kernels.token_merge.reference import gather_rows, merge_tokens_reference
 from hiap_kernels.token_score.reference import token_redundancy_reference
 from hiap_kernels.token_similarity.reference import nearest_tokens_reference
+
+
+def merge_candidates(patches: int, r: int, pool: float) -> int:
+    """How many of the least attended patch tokens compete in a RAPID merge step that removes ``r`` of ``patches``:
+    ``pool * r`` rounded half up, at most half the patches (so that every candidate keeps partners outside the
+    candidates to choose from), never fewer than ``r``."""
+    return max(r, min(math.floor(pool * r + 0.5), patches // 2))
 
 
 def _with_prefix(index: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -67,9 +81,9 @@ def _merge(merge, x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, sourc
 def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor | None, r: int,
                      importance_weight: float = 0.0, prefix: int = 0, score=token_redundancy_reference
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAPID's shallow step: drop the ``r`` patch tokens of highest ``score`` (``token_redundancy``: the most redundant,
-    and with an importance weight the least attended; module docstring). ``size`` may be ``[1, 1, 1]`` (every token one patch), and is then returned
-    as it is."""
+    """RAPID's shallow step: drop the ``r`` patch tokens of highest ``score`` (``token_redundancy``: the most
+    redundant, and with an importance weight the least attended; module docstring). ``size`` may be ``[1, 1, 1]``
+    (every token one patch), and is then returned as it is."""
     if r == 0:
         return x, size
     patches = x.shape[1] - prefix
@@ -82,18 +96,27 @@ def redundancy_prune(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cl
 
 
 def importance_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, r: int,
-                     merge=merge_tokens_reference, nearest=nearest_tokens_reference, prefix: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RAPID's deep step: merge the ``r`` least attended patch tokens into their most similar kept token."""
+                     merge=merge_tokens_reference, nearest=nearest_tokens_reference, prefix: int = 0,
+                     pool: float = DEFAULT_MERGE_POOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """RAPID's deep step: of the ``merge_candidates(P, r, pool)`` least attended patch tokens, merge the ``r``
+    most similar to their nearest token outside the candidates into it (module docstring)."""
     if r == 0:
         return x, size
     keys, cls = keys[:, prefix:], cls[:, prefix:]
-    order = torch.argsort(cls.float(), dim=1, stable=True)  # least attended first, [B, P]
-    source = order[:, :r]
-    destination = order[:, r:].sort(dim=1).values  # kept in their original order, [B, P - r]
-    is_source = torch.zeros_like(cls, dtype=torch.bool).scatter_(1, source, True)  # [B, P]
-    # Sources against every token, the sources excluded: no gather of the destinations' keys.
-    _, partner = nearest(gather_rows(keys, source), keys, is_source)  # [B, r], a token index
+    patches = cls.shape[1]
+    candidates = merge_candidates(patches, r, pool)
+    candidate = torch.argsort(cls.float(), dim=1, stable=True)[:, :candidates]  # least attended first, [B, K]
+    is_candidate = torch.zeros_like(cls, dtype=torch.bool).scatter_(1, candidate, True)  # [B, P]
+    # Candidates against every token, the candidates excluded: no gather of the other tokens' keys.
+    similarity, partner = nearest(gather_rows(keys, candidate), keys, is_candidate)  # [B, K], partner a token index
+    if candidates > r:
+        closest = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :r]  # [B, r]
+        source, partner = torch.gather(candidate, 1, closest), torch.gather(partner, 1, closest)
+        is_source = torch.zeros_like(is_candidate).scatter_(1, source, True)
+    else:
+        source, is_source = candidate, is_candidate
+    # The tokens that stay, in their original order: a stable sort puts the non-sources (0) first. [B, P - r]
+    destination = torch.argsort(is_source.to(torch.uint8), dim=1, stable=True)[:, : patches - r]
     # A kept token's place among the destinations: how many kept tokens come before it.
     place = torch.cumsum((~is_source).to(torch.int64), dim=1) - 1  # [B, P]
     target = torch.gather(place, 1, partner)
@@ -119,7 +142,8 @@ def bipartite_soft_matching(x: torch.Tensor, size: torch.Tensor, keys: torch.Ten
     return _merge(merge, x, size, keep, 2 * source, target, prefix)
 
 
-def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: int, class_attention: bool) -> int:
+def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: int, class_attention: bool,
+                       merge_pool: float = DEFAULT_MERGE_POOL) -> int:
     """MACs one step adds per image (what a FLOP counter sees): the class-attention scores (when the step uses them)
     and the similarity; ``patches`` and ``tokens`` are the block's input counts without and with the prefix."""
     if kind == "keep" or r == 0:
@@ -129,4 +153,4 @@ def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: 
     class_attention = tokens * key_width if class_attention else 0
     if kind == "prune":
         return class_attention + 2 * patches * key_width  # the sum of the unit keys, then each key against it
-    return class_attention + r * patches * key_width
+    return class_attention + merge_candidates(patches, r, merge_pool) * patches * key_width

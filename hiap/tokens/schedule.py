@@ -9,6 +9,8 @@ Text form (the CLI's ``--tokens``):
     rapid:r=16                 RAPID: prune 16 tokens per block in the first half, merge 16 in the second half
     rapid:r=16,switch=0.33     ... turning from pruning to merging at a third of the depth
     rapid:r=16,weight=1        ... with the class token's attention in the prune score (default 0: redundancy alone)
+    rapid:r=16,pool=1          ... merging the 16 least attended tokens (default 1.5: the 16 of the 24 least
+                               attended that are closest to a partner)
     rapid:keep=0.6             ... with r chosen so the blocks see ~60 % of the dense token-layer work
     tome:r=8 / tome:keep=0.6   ToMe: bipartite soft matching, r tokens per block
     p16,p16,m16,t8,-,...       explicit, one entry per block: p = prune, m = merge, t = ToMe, - = nothing
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 KINDS = ("keep", "prune", "merge", "tome")
+# RAPID's merge steps choose among this many times r of the least attended tokens (hiap.tokens.reduce).
+DEFAULT_MERGE_POOL = 1.5
 _LETTERS = {"-": "keep", "p": "prune", "m": "merge", "t": "tome"}
 
 
@@ -46,15 +50,19 @@ class LayerStep:
 
 @dataclass(frozen=True)
 class TokenSchedule:
-    """One ``LayerStep`` per block, plus the RAPID prune metric's importance weight (see ``hiap.tokens.reduce``;
-    0, the default, prunes by redundancy alone)."""
+    """One ``LayerStep`` per block, plus RAPID's knobs (see ``hiap.tokens.reduce``): the prune metric's importance
+    weight (0, the default, prunes by redundancy alone) and the merge steps' candidate pool (how many times r of the
+    least attended tokens compete to be merged)."""
 
     steps: tuple[LayerStep, ...]
     importance_weight: float = 0.0
+    merge_pool: float = DEFAULT_MERGE_POOL
 
     def __post_init__(self):
         if not math.isfinite(self.importance_weight) or self.importance_weight < 0:
             raise ValueError(f"importance_weight must be finite and >= 0, got {self.importance_weight}")
+        if not math.isfinite(self.merge_pool) or self.merge_pool < 1:
+            raise ValueError(f"merge_pool must be finite and >= 1, got {self.merge_pool}")
 
     @property
     def removes_nothing(self) -> bool:
@@ -86,14 +94,15 @@ class TokenSchedule:
         return ",".join("-" if s.kind == "keep" else f"{letters[s.kind]}{s.r}" for s in self.steps)
 
 
-def rapid_schedule(depth: int, r: int, switch: float = 0.5, importance_weight: float = 0.0) -> TokenSchedule:
+def rapid_schedule(depth: int, r: int, switch: float = 0.5, importance_weight: float = 0.0,
+                   merge_pool: float = DEFAULT_MERGE_POOL) -> TokenSchedule:
     """RAPID: prune ``r`` tokens in each block before ``switch * depth``, merge ``r`` in each block from there on."""
     if not 0.0 <= switch <= 1.0:
         raise ValueError(f"switch must lie in [0, 1], got {switch}")
     first_merge = round(switch * depth)
     steps = tuple(LayerStep("prune" if index < first_merge else "merge", r) if r else LayerStep("keep")
                   for index in range(depth))
-    return TokenSchedule(steps, importance_weight)
+    return TokenSchedule(steps, importance_weight, merge_pool)
 
 
 def tome_schedule(depth: int, r: int) -> TokenSchedule:
@@ -130,7 +139,7 @@ def parse_schedule(spec: str, depth: int, patches: int, prefix: int) -> TokenSch
             if not equals:
                 raise ValueError(f"token schedule {spec!r}: expected key=value, got {item!r}")
             options[key.strip()] = value.strip()
-        allowed = {"r", "keep", "switch", "weight"} if head == "rapid" else {"r", "keep"}
+        allowed = {"r", "keep", "switch", "weight", "pool"} if head == "rapid" else {"r", "keep"}
         unknown = set(options) - allowed
         if unknown:
             raise ValueError(f"token schedule {spec!r}: unknown option(s) {sorted(unknown)}; {head} takes "
@@ -140,13 +149,14 @@ def parse_schedule(spec: str, depth: int, patches: int, prefix: int) -> TokenSch
         try:
             switch = float(options.get("switch", 0.5))
             weight = float(options.get("weight", 0.0))
+            pool = float(options.get("pool", DEFAULT_MERGE_POOL))
             r_value = int(options["r"]) if "r" in options else None
             keep = float(options["keep"]) if "keep" in options else None
         except ValueError as error:
             raise ValueError(f"token schedule {spec!r}: {error}") from None
         if head == "rapid":
             def build(r):
-                return rapid_schedule(depth, r, switch, weight)
+                return rapid_schedule(depth, r, switch, weight, pool)
         else:
             def build(r):
                 return tome_schedule(depth, r)
