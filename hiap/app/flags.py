@@ -157,9 +157,9 @@ def _add_training_flags(parser: argparse.ArgumentParser, defaults) -> None:
                        help="replace the outputs of an earlier run in the output folder (refused without it)")
 
 
-TOKENS_HELP = ("also evaluate with token reduction: rapid:r=N or rapid:keep=F (prune shallow, merge deep), "
-               "tome:r=N or tome:keep=F (ToMe), or one entry per block (p<N>, m<N>, t<N>, -); keep=0.6 removes "
-               "about 40%% of the token-layer work")
+TOKENS_HELP = ("also evaluate with token reduction: rapid:r=N or rapid:keep=F (prune shallow, merge deep; options "
+               "switch=, weight=, pool=), tome:r=N or tome:keep=F (ToMe), or one entry per block (p<N>, m<N>, t<N>, "
+               "-); keep=0.6 removes about 40%% of the token-layer work")
 
 
 def build_parser() -> argparse.ArgumentParser:
