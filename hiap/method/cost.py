@@ -199,9 +199,8 @@ def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
         attention, ffn = UnitCosts.at(n_in, vit.embed_dim), UnitCosts.at(n_out, vit.embed_dim)
         total += qk_dims * attention.qk_dim + v_dims * attention.v_dim + neurons * ffn.neuron
         if step is not None and step.removes:
-            uses_cls = step.kind == "merge" or (step.kind == "prune" and schedule.importance_weight > 0)
-            total += step_overhead_macs(step.kind, n_in - prefix, step.r, qk_dims, n_in, uses_cls,
-                                        schedule.merge_pool)
+            total += step_overhead_macs(step.kind, n_in - prefix, step.r, qk_dims, n_in,
+                                        schedule.reads_class_attention(step), schedule.merge_pool)
     return int(total)
 
 

@@ -85,8 +85,7 @@ class _BlockPlan:
     step: LayerStep
     prefix: int
     first: bool
-    importance_weight: float
-    merge_pool: float
+    schedule: TokenSchedule  # its importance weight and merge pool
     state: _TokenState
 
 
@@ -122,9 +121,8 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
     if plan.first:
         plan.state.size = plan.state.bias = None
     size = plan.state.size
-    wants_cls = step.kind == "merge" or (step.kind == "prune" and plan.importance_weight > 0)
     stats = attend(block.attn, block.norm1(x), plan.state.bias, keys=step.removes > 0,
-                   cls=step.removes > 0 and wants_cls)
+                   cls=plan.schedule.reads_class_attention(step))
     x = x + block.drop_path1(block.ls1(stats.out))
     if step.removes:
         # The steps take the whole residual stream and keep the prefix tokens in front (hiap.tokens.reduce).
@@ -134,10 +132,12 @@ def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.T
             # Pruning moves no mass: while no token was merged every size is 1 and attention needs no bias.
             ones = size is None
             x, size = redundancy_prune(x, x.new_ones(1, 1, 1) if ones else size, stats.keys, stats.cls, step.r,
-                                       plan.importance_weight, prefix=prefix, **_step_ops(block, x, step.kind))
+                                       plan.schedule.importance_weight, prefix=prefix,
+                                       **_step_ops(block, x, step.kind))
             size = None if ones else size
         elif step.kind == "merge":
-            x, size = importance_merge(x, size, stats.keys, stats.cls, step.r, prefix=prefix, pool=plan.merge_pool,
+            x, size = importance_merge(x, size, stats.keys, stats.cls, step.r, prefix=prefix,
+                                       pool=plan.schedule.merge_pool,
                                        **_step_ops(block, x, step.kind))
         else:
             x, size = bipartite_soft_matching(x, size, stats.keys, step.r, prefix=prefix,
@@ -177,8 +177,7 @@ def reduce_tokens(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep
     reduced_before = False
     for step, block in zip(schedule.steps, blocks):
         if reduced_before or step.removes:
-            block.hiap_token_plan = _BlockPlan(step, prefix, not reduced_before, schedule.importance_weight,
-                                               schedule.merge_pool, state)
+            block.hiap_token_plan = _BlockPlan(step, prefix, not reduced_before, schedule, state)
             block.forward = types.MethodType(_reduced_block_forward, block)
         reduced_before = reduced_before or step.removes > 0
     vit.hiap_token_schedule = schedule

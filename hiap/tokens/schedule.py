@@ -64,6 +64,10 @@ class TokenSchedule:
         if not math.isfinite(self.merge_pool) or self.merge_pool < 1:
             raise ValueError(f"merge_pool must be finite and >= 1, got {self.merge_pool}")
 
+    def reads_class_attention(self, step: LayerStep) -> bool:
+        """Whether ``step`` needs the class token's attention: merges always, prunes only with an importance weight."""
+        return step.removes > 0 and (step.kind == "merge" or (step.kind == "prune" and self.importance_weight > 0))
+
     @property
     def removes_nothing(self) -> bool:
         return all(step.removes == 0 for step in self.steps)
