@@ -13,7 +13,7 @@ from _timing import Work, drop_gradients, launching_ops
 
 
 def measure_gated_weight(run: CaseRun, provider: str, reference: Callable, triton_op: str, inputs: dict,
-                         options: dict, shapes: dict, work: Work, triton_module: str = "kernel") -> None:
+                         options: dict, shapes: dict, work: Work, triton_module: str) -> None:
     """Time ``provider`` on forward + backward of the op: ``inputs`` (tensors or None, in argument order) requiring
     gradients, a fixed random output gradient, the keyword arguments ``options`` (the gate draw, or a gather's
     index); ``triton_module``: the module of ``hiap_kernels.gated_weight`` that defines the op."""

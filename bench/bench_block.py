@@ -61,7 +61,8 @@ CPU_MODULE_REDUCTION = "batch 2 instead of 64/256 (per-image shapes are DeiT-S's
 # CPU: one training step of DeiT-S at batch 2 is already ~55 GFLOP, seconds on two shared cores.
 STEP_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 # What hiap.use_triton_kernels switches the gated modules (their GEMMs are cuBLAS's on every path) and the objective to.
-TRITON_MODULES = ("hiap_kernels.gated_weight.kernel", "hiap_kernels.gated_weight.gather",
+TRITON_MODULES = ("hiap_kernels.gated_weight.qkv_weight", "hiap_kernels.gated_weight.fc2_weight",
+                  "hiap_kernels.gated_weight.gather",
                   "hiap_kernels.objective.kernel")
 STEP_VARIANTS = ("dense/reference", "hiap/reference", "hiap/triton", "hiap/compiled", "hiap-late/triton",
                  "hiap-retired/triton", "hiap-fixed/triton")

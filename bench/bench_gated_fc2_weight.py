@@ -32,4 +32,4 @@ def test_gated_fc2_weight(benchmark, recorder, provider):
     gate = {"tau": 1.0, "seed": 2603, "offset": 2**20}
     shapes = {"weight": [EMBED_DIM, FFN_DIM], "group": GROUP}
     measure_gated_weight(run, provider, gated_fc2_weight_reference, "gated_fc2_weight", inputs, gate, shapes,
-                         gated_weight_training_work(EMBED_DIM, FFN_DIM, bias=False))
+                         gated_weight_training_work(EMBED_DIM, FFN_DIM, bias=False), triton_module="fc2_weight")

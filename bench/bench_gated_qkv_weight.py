@@ -43,4 +43,4 @@ def test_gated_qkv_weight(benchmark, recorder, provider):
     gate = {"tau": 1.0, "seed": 2603, "offset": 0}
     shapes = {"weight": [ROWS, EMBED_DIM], "heads": NUM_HEADS, "head_dim": HEAD_DIM, "group": GROUP}
     measure_gated_weight(run, provider, gated_qkv_weight_reference, "gated_qkv_weight", inputs, gate, shapes,
-                         gated_weight_training_work(ROWS, EMBED_DIM, bias=True))
+                         gated_weight_training_work(ROWS, EMBED_DIM, bias=True), triton_module="qkv_weight")

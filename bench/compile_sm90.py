@@ -64,7 +64,7 @@ def kernel_specs() -> list[KernelSpec]:
 
     from hiap_kernels.gated_linear import fc1_kernels as fc1
     from hiap_kernels.gated_linear import qkv_kernels as qkv
-    from hiap_kernels.gated_weight import gather
+    from hiap_kernels.gated_weight import fc2_weight, gather, qkv_weight
     from hiap_kernels.gated_weight import kernel as gated_weight
     from hiap_kernels.gates.kernel import _sample_gates_kernel
     from hiap_kernels.layernorm_linear.kernel import _layernorm_linear_kernel
@@ -98,23 +98,23 @@ def kernel_specs() -> list[KernelSpec]:
                    configs=[triton.Config({"BLOCK": 128})]),
         # The gated weights of training (tiles as in their launchers on a GPU): qkv's rows per head (groups of 16), fc2's
         # columns (groups of 128, the default alignment; one group per backward program).
-        KernelSpec("_gated_qkv_weight_kernel", gated_weight._gated_qkv_weight_kernel,
+        KernelSpec("_gated_qkv_weight_kernel", qkv_weight._gated_qkv_weight_kernel,
                    lambda dt: dict(weight_ptr=T(dt), bias_ptr=T(dt), head_ptr=T(f32), qk_ptr=T(f32), v_ptr=T(f32),
                                    out_weight_ptr=T(dt), out_bias_ptr=T(dt), rows=3 * H * DH, cols=D, stride_weight=D,
                                    stride_out=D, HAS_BIAS=True, **head_gates),
                    configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))]),
-        KernelSpec("_gated_qkv_weight_backward_kernel", gated_weight._gated_qkv_weight_backward_kernel,
+        KernelSpec("_gated_qkv_weight_backward_kernel", qkv_weight._gated_qkv_weight_backward_kernel,
                    lambda dt: dict(grad_weight_ptr=T(dt), weight_ptr=T(dt), grad_bias_ptr=T(dt), bias_ptr=T(dt),
                                    head_ptr=T(f32), qk_ptr=T(f32), v_ptr=T(f32), out_grad_weight_ptr=T(dt),
                                    out_grad_bias_ptr=T(dt), out_grad_head_ptr=T(f32), out_grad_qk_ptr=T(f32),
                                    out_grad_v_ptr=T(f32), cols=D, stride_grad=D, stride_weight=D, stride_out=D,
                                    HAS_BIAS=True, BLOCK_DH=DH, BLOCK_G=DH // 16, **head_gates),
                    configs=[triton.Config({"BLOCK_C": gated_weight._tiles()[1]})]),
-        KernelSpec("_gated_fc2_weight_kernel", gated_weight._gated_fc2_weight_kernel,
+        KernelSpec("_gated_fc2_weight_kernel", fc2_weight._gated_fc2_weight_kernel,
                    lambda dt: dict(weight_ptr=T(dt), block_ptr=T(f32), neuron_ptr=T(f32), out_weight_ptr=T(dt), rows=D,
                                    cols=F, stride_weight=F, stride_out=F, GROUP=128, **GATES),
                    configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))]),
-        KernelSpec("_gated_fc2_weight_backward_kernel", gated_weight._gated_fc2_weight_backward_kernel,
+        KernelSpec("_gated_fc2_weight_backward_kernel", fc2_weight._gated_fc2_weight_backward_kernel,
                    lambda dt: dict(grad_weight_ptr=T(dt), weight_ptr=T(dt), block_ptr=T(f32), neuron_ptr=T(f32),
                                    out_grad_weight_ptr=T(dt), out_grad_neuron_ptr=T(f32), block_partial_ptr=T(f32),
                                    rows=D, cols=F, stride_grad=F, stride_weight=F, stride_out=F, GROUP=128,

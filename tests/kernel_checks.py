@@ -62,7 +62,7 @@ def gated_weight_tiles(request, monkeypatch):
     if request.param != "one tile":
         import hiap_kernels.gated_weight.kernel as gated_weight_kernel
 
-        # The family's one tile policy (gather.py reads it from kernel.py too).
+        # The family's one tile policy: qkv_weight.py, fc2_weight.py and gather.py all read it from kernel.py.
         monkeypatch.setattr(gated_weight_kernel, "_tiles", lambda: (16, 32))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hiap_kernels import gated_fc2_weight, gated_fc2_weight_reference
-from hiap_kernels.gated_weight.kernel import _gated_fc2_weight_op
+from hiap_kernels.gated_weight.fc2_weight import _gated_fc2_weight_op
 from tests.kernel_checks import DEVICE, TOLERANCES, as_fp64, assert_close_rel, needs_triton, run_with_grads
 
 pytestmark = [pytest.mark.usefixtures("poisoned"), needs_triton]

@@ -2,8 +2,9 @@
 
     reference.py   ``gated_qkv_weight_reference`` / ``gated_fc2_weight_reference``: the chain of torch ops (gate
                    values, group expansion, conditioning, scaling); the reference path of ``hiap``'s gated modules
-    kernel.py      ``gated_qkv_weight`` / ``gated_fc2_weight``: the same in one Triton launch forward and one
-                   backward (weight gradient, gate-gradient reductions and straight-through slopes together)
+    qkv_weight.py  ``gated_qkv_weight`` / ``gated_fc2_weight``: the same in one Triton launch forward and one
+    fc2_weight.py  backward each (weight gradient, gate-gradient reductions and straight-through slopes together)
+    kernel.py      what they share: the tile policy, the in-kernel gate, the op schema and the argument checks
     gather.py      ``gather_weight``: once the structure is fixed, the kept rows / columns scaled by the decision,
                    and backward the gradient scattered into the whole weight, one launch each way
 
