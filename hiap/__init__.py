@@ -26,6 +26,7 @@ from hiap.method.gates import AttentionGates, FfnGates, GateDraw, GateSchedule, 
 from hiap.method.inference import optimize
 from hiap.method.losses import BudgetLoss, HiAPObjective, distillation_loss, feasibility_loss
 from hiap.method.pruned import PrunedAttention, PrunedMlp
+from hiap.method.pruner import Pruner
 from hiap.tokens import TokenSchedule, reduce_tokens, restore_tokens
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "HiAPViT",
     "PrunedAttention",
     "PrunedMlp",
+    "Pruner",
     "TokenSchedule",
     "UnsupportedModelError",
     "build_vit",

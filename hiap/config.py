@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 BudgetMode = Literal["penalty", "target"]
+GateOptimizer = Literal["adam", "cost"]
 
 
 @dataclass
@@ -34,6 +35,10 @@ class HiAPConfig:
             the first step.
         target_ramp: fraction of the search over which the target falls linearly from 1 to ``target`` (0: the target
             from the first step), so that the gates cross the decision boundary a few at a time.
+        landing: fraction of the search at its end in which the controller lands the decided MACs on the target:
+            every 10 steps it closes the open micro gates (q/k, v, neuron groups) with the lowest logits, or opens
+            the closed ones with the highest, until the decided MACs lie within half a percent of the target, and
+            the search goes on training that structure (0: no landing; settling at the fix then does it).
         fix_at: fraction of the run after which the structure is fixed (gates and multipliers stop, the decision is
             settled onto the target and the rest of the run trains the weights of the network extraction keeps);
             1 lets the gates learn to the last step, as in the paper.
@@ -51,6 +56,9 @@ class HiAPConfig:
         kd_alpha, kd_temperature: L = (1 - alpha) CE + alpha T^2 KL(teacher/T || student/T).
     Optimisation:
         lr: learning rate of the network weights; gate_lr: of the gate logits (their own group).
+        macro_lr: factor on ``gate_lr`` for the macro gates (heads, FFN blocks).
+        gate_optimizer: "adam" (each logit normalised by its own gradient history) or "cost" (gradients per MAC of
+            the gate, one second moment for all gates: ``hiap.method.gate_optimizer.CostAwareAdam``).
     """
 
     init_logit: float = 3.0
@@ -67,6 +75,7 @@ class HiAPConfig:
     lagrangian_lr: float = 1.0
     gap_weight: float = 5.0
     target_ramp: float = 0.5
+    landing: float = 0.2
     fix_at: float = 0.75
     retire_below: float = 0.01
     retire_every: int = 50
@@ -78,6 +87,8 @@ class HiAPConfig:
     kd_temperature: float = 4.0
     lr: float = 1e-4
     gate_lr: float = 0.05
+    macro_lr: float = 1.0
+    gate_optimizer: GateOptimizer = "adam"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,9 +101,9 @@ class HiAPConfig:
                 raise ValueError(f"HiAPConfig: {message}")
 
         for name in ("init_logit", "tau0", "tau_min", "target", "lambda_macro", "lambda_micro", "lagrangian_lr",
-                     "gap_weight", "target_ramp", "fix_at", "retire_below", "min_dim_fraction", "min_neuron_fraction",
+                     "gap_weight", "target_ramp", "landing", "fix_at", "retire_below", "min_dim_fraction", "min_neuron_fraction",
                      "feasibility_weight", "kd_alpha",
-                     "kd_temperature", "lr", "gate_lr"):
+                     "kd_temperature", "lr", "gate_lr", "macro_lr"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
         for name in ("dim_group", "neuron_group"):
@@ -102,14 +113,20 @@ class HiAPConfig:
         need(self.tau0 > 0 and self.tau_min > 0, f"temperatures must be > 0, got tau0={self.tau0}, tau_min={self.tau_min}")
         need(self.tau_min <= self.tau0, f"tau_min ({self.tau_min}) must not exceed tau0 ({self.tau0})")
         need(self.budget in ("penalty", "target"), f"budget must be 'penalty' or 'target', got {self.budget!r}")
+        need(self.gate_optimizer in ("adam", "cost"),
+             f"gate_optimizer must be 'adam' or 'cost', got {self.gate_optimizer!r}")
         need(0.0 < self.target <= 1.0, f"target must lie in (0, 1], got {self.target}")
         need(0.0 < self.fix_at <= 1.0, f"fix_at must lie in (0, 1], got {self.fix_at}")
         need(0.0 <= self.retire_below <= 0.5, f"retire_below must lie in [0, 0.5], got {self.retire_below}")
         need(isinstance(self.retire_every, int) and not isinstance(self.retire_every, bool) and self.retire_every >= 1,
              f"retire_every must be an integer >= 1, got {self.retire_every!r}")
         need(0.0 <= self.target_ramp <= 1.0, f"target_ramp must lie in [0, 1], got {self.target_ramp}")
+        need(0.0 <= self.landing < 1.0, f"landing must lie in [0, 1), got {self.landing}")
+        need(self.target_ramp + self.landing <= 1.0,
+             f"target_ramp + landing must not exceed 1 (the ramp ends before the landing starts), got "
+             f"{self.target_ramp} + {self.landing}")
         for name in ("lambda_macro", "lambda_micro", "lagrangian_lr", "gap_weight", "feasibility_weight", "lr",
-                     "gate_lr"):
+                     "gate_lr", "macro_lr"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(isinstance(self.min_heads, int) and self.min_heads >= 0, f"min_heads must be an integer >= 0, got {self.min_heads!r}")
         for name in ("min_dim_fraction", "min_neuron_fraction", "kd_alpha"):

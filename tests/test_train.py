@@ -62,10 +62,12 @@ def test_log_truncation_drops_redone_steps_and_cut_lines(tmp_path):
         handle.write('{"phase": "hiap", "st')  # a record cut short by SIGKILL
     log.truncate_after("hiap", 4)
     assert [(r["phase"], r["step"]) for r in JsonlLog.read(log.path)] == [("hiap", 2), ("hiap", 4), ("teacher", 40)]
-    # An event raised before step 5 (the structure being fixed) carries step 4 and is redone by a run resumed there.
+    # An event that applies from step 4 was raised when step 3 ended, before a checkpoint at step 4: it stays. One
+    # that applies from step 5 comes from the step a run resumed at 4 redoes.
     log.write({"phase": "hiap", "event": "fix_structure", "step": 4})
+    log.write({"phase": "hiap", "event": "retire", "step": 5})
     log.truncate_after("hiap", 4)
-    assert [r["event"] for r in JsonlLog.read(log.path)] == ["step", "step", "step"]
+    assert [r["event"] for r in JsonlLog.read(log.path)] == ["step", "step", "step", "fix_structure"]
 
 
 def _final_state(output):
@@ -99,7 +101,8 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(warm_run, tmp_path)
     assert report["resumed_from"] == killed_at["step"]
     for name, tensor in expected_payload["model"].items():
         assert torch.equal(payload["model"][name], tensor), name
-    assert torch.equal(payload["extra"]["objective"]["budget.lambda1"], expected_payload["extra"]["objective"]["budget.lambda1"])
+    pruner_state, expected_pruner_state = payload["extra"]["pruner"], expected_payload["extra"]["pruner"]
+    assert torch.equal(pruner_state["objective"]["budget.lambda1"], expected_pruner_state["objective"]["budget.lambda1"])
     for key in ("fraction", "history", "structure"):
         assert report[key] == expected_report[key], key
     assert report["pruned"]["accuracy"] == expected_report["pruned"]["accuracy"]
@@ -132,10 +135,15 @@ def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
     from hiap.app.jobs import DistillJob, HiAPJob
 
     teacher = tiny_vit().requires_grad_(False)
-    gated = hiap.gate_vit(teacher, hiap.HiAPConfig())
-    groups = HiAPJob(gated, teacher, hiap.HiAPObjective(gated)).param_groups(0.05, total_steps=100)
-    assert [g["name"] for g in groups] == ["weights", "weights_no_decay", "gates"]
-    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in gated.parameters())
+    pruner = hiap.Pruner(teacher, hiap.HiAPConfig(), total_steps=100)
+    groups = HiAPJob(pruner).param_groups(0.05, total_steps=100)
+    assert [g["name"] for g in groups] == ["weights", "weights_no_decay"]  # the pruner steps the gates itself
+    gates = sum(p.numel() for p in pruner.model.gate_logits().values())
+    assert sum(p.numel() for g in groups for p in g["params"]) + gates == sum(
+        p.numel() for p in pruner.model.parameters())
+    with pytest.raises(ValueError, match="made for 100"):
+        HiAPJob(pruner).param_groups(0.05, total_steps=99)
+    gated = pruner.model
     with torch.no_grad():
         gated.gate_logits()["blocks.0.mlp.gates.block"].fill_(-5.0)
     pruned = hiap.extract(gated)
@@ -143,97 +151,6 @@ def test_jobs_train_every_student_weight_even_when_the_teacher_was_frozen():
     trained = sum(p.numel() for g in groups for p in g["params"])
     assert trained == sum(p.numel() for p in pruned.parameters()) > 0
     assert not pruned.blocks[0].mlp.fc1.weight.requires_grad  # zero-sized: nothing to train, and DDP would wait on it
-
-
-def test_budget_settling_moves_only_micro_logits_until_the_target_is_met():
-    from hiap.app.jobs import settle_budget
-
-    def model_off_target():
-        gated = hiap.gate_vit(tiny_vit(depth=3), hiap.HiAPConfig(target=0.5)).eval()
-        randomize_logits(gated, torch.Generator().manual_seed(4), scale=0.5)
-        with torch.no_grad():
-            for name, logit in gated.gate_logits().items():
-                logit.add_(3.0 if name.endswith(("gates.head", "gates.block")) else 0.4)
-        return gated
-
-    gated = model_off_target()
-    before = {k: p.detach().clone() for k, p in gated.gate_logits().items()}
-    result = settle_budget(gated, tolerance=0.02)
-    assert result["before"] > 0.55 and result["steps"] > 0
-    # Within half the tolerance, or within it once the decided MACs have crossed the target (they have here).
-    assert result["after"] < 0.5 and abs(result["after"] / 0.5 - 1) <= 0.02
-    assert result["after"] == hiap.count_macs(gated) / hiap.dense_macs(gated)
-    for name, logit in gated.gate_logits().items():
-        changed = not torch.equal(before[name], logit.detach())
-        assert changed == name.endswith(("gates.qk", "gates.v", "gates.neuron")), name
-    again = model_off_target()
-    settle_budget(again, tolerance=0.02)
-    assert all(torch.equal(a, b) for a, b in zip(gated.gate_logits().values(), again.gate_logits().values()))
-    assert settle_budget(gated, tolerance=0.02)["steps"] == 0
-    assert settle_budget(hiap.gate_vit(tiny_vit(), hiap.HiAPConfig(budget="penalty"))) is None
-
-
-def test_the_search_ramps_the_target_speeds_short_runs_up_and_then_fixes_the_structure():
-    from hiap.app.jobs import HiAPJob
-
-    teacher = tiny_vit()
-    gated = hiap.gate_vit(teacher, hiap.HiAPConfig(target=0.5))
-    job = HiAPJob(gated, teacher, hiap.HiAPObjective(gated))
-    budget = job.objective.budget
-    assert job.search_steps(44) == 33 and job.search_steps(1) == 1
-    assert job.gate_speedup(33) == pytest.approx(4 * 3.0 / 33 / 0.05) and job.gate_speedup(10_000) == 1.0
-    assert job.before_step(0, 44) is None and budget.current_target.item() == 1.0
-    job.before_step(8, 44)  # half way down the ramp (half of the search)
-    assert budget.current_target.item() == pytest.approx(1.0 - 0.5 * 8 / 16.5)
-    job.before_step(20, 44)
-    assert budget.current_target.item() == 0.5 and budget.ascending and not gated.structure_fixed
-    event = job.before_step(33, 44)
-    assert event["event"] == "fix_structure" and event["search_steps"] == 33 and event["total_steps"] == 44
-    assert event["after"] == hiap.count_macs(gated) / hiap.dense_macs(gated)
-    assert event["before"] == 1.0 and event["steps"] > 0  # from the open start: settling did it all here
-    assert "structure fixed after 33 of 44 steps" in event["message"]
-    assert gated.structure_fixed and not budget.ascending
-    assert job.before_step(34, 44) is None and gated.structure_fixed  # a run resumed after the fix stays fixed
-    job.before_step(32, 44)
-    assert not gated.structure_fixed
-    paper = hiap.gate_vit(teacher, hiap.HiAPConfig(fix_at=1.0))
-    never = HiAPJob(paper, teacher, hiap.HiAPObjective(paper))
-    assert all(never.before_step(step, 44) is None for step in range(44)) and not paper.structure_fixed
-
-
-def test_the_search_retires_gates_closed_for_good_on_its_checks_and_a_resumed_job_leaves_out_the_same():
-    from hiap.app.jobs import RETIRE_EVENT, HiAPJob
-
-    teacher = tiny_vit()
-    cfg = hiap.HiAPConfig(retire_every=4)
-    gated = hiap.gate_vit(teacher, cfg).train()
-    job = HiAPJob(gated, teacher, hiap.HiAPObjective(gated))
-    assert job.before_step(0, 44) is None  # nothing closed for good: no event
-    with torch.no_grad():
-        gated.gate_logits()["blocks.1.attn.gates.head"][0] = -8.0
-        gated.gate_logits()["blocks.0.mlp.gates.neuron"][:2] = -8.0
-    assert job.before_step(1, 44) is None and gated.retired_counts()["heads"] == 0  # not a check step
-    event = job.before_step(4, 44)
-    assert event["event"] == RETIRE_EVENT and (event["heads"], event["neuron_groups"]) == (1, 2)
-    assert "1 of 6 heads and 2 of 24 neuron groups" in event["message"]
-    assert job.before_step(8, 44) is None  # the same units: no new event
-    assert job.log_extras()["retired_heads"] == 1 and job.log_extras()["retired_neuron_groups"] == 2
-    # A resumed run: a fresh job and model from the checkpointed state leave out the same units from their first step.
-    state, model_state = job.retired.state_dict(), gated.state_dict()
-    resumed = hiap.gate_vit(teacher, cfg).train()
-    resumed.load_state_dict(model_state)
-    resumed_job = HiAPJob(resumed, teacher, hiap.HiAPObjective(resumed))
-    resumed_job.retired.load_state_dict(state)
-    assert resumed_job.before_step(9, 44) is None
-    assert {k: v.tolist() for k, v in resumed.retired().items()} == {k: v.tolist() for k, v in gated.retired().items()}
-    with torch.no_grad():  # the logit climbs back: the next check brings the head back
-        gated.gate_logits()["blocks.1.attn.gates.head"][0] = 0.5
-    assert job.before_step(12, 44)["heads"] == 0 and gated.retired_counts()["neuron_groups"] == 2
-    never = hiap.gate_vit(teacher, hiap.HiAPConfig(retire_below=0.0))
-    never.load_state_dict(model_state)
-    never_job = HiAPJob(never, teacher, hiap.HiAPObjective(never))
-    assert all(never_job.before_step(step, 44) is None for step in range(0, 33, 4))
-    assert never.retired_counts()["neuron_groups"] == 0
 
 
 def test_a_fixed_structure_trains_the_network_extraction_keeps_and_skips_what_it_removed():

@@ -15,7 +15,7 @@ from hiap.app.runtime import InputError
 from hiap.files import IntegrityError, atomic_path, tensor_digest, tensors_in, verify_digest
 
 CHECKPOINT_FORMAT = "hiap-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class JsonlLog:
@@ -48,16 +48,12 @@ class JsonlLog:
         return records
 
     def truncate_after(self, phase: str, step: int) -> None:
-        """Drop ``phase`` records past ``step``: they came from steps a resumed run is about to redo. An event raised
-        before step ``step + 1`` runs (e.g. the structure being fixed) carries ``step`` and is redone too."""
+        """Drop ``phase`` records past ``step``: they came from steps a resumed run is about to redo. Everything
+        written up to a checkpoint at ``step`` carries a step ``<= step`` (an event that applies from ``step`` was
+        raised when step ``step - 1`` ended), so a resumed run's log equals the uninterrupted run's."""
         if not self.enabled or not self.path.exists():
             return
-
-        def done(record: dict) -> bool:
-            at = record.get("step", 0)
-            return at < step or (at == step and record.get("event") in ("step", "epoch"))
-
-        kept = [r for r in self.read(self.path) if r.get("phase") != phase or done(r)]
+        kept = [r for r in self.read(self.path) if r.get("phase") != phase or r.get("step", 0) <= step]
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

@@ -22,7 +22,7 @@ from hiap.app.baselines import apply_baseline
 from hiap.app.checkpoint import JsonlLog, config_difference, read_checkpoint
 from hiap.app.data import eval_loader
 from hiap.app.evaluation import summarize
-from hiap.app.jobs import TOLERANCE, DistillJob, HiAPJob, fixed_structure, settle_budget
+from hiap.app.jobs import DistillJob, HiAPJob
 from hiap.app.peers import PEERS, apply_torch_pruning
 from hiap.app.report import layer_structure, write_prune_report
 from hiap.app.runtime import (
@@ -48,8 +48,9 @@ from hiap.files import RunFolderBusy, RunFolderLock, remove_stale_temporaries
 from hiap.method.convert import HiAPViT, gate_vit
 from hiap.method.cost import count_macs, dense_macs
 from hiap.method.extract import extract, save_pruned
+from hiap.method.budget import TOLERANCE, settle_budget
 from hiap.method.gates import resolve_groups
-from hiap.method.losses import HiAPObjective
+from hiap.method.pruner import Pruner, fixed_structure
 from hiap.tokens import schedule_for
 
 
@@ -109,23 +110,23 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
     ``dense_summary`` reuses the teacher's numbers (``hiap compare`` measures them once); None measures them here.
     """
     ctx = session.ctx
-    gated = gate_vit(session.teacher, settings.hiap)
+    steps_per_epoch = len(session.data.train) // settings.batch_size
     try:
-        objective = HiAPObjective(gated)
+        pruner = Pruner(session.teacher, settings.hiap, total_steps=settings.epochs * steps_per_epoch,
+                        teacher=session.teacher)
     except ValueError as error:
         raise InputError(str(error)) from error
+    gated = pruner.model
     kernels = _try_triton(gated, session)
-    job = HiAPJob(gated, session.teacher, objective)
-    result = fit(job, session.data, settings.loop(settings.epochs, settings.hiap.seed), ctx=ctx,
+    result = fit(HiAPJob(pruner), session.data, settings.loop(settings.epochs, settings.hiap.seed), ctx=ctx,
                  device=session.device, checkpoint_path=output / "checkpoint.pt", log=log,
                  fingerprint=run_fingerprint(settings, session, "hiap"), resume=settings.resume)
     gated.eval()
     # A fixed structure was settled when it was fixed (the event says how far) and trained as decided since; with
-    # fix_at=1 the settling is the correction after the last step.
+    # fix_at=1 the settling guard acts after the last step.
     fixed = fixed_structure(result.history)
-    settling = None if fixed is not None else settle_budget(gated, TOLERANCE)
-    pruned = extract(gated)
-    pruned.pretrained_cfg = getattr(session.teacher, "pretrained_cfg", None)
+    settling = pruner.finish()
+    pruned = pruner.extract()
     if count_macs(pruned) != count_macs(gated):
         raise RuntimeError("extracted MACs differ from the gated model's decision")
     _try_triton(pruned, session)
@@ -317,5 +318,5 @@ def rebuild_gated(payload: dict) -> HiAPViT:
         raise InputError(f"the checkpoint does not describe a gated model: {error}") from error
     gated.eval()
     if fixed_structure(payload.get("history")) is None:
-        settle_budget(gated, TOLERANCE)
+        settle_budget(gated, TOLERANCE)  # as Pruner.finish() does for a run that has not fixed its structure
     return gated

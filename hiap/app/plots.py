@@ -6,7 +6,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from hiap.app.jobs import FIX_EVENT, TOLERANCE
+from hiap.method.budget import TOLERANCE
+from hiap.method.pruner import FIX_EVENT
 
 
 def _figure(width: float, height: float, columns: int = 1):

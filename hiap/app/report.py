@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hiap.app.jobs import RETIRE_EVENT
+from hiap.method.pruner import RETIRE_EVENT
 from hiap.app.plots import plot_accuracy_vs_macs, plot_gate_probabilities, plot_macs, plot_structure
 from hiap.app.runtime import atomic_write_json, atomic_write_text
 

@@ -131,8 +131,6 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
     model = job.model.to(device)
     if job.teacher is not None:
         job.teacher.to(device).eval().requires_grad_(False)
-    for module in job.state_modules().values():
-        module.to(device)
     train_model = _wrap(model, ctx, device)
     sampler = ShardedBatchSampler(len(data.train), settings.batch_size, seed=settings.seed, rank=ctx.rank,
                                   world_size=ctx.world_size)
@@ -161,7 +159,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
         payload = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "phase": job.phase,
             "fingerprint": fingerprint, "model": model.state_dict(),
-            "extra": {name: module.state_dict() for name, module in job.state_modules().items()},
+            "extra": job.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "step": step, "total_steps": total_steps, "finished": finished, "history": result.history,
@@ -176,8 +174,7 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
             raise InputError(f"--resume: {checkpoint_path} was written with a different config ({difference}); "
                              "resume with the original settings or use a new --output")
         model.load_state_dict(payload["model"])
-        for name, module in job.state_modules().items():
-            module.load_state_dict(payload["extra"][name])
+        job.load_state_dict(payload["extra"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         if scaler is not None and payload.get("scaler"):
@@ -192,7 +189,21 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
             log.truncate_after(job.phase, step)
         log_line(f"[{job.phase}] resumed from {checkpoint_path} at step {step}/{total_steps}", ctx)
     elif resume:
+        if log is not None:  # what a run killed before its first checkpoint logged is redone from the start
+            log.truncate_after(job.phase, 0)
         log_line(f"[{job.phase}] no checkpoint at {checkpoint_path}; starting from scratch", ctx)
+
+    def record_event(event: dict) -> None:
+        """An event of the job (it applies from ``event["step"]``): kept in the history, logged, its message shown."""
+        event = dict(event)
+        message = event.pop("message", None)
+        at = event.pop("step", step)
+        event = {"phase": job.phase, "step": at, "epoch": min(at // steps_per_epoch, settings.epochs - 1) + 1, **event}
+        result.history.append(event)
+        if log is not None:
+            log.write(event)
+        if message:
+            log_line(message, ctx)
 
     val_loader = eval_loader(data.val, settings.eval_batch_size, rank=ctx.rank, world_size=ctx.world_size,
                              workers=settings.workers, pin_memory=device.type == "cuda")
@@ -210,15 +221,6 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
             running.update(loss_sum=0.0, batches=0)
             running_loss.zero_()
         for images, targets in train_loader(data.train, sampler, settings.workers, device.type == "cuda"):
-            event = job.before_step(step, total_steps)
-            if event is not None:
-                message = event.pop("message", None)
-                event = {"phase": job.phase, "step": step, "epoch": epoch + 1, **event}
-                result.history.append(event)
-                if log is not None:
-                    log.write(event)
-                if message:
-                    log_line(message, ctx)
             if compiling is not None and first_step_start is None:
                 log_line(f"[{job.phase}] {compiling}", ctx)
                 bar.set_description(f"{job.phase} (compiling kernels)")
@@ -236,12 +238,16 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
+                events = job.after_step(scaler)
                 scaler.update()
             else:
                 loss.backward()
                 optimizer.step()
+                events = job.after_step(None)
             scheduler.step()
             step += 1
+            for event in events:
+                record_event(event)
             if compiling is not None:
                 torch.cuda.synchronize(device)  # once: the first step's time, compilation included
                 log_line(f"[{job.phase}] first step: {time.perf_counter() - first_step_start:.1f} s, kernel "

@@ -133,6 +133,11 @@ class HiAPViT(nn.Module):
             for kind, logit in gates.logits().items()
         }
 
+    def macro_gate_logits(self) -> list[nn.Parameter]:
+        """The macro-gate logits of every layer (heads, FFN blocks)."""
+        micro = {id(logit) for logit in self.micro_gate_logits()}
+        return [logit for logit in self.gate_logits().values() if id(logit) not in micro]
+
     def micro_gate_logits(self) -> list[nn.Parameter]:
         """The micro-gate logits of every layer (head dims, neurons)."""
         return [logit for gates in self.gate_layers() for logit in gates.micro_logits()]

@@ -109,6 +109,10 @@ class BudgetLoss(nn.Module):
         self.register_buffer("current_target", torch.tensor(float(cfg.target), dtype=torch.float64), persistent=False)
         # The run's owner stops the ascent when it fixes the structure.
         self.ascending = True
+        # And switches the whole term off while its landing holds the decided MACs on the target (the gates then
+        # learn from the task alone; see ``hiap.Pruner``).
+        self.active = True
+        self.register_buffer("_off", torch.zeros(2, dtype=torch.float64), persistent=False)
 
     def set_target(self, target: float) -> None:
         """The MAC fraction the gap of the next steps is measured against (``cfg.target`` unless set)."""
@@ -116,15 +120,23 @@ class BudgetLoss(nn.Module):
 
     def forward(self, cost: ExpectedCost) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        lambda1, lambda2 = self.multipliers()
         budget, fraction, macro, micro = lagrangian_budget(
             cost.total, cost.macro, static=cost.static, dense=float(cost.dense), target_mode=cfg.budget == "target",
-            target=self.current_target, lambda1=self.lambda1, lambda2=self.lambda2, lagrangian_lr=cfg.lagrangian_lr,
+            target=self.current_target, lambda1=lambda1, lambda2=lambda2, lagrangian_lr=cfg.lagrangian_lr,
             lambda_macro=cfg.lambda_macro, lambda_micro=cfg.lambda_micro, ascend=self.ascends())
         return {"budget": budget, "expected_fraction": fraction, "macro": macro, "micro": micro}
 
+    def multipliers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lambda1, lambda2)`` as the term reads them: zeros (views of a buffer) while switched off."""
+        if self.active:
+            return self.lambda1, self.lambda2
+        return self._off[0], self._off[1]
+
     def ascends(self) -> bool:
-        """Whether this call moves the multipliers: a training forward with gradients, before the structure is fixed."""
-        return self.ascending and self.training and torch.is_grad_enabled()
+        """Whether this call moves the multipliers: a training forward with gradients, before the structure is fixed
+        and while the term is on."""
+        return self.ascending and self.active and self.training and torch.is_grad_enabled()
 
 
 @dataclass
@@ -188,8 +200,9 @@ class HiAPObjective(nn.Module):
         # objective's config, so a mismatch of the two (a cfg passed apart) takes the reference terms.
         if fused is not None and model.cfg.budget == self.cfg.budget:
             # One launch for the cost model, the decision, the multipliers' ascent and feasibility, and their gradient.
+            lambda1, lambda2 = self.budget.multipliers()
             gate_terms, diagnostics = fused(
-                gates.flat, self.gate_constants, self.budget.lambda1, self.budget.lambda2, self.budget.current_target,
+                gates.flat, self.gate_constants, lambda1, lambda2, self.budget.current_target,
                 self.gate_layout, target_mode=self.cfg.budget == "target", ascend=self.budget.ascends())
             budget, feasibility, fraction = diagnostics.unbind()
             return ObjectiveTerms(total=task + gate_terms, task=task.detach(), budget=budget, feasibility=feasibility,

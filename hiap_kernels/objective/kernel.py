@@ -161,6 +161,8 @@ def _gate_objective_kernel(
         lambda2 = tl.load(lambda2_ptr)
         if ASCEND:
             lambda1 += lagrangian_lr * gap
+            # The integral never pushes across the target: reset at each crossing (anti-windup).
+            lambda1 = tl.where(gap < 0, tl.minimum(lambda1, 0.0), tl.maximum(lambda1, 0.0))
             lambda2 += lagrangian_lr * gap * gap
             tl.store(lambda1_ptr, lambda1)
             tl.store(lambda2_ptr, lambda2)

@@ -10,7 +10,8 @@ The terms (DESIGN.md sections 1-2), over L layers of H heads with G q/k and G v 
     decided = the MACs the hard decision keeps (what extraction keeps; no gradient)
     budget  = penalty: (lambda_macro macro + lambda_micro (E - static)) / dense
               target:  l1 gap + l2 gap^2, gap = decided / dense - target, the gradient E's (straight-through); each
-                       ascending call first moves l1 += lr gap, l2 += lr gap^2 (in place)
+                       ascending call first moves l1 += lr gap, l2 += lr gap^2 (in place), then resets l1 to 0 where
+                       it has the other sign than the gap
     feasibility = w [sum_l relu(min(h_min, H) - sum_h p_h)^2 + sum_lh p_h (relu(f - mean p_qk)^2 + relu(f - mean p_v)^2)
                      + sum_l p_b relu(f_n - mean p_n)^2]
 
@@ -160,6 +161,9 @@ def lagrangian_budget(total: torch.Tensor, macro: torch.Tensor, *, static: float
                 # tensor outright (its pass that turns such tensors into Python floats restarts the trace without
                 # it), so a compiled step would never move the multipliers. The view is the same memory.
                 lambda1.view(1).add_(lagrangian_lr * measured)
+                # The integral never pushes across the target: it is reset at each crossing (anti-windup), so the
+                # multiplier built while the decided MACs lagged a falling target does not drive them past it.
+                lambda1.view(1).copy_(torch.where(measured < 0, lambda1.clamp(max=0), lambda1.clamp(min=0)).view(1))
                 lambda2.view(1).add_(lagrangian_lr * measured * measured)
         budget = lambda1 * gap + lambda2 * gap**2
     return budget.float(), fraction.detach().float(), macro.detach().float(), micro.detach().float()
