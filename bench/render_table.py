@@ -2,7 +2,7 @@
 
     python bench/render_table.py                            # print the tables of bench/results/*.json
     python bench/render_table.py --results DIR              # records from another folder
-    python bench/render_table.py --write README.md          # replace what lies between the two markers below
+    python bench/render_table.py --write bench/README.md    # replace what lies between the two markers below
 
 Markers (each on a line of its own):
     <!-- bench-table:start -->
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder of JSON records")
     parser.add_argument("--write", type=Path, metavar="FILE",
-                        help="rewrite the marked section of FILE (e.g. README.md) instead of printing")
+                        help="rewrite the marked section of FILE (e.g. bench/README.md) instead of printing")
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         parser.error(f"no such folder: {args.results}")

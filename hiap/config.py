@@ -13,7 +13,7 @@ GateOptimizer = Literal["adam", "cost"]
 
 @dataclass
 class HiAPConfig:
-    """Every HiAP hyperparameter, with the defaults of DESIGN.md / the paper (DeiT-S).
+    """Every HiAP hyperparameter, with the paper's defaults for DeiT-S where it gives them.
 
     Gates:
         init_logit: starting logit of every gate (open: sigmoid(3) = 0.95).

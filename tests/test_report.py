@@ -24,6 +24,16 @@ def test_baselines_are_paired_with_hiap_by_seed_and_target():
     assert rows["uniform"]["loss_difference"] == pytest.approx((-0.05 - 0.01) / 2)
     assert rows["l1"]["seeds"] == [0] and rows["l1"]["hiap_at_or_above"] == 0
     assert paired_differences([_run("hiap", 0, 0.9, 0.3)]) == []
+    # Wins, ties and losses: only equal accuracies tie when the validation size is unknown; with 100 images a gap of
+    # up to two images (0.02) is level.
+    assert (rows["uniform"]["wins"], rows["uniform"]["ties"], rows["uniform"]["losses"]) == (1, 1, 0)
+    assert rows["uniform"]["lower_loss"] == 2
+    graded = {row["baseline"]: row for row in paired_differences(runs, val_size=100)}
+    assert (graded["uniform"]["wins"], graded["uniform"]["ties"], graded["uniform"]["losses"]) == (0, 2, 0)
+    graded = {row["baseline"]: row for row in paired_differences(runs, val_size=1000)}
+    assert (graded["uniform"]["wins"], graded["uniform"]["ties"], graded["uniform"]["losses"]) == (1, 1, 0)
+    assert (graded["l1"]["wins"], graded["l1"]["ties"], graded["l1"]["losses"]) == (0, 0, 1)
+    assert graded["uniform"]["accuracy_differences"] == pytest.approx([0.02, 0.0])
 
 
 def test_aggregates_give_mean_and_spread_of_accuracy_and_loss_per_method():

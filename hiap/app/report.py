@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hiap.method.pruner import RETIRE_EVENT
+from hiap.method.pruner import LAND_EVENT, RETIRE_EVENT
 from hiap.app.plots import plot_accuracy_vs_macs, plot_gate_probabilities, plot_macs, plot_structure
 from hiap.app.runtime import atomic_write_json, atomic_write_text
 
@@ -127,6 +127,7 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
     if settings:
         config = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings["hiap"].items())
         lines.append(f"HiAP config: `{config}`; {settings['epochs']} epochs of batch {settings['batch_size']}.")
+    lines += _landing_lines(outcome.get("history") or [])
     lines += _fixed_structure_lines(outcome.get("fixed_structure"))
     lines += _retirement_lines(outcome.get("history") or [])
     settling = outcome.get("settling")
@@ -167,6 +168,17 @@ def _fixed_structure_lines(fixed: dict | None) -> list[str]:
     elif fixed.get("target") is not None:
         line += f" ({100 * (fixed['after'] / fixed['target'] - 1):+.2f}% from the target; no settling needed)"
     return [line + f". The last {total - search} steps trained the weights of the decided network."]
+
+
+def _landing_lines(history: list[dict]) -> list[str]:
+    """What the landing did: where the search stood when it began, and how many gates its checks moved."""
+    events = [record for record in history if record.get("event") == LAND_EVENT]
+    if not events:
+        return []
+    first, closed, opened = events[0], sum(e["closed"] for e in events), sum(e["opened"] for e in events)
+    return [f"Landing: at its first move (step {first['step']}) the decided MACs were {first['before']:.4f} of dense; "
+            f"its checks closed {closed} and opened {opened} gates in logit order, the last move at step "
+            f"{events[-1]['step']} (to {events[-1]['after']:.4f})."]
 
 
 def _retirement_lines(history: list[dict]) -> list[str]:
@@ -227,10 +239,16 @@ def aggregate_runs(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def paired_differences(runs: list[dict]) -> list[dict]:
-    """HiAP minus each baseline per target, paired by seed: mean accuracy and loss differences, seeds HiAP is at or
-    above the baseline on. Empty when HiAP or every baseline is missing."""
+# Accuracy gaps of at most this many validation images are level: neither a win nor a loss.
+LEVEL_IMAGES = 2
+
+
+def paired_differences(runs: list[dict], val_size: int | None = None) -> list[dict]:
+    """HiAP minus each baseline per target, paired by seed: the per-seed and mean accuracy and loss differences, and
+    HiAP's wins / ties / losses on accuracy, where a gap of at most ``LEVEL_IMAGES`` validation images (of
+    ``val_size``; any gap when it is unknown) is level. Empty when HiAP or every baseline is missing."""
     by_key = {(r["method"], r["target"], r["seed"]): r["pruned"] for r in runs}
+    level = LEVEL_IMAGES / val_size if val_size else 0.0
     rows = []
     for method, target in dict.fromkeys((r["method"], r["target"]) for r in runs):
         if method == "hiap":
@@ -239,11 +257,25 @@ def paired_differences(runs: list[dict]) -> list[dict]:
         if not seeds:
             continue
         pairs = [(by_key[("hiap", target, seed)], by_key[(method, target, seed)]) for seed in seeds]
+        differences = [h["accuracy"] - b["accuracy"] for h, b in pairs]
         rows.append({"baseline": method, "target": target, "seeds": seeds,
-                     "accuracy_difference": statistics.mean(h["accuracy"] - b["accuracy"] for h, b in pairs),
+                     "accuracy_differences": differences,
+                     "accuracy_difference": statistics.mean(differences),
                      "loss_difference": statistics.mean(h["loss"] - b["loss"] for h, b in pairs),
-                     "hiap_at_or_above": sum(h["accuracy"] >= b["accuracy"] for h, b in pairs)})
+                     "hiap_at_or_above": sum(d >= 0 for d in differences),
+                     "wins": sum(d > level + 1e-12 for d in differences),
+                     "ties": sum(abs(d) <= level + 1e-12 for d in differences),
+                     "losses": sum(d < -level - 1e-12 for d in differences),
+                     "lower_loss": sum(h["loss"] < b["loss"] for h, b in pairs)})
     return rows
+
+
+def _at_fix(run: dict) -> str:
+    """Where a HiAP run's search left the decided MACs at the structure fix, and how far settling moved them."""
+    fixed = run.get("fixed_structure")
+    if not fixed:
+        return "-"
+    return f"{fixed['before']:.4f} (settling {abs(fixed['after'] - fixed['before']):.4f})"
 
 
 def _machine_sentence(machine: dict | None) -> str:
@@ -264,7 +296,7 @@ def write_compare_report(output: Path, report: dict) -> Path:
     points += [{"method": r["method"], "target": r["target"], **r["pruned"]} for r in report["runs"]]
     plot = plot_accuracy_vs_macs(points, output / "plots" / "accuracy_vs_macs.png",
                                  f"Accuracy vs MACs (seeds {report['seeds']})")
-    paired = paired_differences(report["runs"])
+    paired = paired_differences(report["runs"], report.get("val_size"))
     atomic_write_json({**report, "aggregates": aggregates, "paired": paired, "plot": str(plot.relative_to(output))},
                       output / "compare.json")
     rows = [[r["method"], f"{r['target']:.3f}", " ".join(map(str, r["seeds"])),
@@ -272,7 +304,8 @@ def write_compare_report(output: Path, report: dict) -> Path:
              f"{r['loss_mean']:.4f} +- {r['loss_std']:.4f}", f"{r['fraction_mean']:.4f}",
              f"{r['params_mean'] / 1e3:.1f}"] for r in aggregates]
     runs = [[r["method"], f"{r['target']:.3f}", str(r["seed"]), f"{100 * r['pruned']['accuracy']:.2f}",
-             f"{r['pruned']['loss']:.4f}", f"{r['fraction']:.4f}", _latency_ms(r["pruned"])] for r in report["runs"]]
+             f"{r['pruned']['loss']:.4f}", f"{r['fraction']:.4f}", _at_fix(r), _latency_ms(r["pruned"])]
+            for r in report["runs"]]
     val_size = report.get("val_size")
     resolution = (f" One validation image is {100 / val_size:.2f} accuracy points; the validation loss (mean "
                   "cross-entropy) separates methods whose accuracies tie." if val_size else "")
@@ -283,15 +316,20 @@ def write_compare_report(output: Path, report: dict) -> Path:
              _markdown_table(["method", "target", "seeds", "accuracy % (mean +- std)", "val loss (mean +- std)",
                               "MACs / dense", "params (K)"], rows),
              "", "## HiAP against each baseline (paired by seed)", "",
-             _markdown_table(["target", "baseline", "seeds", "accuracy difference (points, mean)",
-                              "HiAP at or above on", "val loss difference (mean)"],
+             f"Wins / ties / losses on accuracy; a gap of at most {LEVEL_IMAGES} validation images is a tie. "
+             "Lower loss: on how many seeds HiAP's validation loss is the lower one.", "",
+             _markdown_table(["target", "baseline", "seeds", "HiAP - baseline per seed (points)", "mean",
+                              "wins / ties / losses", "val loss difference (mean)", "lower loss"],
                              [[f"{r['target']:.3f}", r["baseline"], " ".join(map(str, r["seeds"])),
-                               f"{100 * r['accuracy_difference']:+.2f}",
-                               f"{r['hiap_at_or_above']} of {len(r['seeds'])} seeds", f"{r['loss_difference']:+.4f}"]
+                               " ".join(f"{100 * d:+.2f}" for d in r["accuracy_differences"]),
+                               f"{100 * r['accuracy_difference']:+.2f}", f"{r['wins']} / {r['ties']} / {r['losses']}",
+                               f"{r['loss_difference']:+.4f}", f"{r['lower_loss']} of {len(r['seeds'])}"]
                               for r in paired]) if paired else "(HiAP or the baselines were not run.)",
              "", "## Every run", "",
-             _markdown_table(["method", "target", "seed", "accuracy %", "val loss", "MACs / dense", "latency ms/batch"],
-                             runs),
+             "For HiAP, *at the fix*: the decided MACs where the search left them when the structure was fixed, and how "
+             "far (as a fraction of the dense MACs) settling moved them.", "",
+             _markdown_table(["method", "target", "seed", "accuracy %", "val loss", "MACs / dense", "at the fix",
+                              "latency ms/batch"], runs),
              "", f"![accuracy vs MACs]({plot.relative_to(output)})"]
     atomic_write_text("\n".join(lines) + "\n", output / "compare.md")
     return output / "compare.md"

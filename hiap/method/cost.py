@@ -1,4 +1,4 @@
-"""Analytic MAC model of DESIGN.md section 1: hard counts (int) and the differentiable expectation.
+"""Analytic MAC model of HiAP: hard counts (int) and the differentiable expectation.
 
 Per layer with N tokens and embed dim D:
     kept q/k dim : 2*N*D + N*N     (q and k projection columns, its share of QK^T)

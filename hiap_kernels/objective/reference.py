@@ -1,6 +1,6 @@
 """Plain-PyTorch twin of ``gate_objective``: the gate terms of the HiAP loss from every layer's logits at once.
 
-The terms (DESIGN.md sections 1-2), over L layers of H heads with G q/k and G v groups each and N neuron groups:
+The terms (HiAP's cost model, budget and feasibility), over L layers of H heads with G q/k and G v groups each and N neuron groups:
 
     p = sigmoid(a)                                          keep probabilities (fp32)
     E[MACs] = static + U_qk * hg * sum_lh p_h alive_lh sum_g p_qk   alive_lh = 1 - prod_g (1 - p_v)   (fp64)
