@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 BudgetMode = Literal["penalty", "target"]
-GateOptimizer = Literal["adam", "cost"]
 
 
 @dataclass
@@ -22,6 +21,10 @@ class HiAPConfig:
             dim and FFN width groups that many dims or neurons per gate.
         neuron_group: FFN neuron group size when it should differ from dim_group (0 follows dim_group).
         hard: straight-through hard gates (the paper); False uses the soft relaxation in the forward pass.
+        order_units: before the search, order each head's q/k and v dims and each FFN's neurons by weight magnitude
+            (the function is unchanged), so that a micro gate's group holds units of like magnitude
+            (``hiap.method.convert.order_units_by_magnitude``); the baselines of ``hiap compare`` choose from the
+            same order.
         tau0, tau_min: Gumbel-Sigmoid temperature annealed exponentially from tau0 to tau_min.
         seed: base seed of the gate-noise stream (combined with the step counter of the gated model).
     Budget:
@@ -56,15 +59,16 @@ class HiAPConfig:
         kd_alpha, kd_temperature: L = (1 - alpha) CE + alpha T^2 KL(teacher/T || student/T).
     Optimisation:
         lr: learning rate of the network weights; gate_lr: of the gate logits (their own group).
-        macro_lr: factor on ``gate_lr`` for the macro gates (heads, FFN blocks).
-        gate_optimizer: "adam" (each logit normalised by its own gradient history) or "cost" (gradients per MAC of
-            the gate, one second moment for all gates: ``hiap.method.gate_optimizer.CostAwareAdam``).
+        macro_lr: factor on ``gate_lr`` for the macro gates (heads, FFN blocks). Adam moves every logit at about its
+            learning rate, so at 1 one block logit closes a whole FFN as fast as one neuron group's logit closes that
+            group; at a tenth a head or FFN block closes whole only once its units have been closing.
     """
 
     init_logit: float = 3.0
     dim_group: int = 0
     neuron_group: int = 0
     hard: bool = True
+    order_units: bool = True
     tau0: float = 2.0
     tau_min: float = 0.5
     seed: int = 0
@@ -87,8 +91,7 @@ class HiAPConfig:
     kd_temperature: float = 4.0
     lr: float = 1e-4
     gate_lr: float = 0.05
-    macro_lr: float = 1.0
-    gate_optimizer: GateOptimizer = "adam"
+    macro_lr: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,8 +116,6 @@ class HiAPConfig:
         need(self.tau0 > 0 and self.tau_min > 0, f"temperatures must be > 0, got tau0={self.tau0}, tau_min={self.tau_min}")
         need(self.tau_min <= self.tau0, f"tau_min ({self.tau_min}) must not exceed tau0 ({self.tau0})")
         need(self.budget in ("penalty", "target"), f"budget must be 'penalty' or 'target', got {self.budget!r}")
-        need(self.gate_optimizer in ("adam", "cost"),
-             f"gate_optimizer must be 'adam' or 'cost', got {self.gate_optimizer!r}")
         need(0.0 < self.target <= 1.0, f"target must lie in (0, 1], got {self.target}")
         need(0.0 < self.fix_at <= 1.0, f"fix_at must lie in (0, 1], got {self.fix_at}")
         need(0.0 <= self.retire_below <= 0.5, f"retire_below must lie in [0, 0.5], got {self.retire_below}")

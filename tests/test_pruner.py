@@ -26,9 +26,10 @@ def test_the_search_ramps_the_target_speeds_short_runs_up_lands_and_then_fixes_t
     assert budget.current_target.item() == 1.0 and gated.temperature == 2.0
     events = {}
     for _ in range(44):
-        lr = pruner._gate_optimizer.param_groups[0]["lr"]
+        macro, micro = (group["lr"] for group in pruner._gate_optimizer.param_groups)
         step = pruner.step_count
-        assert lr == pytest.approx(pruner.gate_lr(step)) and (lr == 0) == (step >= 33)
+        assert micro == pytest.approx(pruner.gate_lr(step)) and (micro == 0) == (step >= 33)
+        assert macro == pytest.approx(0.1 * micro)
         if step == 8:  # half way down the ramp (half of the search)
             assert budget.current_target.item() == pytest.approx(1.0 - 0.5 * 8 / 16.5)
         if step == 20:
@@ -236,3 +237,28 @@ def test_the_cli_is_a_client_of_the_pruner_a_hand_written_loop_gives_the_same_fi
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "pruned.safetensors").read_bytes() == (warm_run.output / "pruned.safetensors").read_bytes()
+
+
+def test_units_are_ordered_by_magnitude_before_the_search_and_the_function_is_unchanged():
+    from hiap.method.convert import order_units_by_magnitude
+
+    vit = tiny_vit()
+    x = images(vit, 3, torch.Generator().manual_seed(2))
+    gated = hiap.gate_vit(vit).eval()
+    order_units_by_magnitude(gated)
+    torch.testing.assert_close(gated(x), vit(x), rtol=1e-5, atol=1e-5)
+    for attn, mlp in zip(gated.attention_layers(), gated.ffn_layers()):
+        width, head_dim = attn.attn_dim, attn.head_dim
+        rows = attn.qkv.weight.abs().sum(dim=1)
+        qk = (rows[:width] + rows[width:2 * width]).view(-1, head_dim)
+        v = (rows[2 * width:] + attn.proj.weight.abs().sum(dim=0)).view(-1, head_dim)
+        neurons = mlp.fc1.weight.abs().sum(dim=1) + mlp.fc2.weight.abs().sum(dim=0)
+        for score in (qk, v, neurons[None]):
+            assert torch.equal(score, score.sort(dim=-1, descending=True).values)
+    # The pruner orders its own copy (the model it was given is untouched); the option turns it off.
+    ordered = hiap.Pruner(vit, total_steps=4).model.eval()
+    assert torch.equal(ordered.vit.blocks[0].attn.qkv.weight, gated.vit.blocks[0].attn.qkv.weight)
+    plain = hiap.Pruner(vit, hiap.HiAPConfig(order_units=False), total_steps=4).model
+    assert torch.equal(plain.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    with pytest.raises(TypeError, match="gated model"):
+        order_units_by_magnitude(vit)

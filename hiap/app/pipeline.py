@@ -45,7 +45,7 @@ from hiap.app.train import fit
 from hiap.backend import use_triton_kernels
 from hiap.config import HiAPConfig
 from hiap.files import RunFolderBusy, RunFolderLock, remove_stale_temporaries
-from hiap.method.convert import HiAPViT, gate_vit
+from hiap.method.convert import HiAPViT, gate_vit, order_units_by_magnitude
 from hiap.method.cost import count_macs, dense_macs
 from hiap.method.extract import extract, save_pruned
 from hiap.method.budget import TOLERANCE, settle_budget
@@ -182,6 +182,8 @@ def run_baseline(method: str, settings: PipelineSettings, session: Session, outp
         choice = apply_torch_pruning(gated, session.teacher, settings.hiap.target, round_to)
     else:
         gated = gate_vit(session.teacher, settings.hiap).eval()
+        if settings.hiap.order_units:  # the units in the order HiAP's gates see them
+            order_units_by_magnitude(gated)
         choice = apply_baseline(method, gated, settings.hiap.target)
     pruned = extract(gated)
     pruned.pretrained_cfg = getattr(session.teacher, "pretrained_cfg", None)

@@ -177,12 +177,21 @@ def gate_vit(model: nn.Module, cfg: HiAPConfig | None = None) -> HiAPViT:
 
     Raises:
         UnsupportedModelError: the model is not a timm VisionTransformer made of standard Attention / Mlp layers.
-        ValueError: a group size does not divide the head dim or the FFN width.
+        ValueError: a group size does not divide the head dim or the FFN width, or ``cfg.min_heads`` is more than
+            the heads of a layer.
+        TypeError: ``model`` is not an ``nn.Module`` or ``cfg`` not a ``HiAPConfig``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gate_vit: model must be a timm VisionTransformer (an nn.Module), got {type(model).__name__}")
+    if cfg is not None and not isinstance(cfg, HiAPConfig):
+        raise TypeError(f"gate_vit: cfg must be a hiap.HiAPConfig or None, got {type(cfg).__name__}")
     cfg = HiAPConfig() if cfg is None else cfg.validate()
     if isinstance(model, HiAPViT):
         raise ValueError("the model is gated already")
     architecture = describe_vit(model)
+    if cfg.min_heads > architecture["num_heads"]:
+        raise ValueError(f"min_heads={cfg.min_heads} is more than the {architecture['num_heads']} heads of each "
+                         "attention layer of the model")
     vit = copy.deepcopy(model)
     schedule = GateSchedule(tau=cfg.tau0, seed=step_seed(cfg.seed, 0), hard=cfg.hard)
     for index, block in enumerate(vit.blocks):
@@ -200,3 +209,40 @@ def gate_vit(model: nn.Module, cfg: HiAPConfig | None = None) -> HiAPViT:
     gated = HiAPViT(vit, cfg, architecture, schedule)
     gated.train(model.training)
     return gated
+
+
+@torch.no_grad()
+def order_units_by_magnitude(model: HiAPViT) -> HiAPViT:
+    """Reorder, in place, each head's q/k dims and v dims and each FFN's neurons by the l1 norm of their weights,
+    largest first, so that every micro gate's group holds units of like magnitude; returns ``model``.
+
+    The function is unchanged up to float rounding: a head's q and k dims move together (their dot product is a sum
+    over dims), its v dims move with the matching input columns of ``proj``, and a neuron's fc1 row and bias move with
+    its fc2 column. A q/k dim scores ``|q row| + |k row|``, a v dim ``|v row| + |proj column|``, a neuron ``|fc1 row| +
+    |fc2 column|``. With groups of contiguous units, a gate that would otherwise tie a strong dim to weak neighbours
+    now covers the weak ones together, as a magnitude pruner would pick them one by one. Call it before training: the
+    gate logits and any state that refers to unit positions are not permuted.
+    """
+    if not isinstance(model, HiAPViT):
+        raise TypeError(f"order_units_by_magnitude needs a gated model from hiap.gate_vit, got {type(model).__name__}")
+    for attn, mlp in zip(model.attention_layers(), model.ffn_layers()):
+        heads, head_dim, width = attn.num_heads, attn.head_dim, attn.attn_dim
+        weight = attn.qkv.weight
+        q, k, v = weight[:width], weight[width:2 * width], weight[2 * width:]
+        qk_score = (q.abs().sum(dim=1) + k.abs().sum(dim=1)).view(heads, head_dim)
+        v_score = (v.abs().sum(dim=1) + attn.proj.weight.abs().sum(dim=0)).view(heads, head_dim)
+        first = (torch.arange(heads, device=weight.device) * head_dim)[:, None]
+        qk_order = (first + torch.argsort(qk_score, dim=1, descending=True, stable=True)).reshape(-1)
+        v_order = (first + torch.argsort(v_score, dim=1, descending=True, stable=True)).reshape(-1)
+        rows = torch.cat([qk_order, qk_order + width, v_order + 2 * width])
+        attn.qkv.weight.copy_(weight[rows])
+        if attn.qkv.bias is not None:
+            attn.qkv.bias.copy_(attn.qkv.bias[rows])
+        attn.proj.weight.copy_(attn.proj.weight[:, v_order])
+        score = mlp.fc1.weight.abs().sum(dim=1) + mlp.fc2.weight.abs().sum(dim=0)
+        order = torch.argsort(score, descending=True, stable=True)
+        mlp.fc1.weight.copy_(mlp.fc1.weight[order])
+        if mlp.fc1.bias is not None:
+            mlp.fc1.bias.copy_(mlp.fc1.bias[order])
+        mlp.fc2.weight.copy_(mlp.fc2.weight[:, order])
+    return model

@@ -23,10 +23,9 @@ import torch.nn as nn
 
 from hiap.config import HiAPConfig
 from hiap.method.budget import TOLERANCE, land_on_budget, settle_budget
-from hiap.method.convert import HiAPViT, gate_vit
-from hiap.method.cost import UnitCosts, count_macs, dense_macs, expected_cost, token_count
+from hiap.method.convert import HiAPViT, gate_vit, order_units_by_magnitude
+from hiap.method.cost import count_macs, dense_macs, expected_cost
 from hiap.method.extract import extract
-from hiap.method.gate_optimizer import CostAwareAdam
 from hiap.method.gates import temperature_at
 from hiap.method.losses import HiAPObjective, ObjectiveTerms
 
@@ -114,6 +113,8 @@ class Pruner:
             gated = model
         else:
             gated = gate_vit(model, cfg).train()  # a copy made to be searched: its gates sample from the start
+            if gated.cfg.order_units:
+                order_units_by_magnitude(gated)
             teacher = model if teacher is None else teacher
         self.model: HiAPViT = gated
         self.cfg: HiAPConfig = gated.cfg
@@ -131,23 +132,12 @@ class Pruner:
         self._configure(0)
 
     def _build_gate_optimizer(self) -> torch.optim.Optimizer:
-        """One group per layer and kind of gate, with the MACs one gate of it controls and its learning-rate factor."""
+        """Adam over the gate logits: the macro gates (heads, FFN blocks) and the micro gates in two groups, each
+        with its learning-rate factor (``macro_lr`` for the macro gates)."""
         gated = self.model
-        units = UnitCosts.at(token_count(gated), gated.vit.embed_dim)
-        groups = []
-        for attn, mlp in zip(gated.attention_layers(), gated.ffn_layers()):
-            gates, ffn = attn.gates, mlp.gates
-            costs = {"head": gates.head_dim * (units.qk_dim + units.v_dim), "qk": gates.group * units.qk_dim,
-                     "v": gates.group * units.v_dim, "block": ffn.hidden_features * units.neuron,
-                     "neuron": ffn.group * units.neuron}
-            for layer_gates in (gates, ffn):
-                for kind, logit in layer_gates.logits().items():
-                    macro = kind in layer_gates.MACRO
-                    groups.append({"params": [logit], "lr": 0.0, "cost": float(costs[kind]),
-                                   "lr_scale": self.cfg.macro_lr if macro else 1.0})
-        if self.cfg.gate_optimizer == "cost":
-            return CostAwareAdam(groups)
-        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "cost"} for g in groups], weight_decay=0.0)
+        groups = [{"params": gated.macro_gate_logits(), "lr": 0.0, "name": "macro_gates", "lr_scale": self.cfg.macro_lr},
+                  {"params": gated.micro_gate_logits(), "lr": 0.0, "name": "micro_gates", "lr_scale": 1.0}]
+        return torch.optim.AdamW(groups, weight_decay=0.0)
 
     # ----------------------------------------------------------------------------------------------------------------
     # The schedule
