@@ -106,3 +106,74 @@ def test_gpu_kernel_equals_the_reference_at_deit_shapes(dim):
     ref_outs, expected = run_with_grads(_call(gather_weight_reference, fixed), inputs, grads)
     assert all(torch.equal(o, r) for o, r in zip(outs, ref_outs))
     assert torch.equal(got["weight"], expected["weight"])
+
+
+# Indices out of range: refused on the host (once per index tensor), never read in the kernel
+
+
+@pytest.mark.parametrize("fn", [gather_weight, gather_weight_reference], ids=["kernel", "reference"])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("change, message", [
+    (lambda index, inverse, size: (index.index_fill(0, torch.tensor([1], device=DEVICE), size), inverse),
+     "index holds {size}, outside \\[0, {size}\\)"),
+    (lambda index, inverse, size: (index.index_fill(0, torch.tensor([0], device=DEVICE), -3), inverse),
+     "index holds -3, outside \\[0, {size}\\)"),
+    (lambda index, inverse, size: (index, inverse.index_fill(0, torch.tensor([2], device=DEVICE), 99)),
+     "inverse holds 99, outside \\[-1, 4\\)"),
+    (lambda index, inverse, size: (index.flip(0), inverse), "inverse is not the inverse of index"),
+    (lambda index, inverse, size: (index.index_fill(0, torch.tensor([0], device=DEVICE), int(index[1])), inverse),
+     "inverse is not the inverse of index"),
+], ids=["past-the-end", "negative", "inverse-out-of-range", "not-inverse", "repeated"])
+def test_indices_out_of_range_or_inconsistent_are_refused(fn, dim, change, message):
+    inputs, fixed, _ = _case(10, 10, 4, dim, bias=dim == 0, scale=True)
+    fixed["index"], fixed["inverse"] = change(fixed["index"], fixed["inverse"], 10)
+    with pytest.raises(ValueError, match=message.format(size=10)) as info:
+        fn(inputs["weight"], inputs["bias"], **fixed)
+    assert "\n" not in str(info.value)
+
+
+def test_an_index_edited_in_place_after_a_call_is_checked_again():
+    inputs, fixed, _ = _case(10, 6, 4, 0)
+    gather_weight(inputs["weight"], None, **fixed)
+    fixed["index"][0] = 10
+    with pytest.raises(ValueError, match="index holds 10"):
+        gather_weight(inputs["weight"], None, **fixed)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_the_kernel_flags_an_index_out_of_range_with_nan_instead_of_reading_it(dim):
+    """What the kernel does with indices the host did not check (under torch.compile): the rows / columns of an
+    index outside the weight come out NaN, never a value read from outside it."""
+    inputs, fixed, _ = _case(12, 12, 5, dim, bias=dim == 0, scale=True)
+    bad = fixed["index"].clone()
+    bad[1], bad[3] = 12 + 1000, -1000
+    out, out_bias = _gather_weight_op(inputs["weight"], inputs["bias"], bad, fixed["inverse"], fixed["scale"], dim)
+    expected, expected_bias = gather_weight_reference(inputs["weight"], inputs["bias"], **fixed)
+    flagged = torch.zeros(5, dtype=torch.bool, device=DEVICE)
+    flagged[[1, 3]] = True
+    rows = out if dim == 0 else out.T
+    assert rows[flagged].isnan().all()
+    assert torch.equal(rows[~flagged], (expected if dim == 0 else expected.T)[~flagged])
+    if dim == 0:
+        assert out_bias[flagged].isnan().all() and torch.equal(out_bias[~flagged], expected_bias[~flagged])
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_the_backward_kernel_flags_an_inverse_out_of_range_with_nan(dim):
+    from hiap_kernels.gated_weight.gather import _gather_weight_backward_op
+
+    inputs, fixed, grads = _case(12, 12, 5, dim, bias=dim == 0, scale=True)
+    bad = fixed["inverse"].clone()
+    left_out = int((bad < 0).nonzero()[0])
+    bad[left_out] = 5 + 1000
+    grad_bias = grads[1] if dim == 0 else None
+    grad, out_grad_bias = _gather_weight_backward_op(grads[0], grad_bias, inputs["weight"], inputs["bias"], bad,
+                                                     fixed["scale"], dim)
+    expected, expected_bias = _gather_weight_backward_op(grads[0], grad_bias, inputs["weight"], inputs["bias"],
+                                                         fixed["inverse"], fixed["scale"], dim)
+    rows, expected_rows = (grad, expected) if dim == 0 else (grad.T, expected.T)
+    assert rows[left_out].isnan().all()
+    others = torch.arange(12, device=DEVICE) != left_out
+    assert torch.equal(rows[others], expected_rows[others])
+    if dim == 0:
+        assert out_grad_bias[left_out].isnan() and torch.equal(out_grad_bias[others], expected_bias[others])

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from hiap.backend import KernelBackendMixin
 from hiap.method.gates import AttentionGates, FfnGates, GateSchedule, gate_offset
 from hiap_kernels.gated_weight.reference import (
+    check_gather_indices,
     gated_fc2_weight_reference,
     gated_qkv_weight_reference,
     gather_weight_reference,
@@ -102,9 +103,16 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         scale = self.gates.qkv_row_scale(tuple(keep.float() for keep in self.gates.decisions()))  # [3 H Dh]
         live = scale[2 * self.attn_dim :].view(self.num_heads, self.head_dim).ne(0).any(dim=1)  # v columns left
         rows, columns, rows_inverse, columns_inverse = self._head_index(live)
+        self._check_index(rows, rows_inverse, columns, columns_inverse)
         self.decided_rows, self.decided_columns = rows, columns
         self.decided_row_scale = scale[rows]
         self.decided_rows_inverse, self.decided_columns_inverse = rows_inverse, columns_inverse
+
+    def _check_index(self, rows: torch.Tensor, rows_inverse: torch.Tensor, columns: torch.Tensor,
+                     columns_inverse: torch.Tensor) -> None:
+        """The gather op's index check, once, as the index is built (the op remembers it: its steps read nothing)."""
+        check_gather_indices(rows, rows_inverse, 3 * self.attn_dim, dim=0)
+        check_gather_indices(columns, columns_inverse, self.attn_dim, dim=1)
 
     @torch.no_grad()
     def retire(self, heads: torch.Tensor | None) -> None:
@@ -127,6 +135,7 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         index = self._head_index(~heads)
         self.live_rows, self.live_columns, self.live_rows_inverse, self.live_columns_inverse = (
             tensor.to(device) for tensor in index)
+        self._check_index(self.live_rows, self.live_rows_inverse, self.live_columns, self.live_columns_inverse)
 
     def _head_index(self, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For bool ``live [H]``: the live heads' rows of the qkv weight ``[3 H' Dh]``, their columns of proj's input
@@ -250,6 +259,8 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         costs nothing, forward or backward. The gates' decision must not change while fixed."""
         self.decided_neurons = self.gates.kept_neurons().nonzero().squeeze(1) if fixed else None
         self.decided_neurons_inverse = inverse_index(self.decided_neurons, self.hidden_features) if fixed else None
+        if fixed:  # the gather op's index check, once, here (the op remembers it: its steps read nothing)
+            check_gather_indices(self.decided_neurons, self.decided_neurons_inverse, self.hidden_features)
 
     @torch.no_grad()
     def retire(self, groups: torch.Tensor | None) -> None:
@@ -270,6 +281,7 @@ class GatedMlp(KernelBackendMixin, nn.Module):
         live = (~groups).repeat_interleave(self.gates.group).nonzero().squeeze(1)
         self.live_neurons = live.to(device)
         self.live_neurons_inverse = inverse_index(live, self.hidden_features).to(device)
+        check_gather_indices(self.live_neurons, self.live_neurons_inverse, self.hidden_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decided_neurons is not None:

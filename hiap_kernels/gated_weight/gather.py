@@ -16,12 +16,13 @@ import triton.language as tl
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor, unit_last_stride
 from hiap_kernels.gated_weight import kernel as gated
+from hiap_kernels.gated_weight.reference import check_gather_indices
 
 
 @triton.jit
 def _gather_weight_kernel(
     weight_ptr, bias_ptr, index_ptr, scale_ptr, out_ptr, out_bias_ptr,
-    out_rows, out_cols, stride_weight, stride_out,
+    out_rows, out_cols, source_extent, stride_weight, stride_out,
     GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -30,33 +31,39 @@ def _gather_weight_kernel(
     row_ok = row < out_rows
     col_ok = col < out_cols
     ok = row_ok[:, None] & col_ok[None, :]
-    # [BLOCK_R] or [BLOCK_C]: where each output row / column comes from, and its scale (in the weight's dtype)
+    # [BLOCK_R] or [BLOCK_C]: where each output row / column comes from, whether that lies inside the weight (an index
+    # outside it is never read: its row / column comes out NaN), and its scale (in the weight's dtype)
     if GATHER_ROWS:
         source = tl.load(index_ptr + row, mask=row_ok, other=0)
+        inside = (source >= 0) & (source < source_extent)
         scale = tl.full((BLOCK_R,), 1.0, tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + row, mask=row_ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(weight_ptr + source[:, None] * stride_weight + col[None, :], mask=ok, other=0.0).to(tl.float32)
-        out = w * scale[:, None]
+        w = tl.load(weight_ptr + source[:, None] * stride_weight + col[None, :], mask=ok & inside[:, None],
+                    other=0.0).to(tl.float32)
+        out = tl.where(inside[:, None], w * scale[:, None], float("nan"))
     else:
         source = tl.load(index_ptr + col, mask=col_ok, other=0)
+        inside = (source >= 0) & (source < source_extent)
         scale = tl.full((BLOCK_C,), 1.0, tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + col, mask=col_ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(weight_ptr + row[:, None] * stride_weight + source[None, :], mask=ok, other=0.0).to(tl.float32)
-        out = w * scale[None, :]
+        w = tl.load(weight_ptr + row[:, None] * stride_weight + source[None, :], mask=ok & inside[None, :],
+                    other=0.0).to(tl.float32)
+        out = tl.where(inside[None, :], w * scale[None, :], float("nan"))
     tl.store(out_ptr + row[:, None] * stride_out + col[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
     if HAS_BIAS:
         if tl.program_id(1) == 0:
-            b = tl.load(bias_ptr + source, mask=row_ok, other=0.0).to(tl.float32)
+            b = tl.load(bias_ptr + source, mask=row_ok & inside, other=0.0).to(tl.float32)
             bias_scale = scale.to(out_bias_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(out_bias_ptr + row, (b * bias_scale).to(out_bias_ptr.dtype.element_ty), mask=row_ok)
+            out_bias = tl.where(inside, b * bias_scale, float("nan"))
+            tl.store(out_bias_ptr + row, out_bias.to(out_bias_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _gather_weight_backward_kernel(
     grad_ptr, grad_bias_ptr, inverse_ptr, scale_ptr, out_grad_ptr, out_grad_bias_ptr,
-    rows, cols, stride_grad, stride_out,
+    rows, cols, num_kept, stride_grad, stride_out,
     GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -66,14 +73,16 @@ def _gather_weight_backward_kernel(
     row_ok = row < rows
     col_ok = col < cols
     ok = row_ok[:, None] & col_ok[None, :]
-    # [BLOCK_R] or [BLOCK_C]: each row's / column's position in the gathered weight (-1 where it was left out), and
-    # its scale (0 where left out)
+    # [BLOCK_R] or [BLOCK_C]: each row's / column's position in the gathered weight (-1 where it was left out; one
+    # outside [-1, num_kept) is never read: its gradient comes out NaN), and its scale (0 where left out)
     if GATHER_ROWS:
         slot = tl.load(inverse_ptr + row, mask=row_ok, other=-1)
-        kept = row_ok & (slot >= 0)
+        lane_ok = row_ok
     else:
         slot = tl.load(inverse_ptr + col, mask=col_ok, other=-1)
-        kept = col_ok & (slot >= 0)
+        lane_ok = col_ok
+    outside = lane_ok & ((slot < -1) | (slot >= num_kept))
+    kept = lane_ok & (slot >= 0) & (slot < num_kept)
     slot = tl.where(kept, slot, 0)
     scale = tl.where(kept, 1.0, 0.0)
     if HAS_SCALE:
@@ -81,17 +90,18 @@ def _gather_weight_backward_kernel(
     if GATHER_ROWS:
         g = tl.load(grad_ptr + slot[:, None] * stride_grad + col[None, :], mask=ok & kept[:, None],
                     other=0.0).to(tl.float32)
-        out = g * scale[:, None]
+        out = tl.where(outside[:, None], float("nan"), g * scale[:, None])
     else:
         g = tl.load(grad_ptr + row[:, None] * stride_grad + slot[None, :], mask=ok & kept[None, :],
                     other=0.0).to(tl.float32)
-        out = g * scale[None, :]
+        out = tl.where(outside[None, :], float("nan"), g * scale[None, :])
     tl.store(out_grad_ptr + row[:, None] * stride_out + col[None, :], out.to(out_grad_ptr.dtype.element_ty), mask=ok)
     if HAS_BIAS:
         if tl.program_id(1) == 0:
             gb = tl.load(grad_bias_ptr + slot, mask=kept, other=0.0).to(tl.float32)
             bias_scale = scale.to(out_grad_bias_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(out_grad_bias_ptr + row, (gb * bias_scale).to(out_grad_bias_ptr.dtype.element_ty), mask=row_ok)
+            out_bias = tl.where(outside, float("nan"), gb * bias_scale)
+            tl.store(out_grad_bias_ptr + row, out_bias.to(out_grad_bias_ptr.dtype.element_ty), mask=row_ok)
 
 
 @torch.library.custom_op(
@@ -111,7 +121,8 @@ def _gather_weight_op(weight, bias, index, inverse, scale, dim):
         _gather_weight_kernel[grid](
             weight, bias.contiguous() if has_bias else weight, index.contiguous(),
             scale.contiguous() if scale is not None else weight, out, out_bias if has_bias else out,
-            out_rows, out_cols, weight.stride(0), out.stride(0), GATHER_ROWS=dim == 0, HAS_BIAS=has_bias,
+            out_rows, out_cols, weight.shape[dim], weight.stride(0), out.stride(0), GATHER_ROWS=dim == 0,
+            HAS_BIAS=has_bias,
             HAS_SCALE=scale is not None, BLOCK_R=block_rows, BLOCK_C=block_cols,
         )
     return out, out_bias
@@ -143,7 +154,7 @@ def _gather_weight_backward_op(grad, grad_bias, weight, bias, inverse, scale, di
         _gather_weight_backward_kernel[grid](
             grad, grad_bias.contiguous() if has_bias else grad, inverse.contiguous(),
             scale.contiguous() if scale is not None else grad, out, out_bias if has_bias else out,
-            rows, cols, grad.stride(0), out.stride(0), GATHER_ROWS=dim == 0, HAS_BIAS=has_bias,
+            rows, cols, grad.shape[dim], grad.stride(0), out.stride(0), GATHER_ROWS=dim == 0, HAS_BIAS=has_bias,
             HAS_SCALE=scale is not None, BLOCK_R=block_rows, BLOCK_C=block_cols,
         )
     return out, out_bias
@@ -186,6 +197,13 @@ def gather_weight(
     Same contract as :func:`hiap_kernels.gated_weight.reference.gather_weight_reference`: ``index [K]`` the kept
     rows / columns (distinct), ``inverse`` each one's position in ``index`` or -1 (``[R]`` / ``[C]``; both fixed with
     the structure, so they are built once), ``scale [K]`` or None; a bias only with ``dim=0``.
+
+    Indices are checked on the host (``reference.check_gather_indices``: ValueError for an index outside the weight
+    or an ``inverse`` that is not ``index``'s) the first time a pair of index tensors comes (one device-to-host copy),
+    and remembered per tensor object and version, so a structure's indices cost one check, not one per step. Under
+    ``torch.compile`` the host check is left out, and the kernels never read outside their inputs: a row / column
+    whose index lies outside the weight, or a gradient row / column whose ``inverse`` entry lies outside
+    ``[-1, K)``, comes out NaN.
     """
     check_tensor("weight", weight, ndim=2)
     runtime.require_triton_device("gather_weight", weight, "hiap_kernels.gated_weight.gather_weight_reference")
@@ -204,5 +222,6 @@ def gather_weight(
         check_tensor("bias", bias, ndim=1, device=weight.device)
         if dim != 0 or bias.shape[0] != weight.shape[0]:
             raise ValueError("a bias goes with a row gather (dim=0) and has one entry per weight row")
+    check_gather_indices(index, inverse, weight.shape[dim], dim)
     out, out_bias = _gather_weight_op(weight, bias, index, inverse, scale, dim)
     return out, out_bias if bias is not None else None

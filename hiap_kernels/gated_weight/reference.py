@@ -16,7 +16,10 @@ No Triton import: these are the reference path of ``hiap``'s gated modules and t
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from hiap_kernels.gated_linear.reference import (
     attention_column_masks,
@@ -99,6 +102,54 @@ def inverse_index(index: torch.Tensor, size: int) -> torch.Tensor:
     return inverse
 
 
+# index -> ((index version, inverse version, extent), weakref to inverse): pairs checked already. Keyed by the tensor
+# object (weakly) with its version counter, so an in-place edit or a new tensor at a recycled address is checked afresh.
+_CHECKED_INDICES = WeakTensorKeyDictionary()
+
+
+def _versions(index: torch.Tensor, inverse: torch.Tensor, extent: int) -> tuple | None:
+    try:
+        return index._version, inverse._version, extent
+    except RuntimeError:  # an inference tensor keeps no version counter: checked on every call
+        return None
+
+
+def check_gather_indices(index: torch.Tensor, inverse: torch.Tensor, extent: int, dim: int = 0) -> None:
+    """ValueError unless ``index`` holds distinct rows / columns in ``[0, extent)`` and ``inverse`` is its inverse
+    (``inverse[index[k]] = k``, -1 elsewhere), naming the argument and the value at fault.
+
+    Reads both on the host: one device-to-host copy the first time a pair comes, none after (remembered per tensor
+    object and version; an index of a fixed structure is built once). Left out under ``torch.compile``, where the
+    kernel's own bounds hold (see ``gather_weight``).
+    """
+    if torch.compiler.is_compiling():
+        return
+    signature = _versions(index, inverse, extent)
+    cached = _CHECKED_INDICES.get(index) if signature is not None else None
+    if cached is not None and cached[0] == signature and cached[1]() is inverse:
+        return
+    kept = index.numel()
+    what = "rows" if dim == 0 else "columns"
+    if inverse.numel() != extent:
+        raise ValueError(f"inverse has {inverse.numel()} entries for the weight's {extent} {what}")
+    both = torch.cat([index.detach().reshape(-1), inverse.detach().reshape(-1)]).cpu()
+    index_host, inverse_host = both[:kept], both[kept:]
+    if kept:
+        low, high = int(index_host.min()), int(index_host.max())
+        if low < 0 or high >= extent:
+            raise ValueError(f"index holds {low if low < 0 else high}, outside [0, {extent}) (the weight's {what})")
+    if inverse_host.numel():
+        low, high = int(inverse_host.min()), int(inverse_host.max())
+        if low < -1 or high >= kept:
+            raise ValueError(f"inverse holds {low if low < -1 else high}, outside [-1, {kept}) (-1 or a position in "
+                             "index)")
+    if not torch.equal(inverse_host[index_host], torch.arange(kept)) or int((inverse_host >= 0).sum()) != kept:
+        raise ValueError("inverse is not the inverse of index (inverse[index[k]] = k, -1 elsewhere; index distinct): "
+                         "build it with hiap_kernels.gated_weight.inverse_index")
+    if signature is not None:
+        _CHECKED_INDICES[index] = (signature, weakref.ref(inverse))
+
+
 def gather_weight_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -120,7 +171,12 @@ def gather_weight_reference(
         ``weight.index_select(dim, index)`` times ``scale`` along ``dim`` (``[K, C]`` or ``[R, K]``), and the bias
         gathered and scaled alike (None without one or for columns). Gradients reach the weight and the bias; the rows
         or columns left out get zeros.
+
+    Raises:
+        ValueError: an index outside the weight, or an ``inverse`` that is not ``index``'s
+            (:func:`check_gather_indices`, once per pair of index tensors).
     """
+    check_gather_indices(index, inverse, weight.shape[dim], dim)
     out = weight.index_select(dim, index)
     out_bias = None if bias is None or dim != 0 else bias.index_select(0, index)
     if scale is not None:
