@@ -113,3 +113,86 @@ def test_gpu_kernel_matches_the_reference_at_deit_shapes(dtype):
     expected, expected_size = merge_tokens_reference(*[t.float() if t.is_floating_point() else t for t in inputs])
     assert rel_error(out.float(), expected) < TOL[dtype]
     torch.testing.assert_close(out_size, expected_size)
+
+
+# Indices out of range: refused on the host where the tensors are there already (CPU), flagged in the kernel and in
+# the reference's device path (no host read on a GPU), never read
+
+
+def _broken(inputs, name, position, value):
+    x, size, keep, source, target = (t.clone() for t in inputs)
+    index = {"keep": keep, "source": source, "target": target}[name]
+    index[position] = value
+    return x, size, keep, source, target
+
+
+BROKEN = [("keep", (0, 1), 99, "keep holds 99, outside \\[0, 17\\)"),
+          ("keep", (1, 0), -1, "keep holds -1, outside \\[0, 17\\)"),
+          ("source", (0, 2), 17, "source holds 17, outside \\[0, 17\\)"),
+          ("target", (1, 4), 12, "target holds 12, outside \\[0, 12\\)"),
+          ("target", (0, 0), -5, "target holds -5, outside \\[0, 12\\)")]
+
+
+@pytest.mark.parametrize("name, position, value, message", BROKEN)
+def test_the_reference_refuses_indices_out_of_range_on_the_cpu(name, position, value, message):
+    inputs = _broken(random_merge(2, 17, 24, 5, torch.float32), name, position, value)
+    with pytest.raises(ValueError, match=message) as caught:
+        merge_tokens_reference(*inputs)
+    assert "\n" not in str(caught.value)
+
+
+@needs_triton
+@pytest.mark.parametrize("name, position, value, message", BROKEN)
+def test_the_kernel_refuses_indices_out_of_range_on_the_cpu(name, position, value, message):
+    from hiap_kernels import merge_tokens
+
+    inputs = _broken(random_merge(2, 17, 24, 5, torch.float32), name, position, value)
+    with pytest.raises(ValueError, match=message):
+        merge_tokens(*inputs)
+
+
+def _flagged_rows(name, position, kept):
+    """Which output rows an index out of range turns NaN: the row of a bad ``keep``, every row of the image of a bad
+    ``source`` or ``target``."""
+    flagged = torch.zeros(2, kept, dtype=torch.bool)
+    batch, item = position
+    if name == "keep":
+        flagged[batch, item] = True
+    else:
+        flagged[batch] = True
+    return flagged
+
+
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("name, position, value, message", BROKEN + [("keep", (0, 3), 10**12, ""),
+                                                                     ("source", (1, 1), -(10**12), "")])
+def test_kernel_and_device_reference_flag_indices_out_of_range_with_nan_and_agree(name, position, value, message):
+    """Where indices are not read on the host (on a GPU): the rows they touch come out NaN, in the kernel and in the
+    reference alike; every other row is the merge of valid indices."""
+    from hiap_kernels.token_merge.kernel import _merge_tokens_op
+    from hiap_kernels.token_merge.reference import merge_tokens_flagged
+
+    good = random_merge(2, 17, 24, 5, torch.float32, device=DEVICE)
+    inputs = _broken(good, name, position, value)
+    out, out_size = _merge_tokens_op(*inputs)
+    ref, ref_size = merge_tokens_flagged(*inputs)
+    expected, expected_size = merge_tokens_reference(*good)
+    flagged = _flagged_rows(name, position, 12).to(DEVICE)
+    for got, got_size in ((out, out_size), (ref, ref_size)):
+        assert got[flagged].isnan().all() and got_size[flagged].isnan().all()
+        assert rel_error(got[~flagged].cpu(), expected[~flagged].cpu().double()) < TOL[torch.float32]
+        torch.testing.assert_close(got_size[~flagged], expected_size[~flagged])
+
+
+def test_the_reference_compiles_into_one_graph_without_reading_indices_on_the_host():
+    """Under torch.compile (a token-reduced model with hiap.optimize(compile=True)) no index is read on the host;
+    the reference flags indices out of range instead, as the kernel does."""
+    inputs = random_merge(2, 20, 16, 6, torch.float32)
+    compiled = torch.compile(merge_tokens_reference, fullgraph=True, backend="aot_eager")
+    out, out_size = compiled(*inputs)
+    expected, expected_size = merge_tokens_reference(*inputs)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out_size, expected_size)
+    out, _ = compiled(*_broken(inputs, "keep", (0, 1), 99))
+    assert out[0, 1].isnan().all() and not out[1].isnan().any()

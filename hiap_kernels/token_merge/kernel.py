@@ -15,6 +15,7 @@ import triton.language as tl
 
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor, unit_last_stride
+from hiap_kernels.token_merge.reference import check_merge_indices
 
 __all__ = ["merge_tokens"]
 
@@ -52,12 +53,16 @@ def _merge_tokens_kernel(
     x_base = x_ptr + batch * x_stride_b
 
     keep = tl.load(keep_ptr + batch * num_kept + rows, mask=row_valid, other=0)
+    # An index outside its range is never read: a kept token outside the P tokens turns its row NaN, a source outside
+    # them or a target outside the D rows every row of its image (each program streams all of the image's sources).
+    keep_inside = row_valid & (keep >= 0) & (keep < num_tokens)
     # [BLOCK_D]: sizes in fp32; masked rows get 1 so that their (discarded) division stays finite.
-    total = tl.load(size_ptr + batch * num_tokens + keep, mask=row_valid, other=1.0)
+    total = tl.load(size_ptr + batch * num_tokens + keep, mask=keep_inside, other=1.0)
     # [BLOCK_D, BLOCK_C]
     kept_rows = tl.load(x_base + keep[:, None] * x_stride_p + cols[None, :],
-                        mask=row_valid[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
+                        mask=keep_inside[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
     acc = kept_rows * total[:, None]
+    broken = tl.zeros((BLOCK_R,), dtype=tl.int32)
 
     for start in range(0, num_sources, BLOCK_R):
         # [BLOCK_R]
@@ -65,20 +70,23 @@ def _merge_tokens_kernel(
         source_valid = sources < num_sources
         source = tl.load(source_ptr + batch * num_sources + sources, mask=source_valid, other=0)
         target = tl.load(target_ptr + batch * num_sources + sources, mask=source_valid, other=-1)
-        source_size = tl.load(size_ptr + batch * num_tokens + source, mask=source_valid, other=0.0)
+        inside = source_valid & (source >= 0) & (source < num_tokens) & (target >= 0) & (target < num_kept)
+        broken = tl.maximum(broken, (source_valid & (inside == 0)).to(tl.int32))
+        source_size = tl.load(size_ptr + batch * num_tokens + source, mask=inside, other=0.0)
         # [BLOCK_R, BLOCK_C]
         source_rows = tl.load(x_base + source[:, None] * x_stride_p + cols[None, :],
-                              mask=source_valid[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
+                              mask=inside[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
         # [BLOCK_D, BLOCK_R]: source r's size where it joins row d.
         weights = tl.where(rows[:, None] == target[None, :], source_size[None, :], 0.0)
         acc += tl.dot(weights, source_rows, input_precision="ieee")
         total += tl.sum(weights, axis=1)
 
-    out = acc / total[:, None]
+    flagged = row_valid & ((keep_inside == 0) | (tl.max(broken, axis=0) > 0))
+    out = tl.where(flagged[:, None], float("nan"), acc / total[:, None])
     tl.store(out_ptr + batch * out_stride_b + rows[:, None] * out_stride_d + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
     if tl.program_id(2) == 0:
-        tl.store(out_size_ptr + batch * num_kept + rows, total, mask=row_valid)
+        tl.store(out_size_ptr + batch * num_kept + rows, tl.where(flagged, float("nan"), total), mask=row_valid)
 
 
 @torch.library.custom_op("hiap_kernels::merge_tokens", mutates_args=())
@@ -118,8 +126,13 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, source
         source: int64 ``[B, R]`` tokens folded away.
         target: int64 ``[B, R]`` for each source, its output row (index into ``keep``).
 
-    Indices are not range-checked (that would read them on the host); they come from topk / argsort of the same
-    tokens. Returns ``out [B, D, C]`` in x's dtype and ``out_size [B, D]`` float32.
+    Indices out of range are never read. On CPU tensors (the interpreter) they are refused on the host, as the
+    reference refuses them (ValueError naming the index); on a GPU and under ``torch.compile``, where reading them
+    would cost a host synchronisation per call (or a graph break), the kernel flags them: the row of a ``keep``
+    outside ``[0, P)``, and every row of an image with a ``source`` outside ``[0, P)`` or a ``target`` outside
+    ``[0, D)``, come out NaN (``out`` and ``out_size``), as in ``reference.merge_tokens_flagged``.
+
+    Returns ``out [B, D, C]`` in x's dtype and ``out_size [B, D]`` float32.
     """
     check_tensor("x", x, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     check_tensor("size", size, ndim=2, dtypes=(torch.float32,), device=x.device)
@@ -134,4 +147,6 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, source
                          f"{tuple(keep.shape)}, source {tuple(source.shape)}, target {tuple(target.shape)}")
     if keep.shape[1] + source.shape[1] > tokens:
         raise ValueError(f"{keep.shape[1]} kept and {source.shape[1]} merged tokens are more than the {tokens} given")
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_merge_indices(tokens, keep, source, target)
     return _merge_tokens_op(x, size, keep, source, target)
