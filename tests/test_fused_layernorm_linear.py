@@ -93,3 +93,20 @@ def test_gpu_kernel_matches_fp64_at_deit_shapes(features, activation, dtype):
     inputs = make_inputs((8, 197), 384, features, dtype, device="cuda")
     out = fused()(*inputs, activation)
     assert rel_error(out, layernorm_linear_reference(*fp64(*inputs), activation)) < TOLERANCES[dtype]
+
+
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_kernel_and_reference_share_one_policy_for_inf_and_nan(activation):
+    """As fused_linear_gelu: a pre-activation that is not finite gives NaN in both (its GELU epilogue is the same)."""
+    x, gamma, beta, eps, weight, bias = make_inputs((3,), 8, 16, torch.float32)
+    weight[2, 0] = float("inf")
+    weight[5, 1] = -float("inf")
+    weight[7, 2] = float("nan")
+    out = fused()(x, gamma, beta, eps, weight, bias, activation)
+    ref = layernorm_linear_reference(x, gamma, beta, eps, weight, bias, activation)
+    pre = layernorm_linear_reference(x, gamma, beta, eps, weight, bias, "none")
+    assert (pre == float("inf")).any() and (pre == -float("inf")).any()
+    assert torch.equal(out.isnan(), ~pre.isfinite()) and torch.equal(ref.isnan(), ~pre.isfinite())
+    torch.testing.assert_close(out[pre.isfinite()], ref[pre.isfinite()], rtol=1e-4, atol=1e-4)

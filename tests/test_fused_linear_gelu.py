@@ -151,3 +151,37 @@ def test_the_custom_op_passes_opcheck_and_compiles_without_graph_breaks():
     torch.library.opcheck(_linear_gelu, (x, weight, None, "tanh"))
     explanation = torch._dynamo.explain(lambda t: fused()(t, weight, bias))(x.reshape(2, 3, 16))
     assert explanation.graph_break_count == 0
+
+
+def _non_finite_rows(dtype=torch.float32):
+    """Rows whose pre-activations hold +inf, -inf and NaN (from inf or NaN in x, and in fp32 from a product that
+    overflows), and finite rows around them."""
+    x, weight, bias = make_inputs((6,), 8, 16, dtype)
+    x[1, 3] = float("inf")
+    x[2, 0] = -float("inf")
+    x[3, 5] = float("nan")
+    x[4, 2] = float("inf")
+    x[4, 6] = -float("inf")  # inf - inf: NaN
+    if dtype == torch.float32:
+        x[5, 1] = 1e38
+        weight[:, 1] = weight[:, 1].sign() * 10.0  # 1e39 overflows the fp32 products (the kernel accumulates in fp32)
+    return x, weight, bias
+
+
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_kernel_and_reference_share_one_policy_for_inf_and_nan(approximate, dtype):
+    """A pre-activation that is not finite (+inf, -inf or NaN) gives NaN, in the kernel and in the reference; a
+    finite one gives GELU of it. Nothing non-finite turns into a plausible number (GELU(-inf) = 0 would hide it)."""
+    x, weight, bias = _non_finite_rows(dtype)
+    pre = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    out = fused()(x, weight, bias, approximate)
+    ref = linear_gelu_reference(x, weight, bias, approximate)
+    assert torch.equal(out.isnan(), ~pre.isfinite()) and torch.equal(ref.isnan(), ~pre.isfinite())
+    assert torch.isfinite(out[pre.isfinite()]).all()
+    finite = pre.isfinite()
+    torch.testing.assert_close(out[finite].double(), ref[finite].double(), rtol=1e-2, atol=1e-2)
+    assert (~pre[1:5].isfinite()).any(dim=1).all()  # every broken row is tested, with +inf and -inf among them
+    assert (pre == float("inf")).any() and (pre == -float("inf")).any()

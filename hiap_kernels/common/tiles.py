@@ -122,13 +122,17 @@ def sigmoid(x):
 
 @triton.jit
 def gelu(pre, APPROXIMATE_TANH: tl.constexpr):
-    """GELU of fp32 ``pre``: erf form, or the tanh form written as ``x * sigmoid(2u)`` (no tanh in core tl)."""
+    """GELU of fp32 ``pre``: erf form, or the tanh form written as ``x * sigmoid(2u)`` (no tanh in core tl).
+
+    A ``pre`` that is not finite (+inf, -inf, NaN) gives NaN, the policy of the references
+    (``hiap_kernels.linear_gelu.reference.gelu_reference``): a broken input stays visible downstream.
+    """
     if APPROXIMATE_TANH:
         inner = _SQRT_2_OVER_PI * (pre + 0.044715 * pre * pre * pre)
         value = pre * sigmoid(2.0 * inner)
     else:
         value = 0.5 * pre * (1.0 + tl.erf(pre * _SQRT_HALF))
-    return value
+    return tl.where(tl.abs(pre) < float("inf"), value, float("nan"))
 
 
 @triton.jit

@@ -112,7 +112,7 @@ def fused_layernorm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, no
         activation: ``"none"``, ``"gelu"`` (erf) or ``"gelu_tanh"``.
 
     Returns:
-        ``[..., F]`` in x's dtype.
+        ``[..., F]`` in x's dtype; with a GELU, NaN where the pre-activation is not finite (as the reference).
     """
     check_tensor("x", x)
     if x.dim() < 1:

@@ -73,7 +73,8 @@ def fused_linear_gelu(
         approximate: ``"none"`` (erf GELU, timm's default) or ``"tanh"``.
 
     Returns:
-        ``[..., F]`` in x's dtype.
+        ``[..., F]`` in x's dtype; NaN where the pre-activation is not finite (+inf, -inf, NaN), as in
+        ``reference.gelu_reference``.
     """
     check_tensor("x", x)
     if x.dim() < 1:
