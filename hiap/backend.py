@@ -119,11 +119,18 @@ def _check_backend(name: str, modules: list[nn.Module] | None = None) -> None:
         raise RuntimeError(f"Triton kernels are not available for: {missing}")
 
 
+def _model_argument(model, who: str) -> None:
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: model must be an nn.Module (from hiap.gate_vit or hiap.extract) or None, got "
+                        f"{type(model).__name__}")
+
+
 class _BackendSwitch:
     """Applied at construction; as a context manager, restores what was in force before on exit."""
 
     def __init__(self, name: Backend, model: nn.Module | None):
         global _GLOBAL_BACKEND
+        _model_argument(model, f"use_{name}_kernels")
         self._model = model
         if model is None:
             _check_backend(name)
@@ -156,7 +163,14 @@ def use_triton_kernels(model: nn.Module | None = None) -> _BackendSwitch:
     """Route HiAP modules through the Triton kernels: all models (``model=None``) or one model instance.
 
     Takes effect at once; also usable as ``with hiap.use_triton_kernels(): ...`` to restore the previous backend on
-    exit. Parameters and state_dict keys do not change. Raises RuntimeError when the kernels are not available.
+    exit. Parameters and state_dict keys do not change. The kernels run on CUDA tensors, and on CPU tensors under the
+    Triton interpreter (``TRITON_INTERPRET=1``); elsewhere (a model on a CPU without it) the modules run the PyTorch
+    reference path, warn once, and :func:`kernels_in_use` reports ``"reference"`` for that model.
+
+    Raises:
+        RuntimeError: the Triton ops cannot be imported (Triton missing).
+        ValueError: ``model`` holds no HiAP modules.
+        TypeError: ``model`` is neither an ``nn.Module`` nor None.
     """
     return _BackendSwitch("triton", model)
 
@@ -166,11 +180,30 @@ def use_reference_kernels(model: nn.Module | None = None) -> _BackendSwitch:
     return _BackendSwitch("reference", model)
 
 
+def _runs_triton_here(module: nn.Module) -> bool:
+    """Whether ``module``'s Triton op can run where its weights are (CUDA, or the CPU under the interpreter)."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        return True
+    try:
+        return _triton_can_run(tensor)
+    except Exception:  # Triton or the op cannot be imported
+        return False
+
+
 def kernels_in_use(model: nn.Module | None = None) -> Backend:
-    """``"triton"`` or ``"reference"``: the global backend, or the one a model's HiAP modules follow."""
+    """``"triton"`` or ``"reference"``: the global backend; or the path a model's HiAP modules run where the model
+    is now, which is the reference path for a model switched to Triton whose weights lie where Triton cannot run.
+
+    Raises:
+        ValueError: the model's modules run different paths.
+        TypeError: ``model`` is neither an ``nn.Module`` nor None.
+    """
+    _model_argument(model, "kernels_in_use")
     if model is None:
         return _GLOBAL_BACKEND
-    backends = {m.kernel_backend or _GLOBAL_BACKEND for m in backend_modules(model)}
+    backends = {"triton" if (m.kernel_backend or _GLOBAL_BACKEND) == "triton" and _runs_triton_here(m)
+                else "reference" for m in backend_modules(model)}
     if len(backends) > 1:
         raise ValueError(f"the modules of this model use different backends: {sorted(backends)}")
     return backends.pop() if backends else _GLOBAL_BACKEND

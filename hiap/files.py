@@ -1,7 +1,8 @@
 """Files that are either whole or absent, whose tensors are what was written, in folders that one run owns.
 
 A leaf module (standard library and torch): the method's file format (``save_pruned``) and the application's
-checkpoints, logs and reports all write through :func:`atomic_path` and seal their tensors with :func:`tensor_digest`.
+checkpoints, logs and reports all write through :func:`atomic_path`, and seal what they store (tensors, settings and
+metadata) with :func:`content_digest`.
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (in name order): any flipped byte changes it."""
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (in name order): any flipped byte changes it.
+
+    The digest files carried before :func:`content_digest` covered their settings and metadata too; loading such a
+    file still checks its tensors with it."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
@@ -143,35 +147,91 @@ class RunFolderLock:
 # ---------------------------------------------------------------------------------------------------------------------
 
 DIGEST_KEY = "hiap_digest"
+# A digest with this prefix covers everything stored (tensors, settings, metadata); one without it was written by an
+# earlier version and covers the tensors alone.
+SEALED_PREFIX = "sha256-all:"
 
 
 class IntegrityError(ValueError):
-    """A file's tensors are not what was written (flipped bytes, a partial copy, an edit)."""
+    """A file's contents are not what was written (flipped bytes, a partial copy, an edit)."""
 
 
-def verify_digest(tensors: dict[str, torch.Tensor], stored: str | None, path: str | os.PathLike) -> None:
-    """IntegrityError naming ``path`` when ``tensors`` do not hash to ``stored``; a warning when there is no digest
-    (files written before digests existed still load)."""
+def _feed(digest: "hashlib._Hash", value: Any) -> None:
+    """Hash ``value`` (nested dicts / lists / tuples of tensors and plain values) in a form that does not depend on
+    dict order and tells every type, shape, key and value apart."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"T|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D|{len(value)}|".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            digest.update(f"K|{type(key).__name__}|{key!r}|".encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):  # a tuple may come back from a file as a list: the same content
+        digest.update(f"L|{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"V|{type(value).__module__}.{type(value).__qualname__}|{value!r}|".encode())
+
+
+def content_digest(content: Any) -> str:
+    """SHA-256 over everything in ``content``: every tensor's dtype, shape and bytes, and every key and plain value
+    (numbers, strings, flags, None) around them, in any dict order. Marked with :data:`SEALED_PREFIX`."""
+    digest = hashlib.sha256()
+    _feed(digest, content)
+    return SEALED_PREFIX + digest.hexdigest()
+
+
+def verify_digest(content: Any, stored: str | None, path: str | os.PathLike, *,
+                  tensors: dict[str, torch.Tensor] | None = None, unsealed: str = "its other contents",
+                  hint: str = "") -> None:
+    """IntegrityError naming ``path`` when ``content`` does not hash to the ``stored`` digest.
+
+    A file with no digest, or with an earlier version's digest (over ``tensors`` alone, by default every tensor in
+    ``content``), loads with a warning that says what cannot be verified (``unsealed``) and ``hint`` (how to get a
+    file sealed whole); its tensors are still checked against that digest.
+    """
+    import warnings
+
     if stored is None:
-        import warnings
-
-        warnings.warn(f"{path} carries no digest (written by an earlier version): its tensors cannot be verified",
+        warnings.warn(f"{path} carries no digest (written by an earlier version): its contents cannot be verified",
                       UserWarning, stacklevel=3)
         return
-    if tensor_digest(tensors) != stored:
+    if stored.startswith(SEALED_PREFIX):
+        if content_digest(content) != stored:
+            raise IntegrityError(f"{path} is damaged or was edited: its contents do not match the digest stored "
+                                 "with them")
+        return
+    if tensor_digest(tensors_in(content) if tensors is None else tensors) != stored:
         raise IntegrityError(f"{path} is damaged: its tensors do not match the digest stored with them")
+    warnings.warn(f"{path} was written by an earlier version whose digest covers the tensors only: {unsealed} cannot "
+                  f"be verified{'; ' + hint if hint else ''}", UserWarning, stacklevel=3)
+
+
+def verify_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, path: str | os.PathLike,
+                       *, unsealed: str = "its metadata", hint: str = "") -> None:
+    """:func:`verify_digest` of a file written by :func:`save_safetensors`: its tensors and every metadata entry."""
+    metadata = dict(metadata or {})
+    stored = metadata.pop(DIGEST_KEY, None)
+    verify_digest({"tensors": tensors, "metadata": metadata}, stored, path, tensors=tensors, unsealed=unsealed,
+                  hint=hint)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """``safetensors`` file with ``metadata`` and the tensors' digest, written through :func:`atomic_path`.
+    """``safetensors`` file with ``metadata`` and the digest of both (:func:`content_digest`), written through
+    :func:`atomic_path`; :func:`verify_safetensors` checks it.
 
     Equal tensors and metadata give equal bytes, in any process (see :func:`sort_safetensors_metadata`).
     """
     from safetensors.torch import save_file
 
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    digest = content_digest({"tensors": tensors, "metadata": dict(metadata)})
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={**metadata, DIGEST_KEY: tensor_digest(tensors)})
+        save_file(tensors, str(tmp), metadata={**metadata, DIGEST_KEY: digest})
         sort_safetensors_metadata(tmp)
     return Path(path)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hiap.app.runtime import InputError
-from hiap.files import IntegrityError, atomic_path, tensor_digest, tensors_in, verify_digest
+from hiap.files import IntegrityError, atomic_path, content_digest, verify_digest
 
 CHECKPOINT_FORMAT = "hiap-train-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -77,15 +77,17 @@ def read_checkpoint(path: str | Path, phase: str | None = None) -> dict:
         raise InputError(f"checkpoint {path} belongs to the {payload.get('phase')!r} phase, not {phase!r}")
     stored = payload.pop("digest", None)
     try:
-        verify_digest(tensors_in(payload), stored, path)
+        verify_digest(payload, stored, path, unsealed="its settings (hiap_config, architecture, history, fingerprint)",
+                      hint="a run resumed from it, or started again, writes a checkpoint sealed whole")
     except IntegrityError as error:
         raise InputError(str(error)) from error
     return payload
 
 
 def seal(payload: dict) -> dict:
-    """``payload`` with the digest of every tensor in it, which ``read_checkpoint`` checks."""
-    return {**payload, "digest": tensor_digest(tensors_in(payload))}
+    """``payload`` with the digest of everything in it (tensors and the settings, history and fingerprint around
+    them: ``hiap.files.content_digest``), which ``read_checkpoint`` checks."""
+    return {**payload, "digest": content_digest(payload)}
 
 
 def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:

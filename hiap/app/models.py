@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from hiap.app.runtime import InputError
-from hiap.files import DIGEST_KEY, IntegrityError, verify_digest
+from hiap.files import DIGEST_KEY, IntegrityError, verify_safetensors
 from hiap.method.architecture import UnsupportedModelError, describe_vit
 
 # The default model: a 4-block, 64-wide ViT on 16 px inputs (the 8x8 digits upsampled), 4 heads of 16 dims, patch 4
@@ -102,9 +102,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
             with safe_open(str(path), framework="pt") as handle:
-                stored_digest = (handle.metadata() or {}).get(DIGEST_KEY)
-            if stored_digest is not None:  # written by hiap (a cached teacher): check it; foreign files have none
-                verify_digest(state, stored_digest, path)
+                metadata = handle.metadata() or {}
+            if DIGEST_KEY in metadata:  # written by hiap (a cached teacher): check it; foreign files have none
+                verify_safetensors(state, metadata, path)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a foreign pickle's protocol warning would split the one-line error

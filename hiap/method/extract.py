@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
-from hiap.files import DIGEST_KEY, save_safetensors, verify_digest
+from hiap.files import save_safetensors, verify_safetensors
 from hiap.method.architecture import build_vit
 from hiap.method.convert import HiAPViT
 from hiap.method.gated import GatedAttention, GatedMlp
@@ -125,26 +125,41 @@ def pruned_layout(pruned: nn.Module) -> dict:
     return layout
 
 
+def _path_argument(path, who: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{who}: path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
 def save_pruned(pruned: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``pruned`` to one ``.safetensors`` file: the weights, with the JSON layout and their digest in the header.
+    """Write ``pruned`` to one ``.safetensors`` file: the weights, with the JSON layout in the header, and a digest
+    over both.
 
     The file is written to a temporary name, flushed and renamed, so an interrupted save never leaves a half-written
-    file; ``load_pruned`` checks the digest, so a damaged file is refused instead of evaluating wrongly.
+    file; ``load_pruned`` checks the digest, so a damaged or edited file (weights or layout) is refused instead of
+    evaluating wrongly.
     """
+    path = _path_argument(path, "save_pruned")
     layout = pruned_layout(pruned)
     return save_safetensors(pruned.state_dict(), path, {"hiap_layout": json.dumps(layout)})
 
 
-def read_layout(path: str | os.PathLike) -> dict:
-    """The JSON layout stored in a pruned-model file (no weights read)."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """The metadata and each tensor's shape of a safetensors file, from its header (no tensor data read)."""
     if not path.is_file():
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not a pruned-model file")
         raise FileNotFoundError(f"no pruned model at {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    return metadata, shapes
+
+
+def _layout_of(metadata: dict, path: Path) -> dict:
     if "hiap_layout" not in metadata:
         raise ValueError(f"{path} is a safetensors file but not a HiAP pruned model (no layout metadata)")
     try:
@@ -158,6 +173,13 @@ def read_layout(path: str | os.PathLike) -> dict:
         return validate_layout(layout)
     except LayoutError as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def read_layout(path: str | os.PathLike) -> dict:
+    """The JSON layout stored in a pruned-model file (no weights read)."""
+    path = _path_argument(path, "read_layout")
+    metadata, _ = _read_header(path)
+    return _layout_of(metadata, path)
 
 
 def build_pruned_skeleton(layout: dict) -> nn.Module:
@@ -182,22 +204,57 @@ def build_pruned_skeleton(layout: dict) -> nn.Module:
     return vit
 
 
+def _check_shapes(layout: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """ValueError unless the tensors in the file's header are exactly those the layout's model has, shape for shape.
+
+    The model is built on the meta device (shapes only, no memory), so a small file whose layout describes a huge
+    model is refused before anything of that size is allocated.
+    """
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in build_pruned_skeleton(layout).state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights do not match the stored layout: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise ValueError(f"{path}: the weights do not match the stored layout: {name} is {list(shapes[name])}, "
+                             f"the layout needs {list(shape)}")
+
+
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model written by ``save_pruned`` (eval mode, on ``device``).
 
+    Before anything is allocated from it, the layout is validated and compared with the tensor shapes in the file's
+    header; the weights and the layout are then checked against the digest stored with them.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is corrupt, not a HiAP pruned model, or its weights do not match its layout.
+        ValueError: the file is corrupt, edited, not a HiAP pruned model, or its weights do not match its layout;
+            ``device`` is not a device this machine has.
+        TypeError: ``path`` or ``device`` is of another type.
     """
-    layout = read_layout(path)
-    model = build_pruned_skeleton(layout)
+    from hiap.method.inference import device_argument
+
+    path = _path_argument(path, "load_pruned")
+    device = device_argument(device, "load_pruned")
+    metadata, shapes = _read_header(path)
+    layout = _layout_of(metadata, path)
+    _check_shapes(layout, shapes, path)
     try:
         state = load_file(str(path), device="cpu")
-        with safe_open(str(path), framework="pt") as handle:
-            stored_digest = (handle.metadata() or {}).get(DIGEST_KEY)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path}: cannot read the weights: {error}") from error
-    verify_digest(state, stored_digest, path)
+    verify_safetensors(state, metadata, path, unsealed="its layout",
+                       hint="hiap.save_pruned(hiap.load_pruned(path), path) seals it whole")
+    try:
+        model = build_pruned_skeleton(layout)
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "allocate" not in str(error) and "out of memory" not in str(error):
+            raise
+        parameters = sum(t.numel() for t in state.values())
+        raise ValueError(f"{path}: not enough memory to build its model ({parameters:,} parameters)") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -30,14 +30,41 @@ SUPPORTED_DEVICES = ("cpu", "cuda")
 _CHOICES: dict[tuple, str] = {}
 
 
+def device_argument(device, who: str) -> torch.device:
+    """``device`` (a ``torch.device``, a string such as ``"cuda:0"`` or a GPU index) as a device a model can move to
+    here.
+
+    Raises:
+        TypeError: ``device`` is of another type.
+        ValueError: torch knows no such device, it is neither CPU nor CUDA, or that GPU is not there.
+    """
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{who}: device must be a torch.device, a string such as 'cuda:0' or a GPU index, got "
+                        f"{type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{who}: device {device!r} is not a device torch knows ({error})") from None
+    if resolved.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"{who}: device {resolved} is not supported; use one of {SUPPORTED_DEVICES}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{who}: device {resolved} was requested but no CUDA GPU is available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"{who}: device {resolved} was requested but this machine has "
+                             f"{torch.cuda.device_count()} GPUs")
+    return resolved
+
+
 def _resolve(model: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
     first = next(iter(model.parameters()), None)
-    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    if device is not None:
+        device = device_argument(device, "hiap.optimize")
+    else:
+        device = first.device if first is not None else torch.device("cpu")
     dtype = dtype if dtype is not None else (first.dtype if first is not None else torch.float32)
-    if device.type not in SUPPORTED_DEVICES:
-        raise ValueError(f"hiap.optimize: device {device} is not supported; use one of {SUPPORTED_DEVICES}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("hiap.optimize: device cuda was requested but no CUDA GPU is available")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"hiap.optimize: dtype must be a torch.dtype such as torch.float16, got {type(dtype).__name__}")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"hiap.optimize: dtype {dtype} is not supported; use one of "
                          f"{', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)}")
@@ -159,10 +186,13 @@ def optimize(model: nn.Module, *, device: str | torch.device | None = None, dtyp
 
     Raises:
         ValueError: an unsupported device or dtype, or a batch size below 1.
+        TypeError: ``model`` is not an ``nn.Module``, or ``device`` / ``dtype`` / ``batch_size`` is of another type.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"hiap.optimize needs an nn.Module, got {type(model).__name__}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"hiap.optimize: batch_size must be an integer >= 1, got {type(batch_size).__name__}")
+    if batch_size < 1:
         raise ValueError(f"hiap.optimize: batch_size must be an integer >= 1, got {batch_size!r}")
     device, dtype = _resolve(model, device, dtype)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
