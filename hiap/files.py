@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -35,34 +36,150 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a refused folder, ...): one line naming the file and the reason.
+
+    An ``OSError`` with the original errno, so callers that catch ``OSError`` still do; its text names the file the
+    caller asked for, never the temporary file the write went through.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, code: int | None = None):
+        super().__init__(code if code is not None else errno.EIO, reason, str(path))
+        self.message = f"cannot write {path}: {reason}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NoSpaceLeft(WriteError):
+    """The disk (or the quota) holding the file is full."""
+
+    def __init__(self, path: str | os.PathLike, detail: str = ""):
+        super().__init__(path, "no space left on the device" + (f" ({detail})" if detail else ""), errno.ENOSPC)
+
+
+class FolderInTheWay(WriteError, IsADirectoryError):
+    """The path to write names an existing folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        WriteError.__init__(self, path, "it is a folder; name a file", errno.EISDIR)
+        self.message = f"{path} is a folder, not a file; name a file to write"
+
+
+class WriteRefused(WriteError, PermissionError):
+    """The folder or the file does not allow writing."""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# How torch.save reports a write that stopped short (its zip writer checks its position after every record).
+_TORCH_SHORT_WRITE = ("inline_container.cc", "PytorchStreamWriter failed writing")
+
+
+def write_error(error: BaseException, path: str | os.PathLike, temporary: str | None = None) -> WriteError | None:
+    """The :class:`WriteError` that ``error``, raised while writing ``path`` (through ``temporary``), stands for;
+    None for an error that is not about writing that file.
+
+    Recognises a full disk however the writer reports it: ``OSError`` ENOSPC / EDQUOT, safetensors'
+    ``SafetensorError`` (``os error 28``), and torch.save's ``RuntimeError`` from its zip writer (``enforce fail at
+    inline_container.cc``), which it raises when the disk fills and says nothing more.
+    """
+    if isinstance(error, WriteError):
+        return error
+    if isinstance(error, OSError) and error.errno is not None:
+        if error.errno in _FULL_ERRNOS:
+            return NoSpaceLeft(path)
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason = "the file system is read-only" if error.errno == errno.EROFS else "permission denied"
+            return WriteRefused(path, reason, error.errno)
+        if error.errno == errno.EISDIR and error.filename in (str(path), temporary):
+            return FolderInTheWay(path)
+        if error.filename is not None and error.filename in (str(path), temporary):
+            return WriteError(path, (error.strerror or type(error).__name__).lower(), error.errno)
+        return None
+    text = str(error)
+    if type(error).__name__ == "SafetensorError" and ("os error 28" in text or "No space left" in text):
+        return NoSpaceLeft(path)
+    if isinstance(error, RuntimeError) and any(marker in text for marker in _TORCH_SHORT_WRITE):
+        return NoSpaceLeft(path, "the write stopped short")
+    return None
+
+
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s folder (and those above it); a file where a folder must be is a WriteError naming it."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise WriteError(path, f"{ancestor} is a file, not a folder", errno.ENOTDIR)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where ``/proc`` tells it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # the portable way reads it by setting it (and puts it back at once)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` leaves: the file's own when it exists, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename, on failure it is removed.
 
     The temporary file is flushed to disk (fsync) before the rename and the folder after it, so a reader, a resumed
-    run after SIGKILL or a machine after a power cut sees the old file or the new one, never a half-written one.
+    run after SIGKILL or a machine after a power cut sees the old file or the new one, never a half-written one. The
+    file gets the mode a plain write would give it (the umask, or the mode of the file it replaces). A failed write
+    raises a :class:`WriteError` naming ``path`` and the reason (a full disk: :class:`NoSpaceLeft`; ``path`` a folder:
+    :class:`FolderInTheWay`), and leaves nothing of itself behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
-    os.close(handle)
+    if path.is_dir():
+        raise FolderInTheWay(path)
+    tmp_name = None
     try:
+        _make_parent(path)
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+        os.close(handle)
+        mode = _new_file_mode(path)
         yield Path(tmp_name)
+        os.chmod(tmp_name, mode)  # after the writer, which may have replaced the file (safetensors does)
         with open(tmp_name, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp_name, path)
         _fsync_directory(path.parent)
+    except BaseException as error:
+        translated = write_error(error, path, tmp_name)
+        if translated is None or translated is error:
+            raise
+        raise translated from error
     finally:
-        if os.path.exists(tmp_name):
+        if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files an interrupted :func:`atomic_path` left in ``folder`` (not below it)."""
+def remove_stale_temporaries(folder: str | os.PathLike, prefix: str = ".") -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_path` left in ``folder`` (not below it) whose names
+    start with ``prefix`` (``.<file name>.`` for one file's). Only for a folder (or files) no other process writes:
+    one whose lock this process holds."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(".") and p.name.endswith(TEMPORARY_SUFFIX)]
+    stale = [p for p in folder.iterdir()
+             if p.is_file() and p.name.startswith(prefix) and p.name.startswith(".") and p.name.endswith(TEMPORARY_SUFFIX)]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -102,44 +219,130 @@ class RunFolderBusy(Exception):
     """Another process holds the folder's run lock."""
 
 
-class RunFolderLock:
-    """An exclusive lock on ``folder`` for the lifetime of one run (``fcntl.flock`` on ``folder/.hiap-run.lock``).
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
-    The operating system releases it when the process ends, however it ends, so a killed run never leaves a stale
-    lock. Where ``fcntl`` does not exist (Windows) the lock is a no-op.
+
+class FileLock:
+    """An exclusive ``fcntl.flock`` on the file ``path`` for as long as it is held; the file is removed on release.
+
+    The operating system releases the lock when the process ends, however it ends, so a killed holder never leaves a
+    stale lock (at most the empty file, which the next holder takes over). Taking it again after a holder removed the
+    file is safe: a process that opened the old file before it went checks, once it holds the lock, that ``path``
+    still names the file it locked, and starts over if not. On release the folders that taking the lock created are
+    removed again if they hold nothing. Where ``fcntl`` does not exist (Windows) the lock is a no-op.
+
+    Args:
+        path: the lock file.
+        wait: block until the holder releases it (False: raise :class:`RunFolderBusy` at once).
     """
 
-    NAME = ".hiap-run.lock"
+    def __init__(self, path: str | os.PathLike, *, wait: bool = False):
+        self.path = Path(path)
+        self.wait = wait
+        self._file: int | None = None
+        self._created: list[Path] = []
 
-    def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / self.NAME
-        self._file = None
+    def busy_message(self) -> str:
+        return f"another process holds {self.path}"
 
-    def __enter__(self) -> "RunFolderLock":
+    def __enter__(self) -> "FileLock":
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        self._created = _missing_folders(self.path.parent)
         try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            self._file.close()
-            self._file = None
-            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunFolderBusy(f"another hiap run is writing into {self.path.parent}") from None
-            raise
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"{os.getpid()}\n")
-        self._file.flush()
+            _make_parent(self.path)
+            while True:
+                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+                except OSError as error:
+                    os.close(descriptor)
+                    if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise RunFolderBusy(self.busy_message()) from None
+                    raise
+                try:
+                    current = os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    current = None
+                if current == os.fstat(descriptor).st_ino:
+                    break
+                os.close(descriptor)  # the holder removed the file while this process opened it: lock the new one
+        except BaseException as error:
+            self._remove_created()
+            translated = write_error(error, self.path)
+            if translated is None or translated is error:
+                raise
+            raise translated from error
+        self._file = descriptor
+        try:  # the holder's process id, for a person who looks; the lock itself is the flock
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+        except OSError:  # a full disk: the run's first real write says so, naming its file
+            pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the descriptor releases the lock
-            self._file = None
+        if self._file is None:
+            return
+        if self.remove_on_release():
+            # Removed while still held, so whoever locks next finds the file it locked gone and takes a new one.
+            self.path.unlink(missing_ok=True)
+        os.close(self._file)  # closing the descriptor releases the lock
+        self._file = None
+        self._remove_created()
+
+    def remove_on_release(self) -> bool:
+        """Whether releasing the lock removes its file."""
+        return True
+
+    def _remove_created(self) -> None:
+        for folder in self._created:
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+        self._created = []
+
+
+class RunFolderLock(FileLock):
+    """An exclusive lock on ``folder`` for the lifetime of one run (``folder/.hiap-run.lock``, see :class:`FileLock`).
+
+    A run that fails before writing anything leaves the folder as it found it: the lock file goes when nothing else
+    is in the folder, and so does the folder when taking the lock created it. A folder with a run's files keeps the
+    lock file, which marks it as a run folder.
+
+    ``existing_only``: take the lock only where a lock file exists already (a folder some run used); elsewhere
+    holding it is a no-op and creates nothing (for a command that writes one file into a folder that may be a run's).
+    """
+
+    NAME = ".hiap-run.lock"
+
+    def __init__(self, folder: str | os.PathLike, *, wait: bool = False, existing_only: bool = False):
+        super().__init__(Path(folder) / self.NAME, wait=wait)
+        self.existing_only = existing_only
+
+    def __enter__(self) -> "RunFolderLock":
+        if self.existing_only and not self.path.is_file():
+            return self
+        super().__enter__()
+        return self
+
+    def remove_on_release(self) -> bool:
+        try:
+            return [p.name for p in self.path.parent.iterdir()] == [self.NAME]
+        except OSError:
+            return False
+
+    def busy_message(self) -> str:
+        return f"another hiap run is writing into {self.path.parent}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ config fingerprints that a resume must match)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 
 from hiap.app.runtime import InputError
-from hiap.files import IntegrityError, atomic_path, content_digest, verify_digest
+from hiap.files import IntegrityError, atomic_path, content_digest, verify_digest, write_error
 
 CHECKPOINT_FORMAT = "hiap-train-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -30,8 +32,22 @@ class JsonlLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        line = json.dumps({"time": round(time.time(), 3), **record}) + "\n"
+        before = self.path.stat().st_size if self.path.exists() else None
+        try:
+            with self.path.open("a") as handle:
+                handle.write(line)
+        except OSError as error:
+            # A record is whole or absent: what this write put there goes (the file too, if the write made it).
+            with contextlib.suppress(OSError):
+                if before is None:
+                    self.path.unlink(missing_ok=True)
+                else:
+                    os.truncate(self.path, before)
+            translated = write_error(error, self.path)
+            if translated is None:
+                raise
+            raise translated from error
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
@@ -61,6 +77,8 @@ class JsonlLog:
 def read_checkpoint(path: str | Path, phase: str | None = None) -> dict:
     """A training checkpoint written by ``fit``; InputError when it is missing, corrupt or of another phase."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
     try:
