@@ -175,6 +175,40 @@ def test_the_run_lock_is_released_and_removed_and_taken_again(tmp_path):
             RunFolderLock(folder).__enter__()
 
 
+def test_extract_into_a_folder_a_run_holds_is_refused(warm_run, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "running"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((warm_run.output / "checkpoint.pt").read_bytes())
+    with RunFolderLock(run):
+        assert run_cli("extract", run / "checkpoint.pt") == 2
+        error = capsys.readouterr().err.strip()
+        assert "another hiap run is writing into" in error and len(error.splitlines()) == 1
+        assert not (run / "pruned.safetensors").exists()
+    assert run_cli("extract", run / "checkpoint.pt") == 0  # free again
+    assert (run / "pruned.safetensors").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert run_cli("extract", run / "checkpoint.pt", "-o", elsewhere / "p.safetensors") == 0
+    assert [p.name for p in elsewhere.iterdir()] == ["p.safetensors"]  # no lock file where no run was
+
+
+def test_a_killed_teachers_temporary_files_are_removed_from_the_cache(warm_run, tmp_path):  # noqa: F811
+    from hiap.app.cli import build_parser, settings_from_args
+    from hiap.app.session import _fingerprint_key, teacher_fingerprint
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    argv = ["prune", "-o", tmp_path / "run", "--cache-dir", cache, *TINY, "--teacher-epochs", "1"]
+    key = _fingerprint_key(teacher_fingerprint(settings_from_args(build_parser().parse_args([str(a) for a in argv]))))
+    killed = cache / f".teacher-{key}.checkpoint.pt.k1ll3d.tmp"
+    killed.write_bytes(b"half a checkpoint")
+    other = cache / ".teacher-0123456789abcdef.checkpoint.pt.0ther.tmp"  # another teacher's, maybe being written
+    other.write_bytes(b"someone else's")
+    assert run_cli(*argv) == 0
+    assert not killed.exists() and other.exists()
+    assert (cache / f"teacher-{key}.safetensors").is_file()
+
+
 class _HalfWrite:
     """A file whose write stores half the text and then finds the disk full."""
 

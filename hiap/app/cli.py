@@ -7,9 +7,11 @@ The flags live in ``flags.py`` (every HiAPConfig field is one, generated from th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from hiap.app.flags import build_parser, check_numbers, check_positive, hiap_config_from_args
 from hiap.app.runtime import InputError
@@ -42,9 +44,49 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
+def check_input_file(path, what: str) -> Path:
+    """``path`` expanded; InputError saying what is wrong when it names no file (nothing there, or a folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist")
+    return path
+
+
 def _check_dense_checkpoint(settings) -> None:
-    if settings.checkpoint is not None and not Path(settings.checkpoint).expanduser().is_file():
-        raise InputError(f"checkpoint {settings.checkpoint} does not exist")
+    if settings.checkpoint is not None:
+        check_input_file(settings.checkpoint, "--checkpoint")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """InputError when ``path`` cannot name a file to write: it is a folder, or a file stands where a folder of its
+    path must be (checked before any work)."""
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; name a file")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {path}: {ancestor} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def writing_into(path: Path, flag: str) -> Iterator[None]:
+    """Hold the run lock of the folder that ``path`` goes into while the block writes it: a file is not written into
+    a run folder that a running ``hiap prune`` / ``compare`` holds. InputError when it is held, when ``path`` is a
+    folder, or when a file stands where a folder of its path must be."""
+    from hiap.files import RunFolderBusy, RunFolderLock
+
+    check_output_file(path, flag)
+    try:
+        lock = RunFolderLock(path.parent, existing_only=True).__enter__()
+    except RunFolderBusy as error:
+        raise InputError(f"{error}; wait for it to finish or write elsewhere") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def command_prune(args: argparse.Namespace) -> int:
@@ -88,11 +130,13 @@ def command_extract(args: argparse.Namespace) -> int:
     from hiap.method.cost import count_macs, dense_macs
     from hiap.method.extract import extract, pruned_layout, save_pruned
 
-    payload = read_checkpoint(args.checkpoint, phase="hiap")
-    gated = rebuild_gated(payload)
-    pruned = extract(gated)
-    output = Path(args.output) if args.output else Path(args.checkpoint).with_name("pruned.safetensors")
-    save_pruned(pruned, output)
+    checkpoint = check_input_file(args.checkpoint, "checkpoint")
+    output = Path(args.output).expanduser() if args.output else checkpoint.with_name("pruned.safetensors")
+    with writing_into(output, "-o"):
+        payload = read_checkpoint(checkpoint, phase="hiap")
+        gated = rebuild_gated(payload)
+        pruned = extract(gated)
+        save_pruned(pruned, output)
     macs = count_macs(pruned)
     print(f"{output}: {macs / 1e6:.3f} M MACs ({macs / dense_macs(gated):.4f} of dense), "
           f"{count_parameters(pruned) / 1e3:.1f} K params, from step {payload['step']}/{payload['total_steps']}")
@@ -110,9 +154,7 @@ def _load_for_eval(args: argparse.Namespace, num_classes: int):
     from hiap.app.pipeline import rebuild_gated
     from hiap.method.extract import extract, load_pruned
 
-    path = Path(args.path).expanduser()
-    if not path.is_file():
-        raise InputError(f"model file {path} does not exist")
+    path = check_input_file(args.path, "model file")
     if path.suffix == ".safetensors":
         try:
             return load_pruned(path), "pruned"
@@ -135,14 +177,18 @@ def _load_for_eval(args: argparse.Namespace, num_classes: int):
 
 def command_eval(args: argparse.Namespace) -> int:
     from hiap.app.data import build_datasets, eval_loader, num_classes_of
-    from hiap.app.evaluation import summarize
+    from hiap.app.evaluation import check_latency_batch, summarize
     from hiap.app.models import PRESETS
     from hiap.app.runtime import configure_threads, resolve_device
     from hiap.method.cost import count_macs
 
+    check_positive(args, "latency_batch", "latency_repeats", "eval_batch_size")
+    if args.json is not None:
+        check_output_file(Path(args.json).expanduser(), "--json")
     device = resolve_device(args.device)
     num_classes = num_classes_of(args.data)
     model, kind = _load_for_eval(args, num_classes)
+    check_latency_batch(model, args.latency_batch, device)
     if model.num_classes != num_classes:
         raise InputError(f"the model predicts {model.num_classes} classes but the dataset has {num_classes}")
     if kind == "pruned" and args.model not in PRESETS:
@@ -160,10 +206,6 @@ def command_eval(args: argparse.Namespace) -> int:
     configure_threads(args.threads, device, count_macs(model))
     data = build_datasets(args.data, model, args.val_fraction, args.split_seed)
     loader = eval_loader(data.val, args.eval_batch_size, workers=args.workers)
-    check_positive(args, "latency_batch", "latency_repeats", "eval_batch_size")
-    if args.json is not None and Path(args.json).expanduser().parent.exists() \
-            and not Path(args.json).expanduser().parent.is_dir():
-        raise InputError(f"--json {args.json}: {Path(args.json).parent} is a file, not a folder")
     from hiap.app.session import with_tokens
 
     summaries = summarize(with_tokens({kind: model.to(device)}, args.tokens), loader, device, amp=args.amp,
@@ -189,25 +231,28 @@ def command_eval(args: argparse.Namespace) -> int:
         record = {"kind": kind, "path": str(args.path), "data": data.description, **summaries[kind]}
         if args.tokens is not None:
             record["tokens"] = {"spec": args.tokens, **summaries[f"{kind}+tokens"]}
-        atomic_write_json(record, args.json)
+        with writing_into(Path(args.json).expanduser(), "--json"):
+            atomic_write_json(record, args.json)
     return 0
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from hiap.app.export import export_onnx
+    from hiap.app.export import export_onnx, require_onnx
     from hiap.method.extract import load_pruned
 
-    path = Path(args.path).expanduser()
+    require_onnx()
+    path = check_input_file(args.path, "pruned model")
+    onnx_path = Path(args.onnx).expanduser()
+    check_output_file(onnx_path, "--onnx")
     try:
         pruned = load_pruned(path)
-    except FileNotFoundError as error:
-        raise InputError(f"pruned model {path} does not exist") from error
     except ValueError as error:
         raise InputError(str(error)) from error
-    try:
-        check = export_onnx(pruned, args.onnx, opset=args.opset, atol=args.atol)
-    except RuntimeError as error:
-        raise InputError(str(error)) from error
+    with writing_into(onnx_path, "--onnx"):
+        try:
+            check = export_onnx(pruned, onnx_path, opset=args.opset, atol=args.atol)
+        except RuntimeError as error:
+            raise InputError(str(error)) from error
     print(f"wrote {check.path} (opset {check.opset}, {check.nodes} nodes); onnxruntime vs PyTorch on a batch of "
           f"{check.batch_checked}: max |diff| = {check.max_abs_error:.2e}")
     return 0

@@ -224,8 +224,26 @@ class _image_loader:
         try:
             with open(path, "rb") as handle:
                 return Image.open(handle).convert(self.mode)
+        except Image.DecompressionBombError:
+            width, height = _declared_size(path)
+            raise InputError(f"{path} declares {width} x {height} pixels, more than an image may have to be decoded "
+                             f"({2 * Image.MAX_IMAGE_PIXELS:,} pixels: PIL's limit against decompression bombs)"
+                             ) from None
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise InputError(f"{path} is not a readable image ({type(error).__name__})") from None
+
+
+def _declared_size(path: str) -> tuple[int, int]:
+    """The width and height an image file's header declares, read without decoding a pixel."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # opening only parses the header; nothing is decoded here
+    try:
+        with Image.open(path) as image:
+            return image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def build_datasets(data: str | None, model: nn.Module, val_fraction: float = 0.2, split_seed: int = 0) -> DataBundle:

@@ -128,6 +128,52 @@ def model_input_shape(model: nn.Module) -> tuple[int, int, int]:
     return (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
 
 
+def memory_of(device: torch.device | str) -> int:
+    """Bytes this process may hold on ``device`` at most: a GPU's memory; on the host RAM and swap, or the address
+    space limit (``ulimit -v``) where that is lower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            swap = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("SwapTotal:")), 0)
+    except OSError:
+        swap = 0
+    total += swap
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            total = min(total, soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return total
+
+
+def check_latency_batch(model: nn.Module, batch: int, device: torch.device | str, flag: str = "--latency-batch"
+                        ) -> None:
+    """InputError when a forward of ``batch`` images cannot fit in ``device``'s memory (checked before any work).
+
+    What must fit at the least: the fp32 batch of images and the patch embedding's tokens made from it, which exist
+    together. A batch refused here could not run; one that passes may still be too large for all the activations.
+    """
+    from hiap.app.runtime import InputError
+
+    vit = getattr(model, "vit", model)
+    channels, height, width = model_input_shape(model)
+    tokens = vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 0)
+    needed = 4 * batch * (channels * height * width + tokens * vit.embed_dim)
+    available = memory_of(device)
+    if needed > available:
+        raise InputError(f"{flag} {batch}: a batch of {batch} images of {channels} x {height} x {width} needs at "
+                         f"least {needed / 2**30:,.1f} GiB of memory, more than the {available / 2**30:,.1f} GiB "
+                         f"{'of this GPU' if torch.device(device).type == 'cuda' else 'this machine has'}")
+
+
 def summarize(models: dict[str, nn.Module], loader: DataLoader, device: torch.device, *, amp: bool = False,
               ctx: DistContext | None = None, latency_batch: int = 64, latency_rounds: int = 30,
               compile: bool = False, show_progress: bool = True) -> dict[str, dict]:

@@ -10,10 +10,23 @@ import torch
 import torch.nn as nn
 
 from hiap.app.evaluation import model_input_shape
+from hiap.app.runtime import InputError
 from hiap.files import atomic_path
 
 # Opsets the TorchScript exporter writes for these models (below 9 it cannot express them; above 20 it does not go).
 OPSETS = (9, 20)
+
+
+def require_onnx() -> None:
+    """InputError with the install line when the ``onnx`` extra (onnx and onnxruntime) is missing."""
+    import importlib
+
+    for name in ("onnx", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise InputError(f'ONNX export needs the {name} package, which is not installed: pip install ".[onnx]" '
+                             '(the onnx extra)') from None
 
 
 @dataclass
@@ -35,7 +48,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = 17, atol: fl
 
     Raises:
         RuntimeError: onnxruntime's output differs from PyTorch's by more than ``atol``.
+        InputError: the ``onnx`` extra is not installed (the message says how to install it).
     """
+    require_onnx()
     import onnx
     import onnxruntime
 

@@ -228,24 +228,26 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
             raise InputError(f"{_flag(name)} must be > 0, got {getattr(args, name)}")
 
 
-# Numeric flags outside the HiAPConfig (which validates its own): (lowest, highest, lowest excluded). Every value must
-# also be finite. Checked before any work starts.
+# Numeric flags outside the HiAPConfig (which validates its own): (lowest, highest, lowest excluded, highest
+# excluded). Every value must also be finite. Checked before any work starts.
 NUMBER_BOUNDS = {
-    "val_fraction": (0.0, 1.0, True), "split_seed": (0, 2**31 - 1, False), "workers": (0, 256, False),
-    "threads": (0, 4096, False), "weight_decay": (0.0, 10.0, False), "teacher_lr": (0.0, 10.0, True),
-    "teacher_seed": (0, 2**31 - 1, False), "checkpoint_every": (0, 10**9, False), "log_every": (1, 10**9, False),
-    "seeds": (0, 2**31 - 1, False), "opset": (9, 20, False), "atol": (0.0, 1e6, True),
+    "val_fraction": (0.0, 1.0, True, True), "split_seed": (0, 2**31 - 1, False, False),
+    "workers": (0, 256, False, False), "threads": (0, 4096, False, False), "weight_decay": (0.0, 10.0, False, False),
+    "teacher_lr": (0.0, 10.0, True, False), "teacher_seed": (0, 2**31 - 1, False, False),
+    "checkpoint_every": (0, 10**9, False, False), "log_every": (1, 10**9, False, False),
+    "seeds": (0, 2**31 - 1, False, False), "opset": (9, 20, False, False), "atol": (0.0, 1e6, True, False),
 }
 
 
 def check_numbers(args: argparse.Namespace) -> None:
     """InputError naming the first numeric flag that is not finite or lies outside its range."""
-    for name, (low, high, exclusive) in NUMBER_BOUNDS.items():
+    for name, (low, high, low_excluded, high_excluded) in NUMBER_BOUNDS.items():
         values = getattr(args, name, None)
         for value in values if isinstance(values, list) else [values]:
             if value is None:
                 continue
-            bad = not math.isfinite(value) or value > high or value < low or (exclusive and value == low)
+            bad = (not math.isfinite(value) or value > high or value < low or (low_excluded and value == low)
+                   or (high_excluded and value == high))
             if bad:
-                low_text = f"({low}" if exclusive else f"[{low}"
-                raise InputError(f"{_flag(name)} must lie in {low_text}, {high}], got {value}")
+                interval = f"{'(' if low_excluded else '['}{low}, {high}{')' if high_excluded else ']'}"
+                raise InputError(f"{_flag(name)} must lie in {interval}, got {value}")

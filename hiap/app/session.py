@@ -6,24 +6,26 @@ Every function here runs on every rank of a ``torchrun`` job; only rank 0 writes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from hiap.app.checkpoint import JsonlLog
 from hiap.app.data import DataBundle, build_datasets, describe_source, num_classes_of
+from hiap.app.evaluation import check_latency_batch
 from hiap.app.jobs import DenseJob
 from hiap.app.models import create_dense_model, load_dense_weights
 from hiap.app.runtime import DistContext, InputError, configure_threads, init_distributed, log_line
 from hiap.app.train import LoopSettings, fit
 from hiap.config import HiAPConfig
-from hiap.files import save_safetensors
+from hiap.files import FileLock, RunFolderBusy, remove_stale_temporaries, save_safetensors
 from hiap.method.cost import count_macs
 from hiap.method.gates import resolve_groups
 from hiap.tokens import reduce_tokens, schedule_for
@@ -118,8 +120,13 @@ def _save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
 
 
 def _check_gate_groups(dense: nn.Module, cfg: HiAPConfig) -> None:
-    """The gate groups must divide the model's head dim and FFN width: refused before a teacher is trained."""
+    """The gate groups must divide the model's head dim and FFN width, and the heads kept at least must be heads the
+    model has: refused before a teacher is trained."""
     attn, mlp = dense.blocks[0].attn, dense.blocks[0].mlp
+    heads = min(block.attn.num_heads for block in dense.blocks)
+    if cfg.min_heads > heads:
+        raise InputError(f"--min-heads {cfg.min_heads}: the model has {heads} heads per layer; at most {heads} can be "
+                         "kept")
     head, neuron = resolve_groups(cfg.dim_group, cfg.neuron_group, attn.head_dim, mlp.fc1.out_features)
     if attn.head_dim % head:
         raise InputError(f"--dim-group {head} does not divide the model's head dim {attn.head_dim}")
@@ -156,6 +163,7 @@ def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session
     dense = create_dense_model(settings.model, num_classes_of(settings.data), model_args=settings.model_args,
                                pretrained=settings.pretrained)
     _check_gate_groups(dense, settings.hiap)
+    check_latency_batch(dense, settings.latency_batch, device)
     if settings.tokens is not None:
         check_token_schedule(dense, settings.tokens)
     if settings.checkpoint is not None:
@@ -168,21 +176,44 @@ def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session
         return Session(ctx, device, dense.to(device).eval(), data, key, threads, notes)
     cache = Path(settings.cache_dir).expanduser()
     weights_path = cache / f"teacher-{key}.safetensors"
-    ctx.barrier()
-    if weights_path.exists():
-        load_dense_weights(dense, weights_path)
-        log_line(f"[teacher] loaded from cache {weights_path}", ctx)
-    else:
-        job = DenseJob(dense, settings.teacher_lr)
-        steps_per_epoch = len(data.train) // settings.batch_size
-        loop = settings.loop(settings.teacher_epochs, settings.teacher_seed,
-                             warmup_steps=max(1, settings.teacher_epochs * steps_per_epoch // 10))
-        checkpoint = cache / f"teacher-{key}.checkpoint.pt"
-        # Always resumable: the cache key pins every setting, so a partial teacher of the same key is this teacher.
-        fit(job, data, loop, ctx=ctx, device=device, checkpoint_path=checkpoint, log=log,
-            fingerprint=fingerprint, resume=checkpoint.exists())
-        if ctx.is_main:
-            _save_weights(dense, weights_path, fingerprint)
-            checkpoint.unlink(missing_ok=True)
-        log_line(f"[teacher] trained and cached at {weights_path}", ctx)
+    with _teacher_lock(cache, key, ctx):
+        ctx.barrier()
+        if weights_path.exists():
+            load_dense_weights(dense, weights_path)
+            log_line(f"[teacher] loaded from cache {weights_path}", ctx)
+        else:
+            job = DenseJob(dense, settings.teacher_lr)
+            steps_per_epoch = len(data.train) // settings.batch_size
+            loop = settings.loop(settings.teacher_epochs, settings.teacher_seed,
+                                 warmup_steps=max(1, settings.teacher_epochs * steps_per_epoch // 10))
+            checkpoint = cache / f"teacher-{key}.checkpoint.pt"
+            # Always resumable: the cache key pins every setting, so a partial teacher of the same key is this teacher.
+            fit(job, data, loop, ctx=ctx, device=device, checkpoint_path=checkpoint, log=log,
+                fingerprint=fingerprint, resume=checkpoint.exists())
+            if ctx.is_main:
+                _save_weights(dense, weights_path, fingerprint)
+                checkpoint.unlink(missing_ok=True)
+            log_line(f"[teacher] trained and cached at {weights_path}", ctx)
     return Session(ctx, device, dense.to(device).eval(), data, key, threads, notes)
+
+
+@contextlib.contextmanager
+def _teacher_lock(cache: Path, key: str, ctx: DistContext) -> Iterator[None]:
+    """Hold the cache's lock of teacher ``key`` (rank 0): one run at a time trains it, a second one waits and then
+    loads it. Holding it, the temporary files of this teacher that a killed run left are removed: no one else is
+    writing them."""
+    if not ctx.is_main:
+        yield
+        return
+    lock = FileLock(cache / f".teacher-{key}.lock")
+    try:
+        lock.__enter__()
+    except RunFolderBusy:
+        log_line(f"[teacher] another run is training this teacher ({lock.path}); waiting for it to finish", ctx)
+        lock = FileLock(lock.path, wait=True)
+        lock.__enter__()
+    try:
+        remove_stale_temporaries(cache, prefix=f".teacher-{key}.")
+        yield
+    finally:
+        lock.__exit__(None, None, None)
