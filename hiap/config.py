@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-BudgetMode = Literal["penalty", "target"]
+BudgetMode = Literal["penalty", "target", "latency"]
 
 
 @dataclass
@@ -28,9 +28,13 @@ class HiAPConfig:
         tau0, tau_min: Gumbel-Sigmoid temperature annealed exponentially from tau0 to tau_min.
         seed: base seed of the gate-noise stream (combined with the step counter of the gated model).
     Budget:
-        budget: "penalty" (lambda-weighted expected cost, the paper) or "target" (learned Lagrangian that lands the
-            extracted MACs on ``target`` x dense MACs).
-        target: MAC fraction of the dense model to reach in "target" mode, in (0, 1].
+        budget: "penalty" (lambda-weighted expected cost, the paper), "target" (learned Lagrangian that lands the
+            extracted MACs on ``target`` x dense MACs) or "latency" (the same on the latency a measured table
+            predicts: ``hiap profile`` writes one for the device the model will run on).
+        target: fraction of the dense model's MACs ("target") or latency ("latency") to reach, in (0, 1].
+        latency_table: path of the latency table (JSON from ``hiap profile``) a "latency" budget reads.
+        target_ms: a "latency" budget in milliseconds instead of ``target`` (the table's dense latency sets the
+            fraction).
         lambda_macro, lambda_micro: weights of the macro (heads, FFN blocks) and micro (dims, neurons) cost terms.
         lagrangian_lr: step size of the Lagrange multipliers' plain gradient ascent in "target" mode
             (l1 += lagrangian_lr gap, l2 += lagrangian_lr gap^2 each step of the search).
@@ -74,6 +78,8 @@ class HiAPConfig:
     seed: int = 0
     budget: BudgetMode = "target"
     target: float = 2.0 / 3.0
+    latency_table: str | None = None
+    target_ms: float | None = None
     lambda_macro: float = 0.9
     lambda_micro: float = 0.45
     lagrangian_lr: float = 1.0
@@ -115,7 +121,16 @@ class HiAPConfig:
                  f"{name} must be an integer >= 0 (0 = hardware-aligned), got {value!r}")
         need(self.tau0 > 0 and self.tau_min > 0, f"temperatures must be > 0, got tau0={self.tau0}, tau_min={self.tau_min}")
         need(self.tau_min <= self.tau0, f"tau_min ({self.tau_min}) must not exceed tau0 ({self.tau0})")
-        need(self.budget in ("penalty", "target"), f"budget must be 'penalty' or 'target', got {self.budget!r}")
+        need(self.budget in ("penalty", "target", "latency"),
+             f"budget must be 'penalty', 'target' or 'latency', got {self.budget!r}")
+        need(self.latency_table is None or (isinstance(self.latency_table, str) and self.latency_table),
+             f"latency_table must be a path, got {self.latency_table!r}")
+        need(self.budget != "latency" or self.latency_table is not None,
+             "a latency budget needs latency_table (write one with hiap profile)")
+        need(self.target_ms is None or (isinstance(self.target_ms, (int, float)) and not isinstance(self.target_ms, bool)
+                                        and math.isfinite(self.target_ms) and self.target_ms > 0),
+             f"target_ms must be a number > 0, got {self.target_ms!r}")
+        need(self.target_ms is None or self.budget == "latency", "target_ms needs budget='latency'")
         need(0.0 < self.target <= 1.0, f"target must lie in (0, 1], got {self.target}")
         need(0.0 < self.fix_at <= 1.0, f"fix_at must lie in (0, 1], got {self.fix_at}")
         need(0.0 <= self.retire_below <= 0.5, f"retire_below must lie in [0, 0.5], got {self.retire_below}")
@@ -135,6 +150,11 @@ class HiAPConfig:
         need(self.kd_temperature > 0, f"kd_temperature must be > 0, got {self.kd_temperature}")
         need(isinstance(self.seed, int) and 0 <= self.seed < 2**31, f"seed must be an integer in [0, 2**31), got {self.seed!r}")
         return self
+
+    @property
+    def lands_on_target(self) -> bool:
+        """Whether the budget is a target the search lands on (MACs or latency), not a penalty."""
+        return self.budget in ("target", "latency")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -258,8 +258,51 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from hiap.app.data import num_classes_of
+    from hiap.app.models import create_dense_model, parse_model_args
+    from hiap.app.runtime import configure_threads, resolve_device
+    from hiap.method.architecture import describe_vit
+    from hiap.method.cost import count_macs
+    from hiap.method.latency import LatencyTable, device_name, profile_latency
+
+    output = Path(args.output).expanduser()
+    check_output_file(output, "-o")
+    check_positive(args, "batch_size", "rounds")
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = create_dense_model(args.model, num_classes_of(args.data), model_args=parse_model_args(args.model_args))
+    threads = configure_threads(args.threads, device, count_macs(model))
+    settings = {"architecture": describe_vit(model), "batch": args.batch_size, "dtype": args.dtype,
+                "device": device.type, "device_name": device_name(device), "threads": threads,
+                "compiled": args.compile, "torch_version": torch.__version__}
+    if output.exists() and not args.overwrite:
+        try:
+            cached = LatencyTable.load(output)
+        except ValueError as error:
+            raise InputError(f"-o {output} exists and is not a latency table ({error}); choose another file") from None
+        differing = [key for key, value in settings.items() if getattr(cached, key) != value]
+        if differing:
+            raise InputError(f"-o {output} holds a table measured with other settings ({', '.join(differing)}); pass "
+                             "--overwrite to profile again or choose another file")
+        print(f"{output}: reusing the table measured with these settings ({cached.seconds:.0f} s to measure)")
+        return 0
+    table = profile_latency(model, name=args.model, batch_size=args.batch_size, device=device, dtype=dtype,
+                            compile=args.compile, rounds=args.rounds, show_progress=args.show_progress)
+    with writing_into(output, "-o"):
+        table.save(output)
+    error = table.dense_predicted_ms / table.dense_ms - 1
+    print(f"wrote {output}: {args.model} at batch {table.batch}, {table.dtype}, {table.threads} thread"
+          f"{'s' if table.threads != 1 else ''} on {table.device_name}, in {table.seconds:.0f} s. Dense: measured "
+          f"{table.dense_ms:.3f} ms, the table predicts {table.dense_predicted_ms:.3f} ms ({100 * error:+.1f}%); fixed "
+          f"parts {table.fixed_ms:.3f} ms")
+    return 0
+
+
 COMMANDS = {"prune": command_prune, "compare": command_compare, "extract": command_extract, "eval": command_eval,
-            "export": command_export}
+            "export": command_export, "profile": command_profile}
 
 
 def _is_main() -> bool:

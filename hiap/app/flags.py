@@ -46,13 +46,16 @@ def _flag(name: str) -> str:
 
 
 def add_hiap_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per HiAPConfig field with the dataclass default (the DESIGN.md / paper values)."""
-    group = parser.add_argument_group("HiAP hyperparameters (HiAPConfig; defaults from DESIGN.md)")
+    """One flag per HiAPConfig field with the dataclass default."""
+    group = parser.add_argument_group("HiAP hyperparameters (hiap.HiAPConfig; defaults are its own)")
     hints = typing.get_type_hints(HiAPConfig)
     helps = _field_help()
     defaults = HiAPConfig()
     for field in dataclasses.fields(HiAPConfig):
         kind = hints[field.name]
+        optional = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if type(None) in typing.get_args(kind) and len(optional) == 1:  # "X | None": a flag of type X, unset by default
+            kind = optional[0]
         default = getattr(defaults, field.name)
         help_text = f"{helps.get(field.name, field.name)} (default: {default:.6g})" if isinstance(default, float) \
             else f"{helps.get(field.name, field.name)} (default: {default})"
@@ -208,6 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(evaluate, defaults)
     evaluate.add_argument("--tokens", default=None, metavar="SCHEDULE", help=TOKENS_HELP)
     evaluate.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+
+    profile = commands.add_parser(
+        "profile", help="latency table of a model's parts on this device, for --budget latency",
+        description="Time, on this device, one attention layer for every number of heads and every pair of q/k and "
+                    "v head widths (on the layout's alignment steps), one FFN per width, the fixed parts (patch "
+                    "embedding, norms, residual adds, head) and the dense model, at the given batch size, dtype and "
+                    "threads, and write the table as JSON: hiap prune --budget latency --latency-table TABLE "
+                    "--target 0.7 then searches for 70%% of the dense latency. A table that exists with the same "
+                    "settings on the same device is reused.")
+    profile.add_argument("-o", "--output", required=True, help="the table (JSON) to write")
+    _add_model_flags(profile, defaults, weights=False)
+    profile.add_argument("--data", default=None,
+                         help="the dataset hiap prune will use, for the number of classes (default: digits)")
+    profile.add_argument("--batch-size", type=int, default=1, help="images per forward (default: %(default)s)")
+    profile.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                         help="the dtype the model will run in (default: %(default)s)")
+    profile.add_argument("--device", default=defaults.device, help="auto, cpu or cuda (default: %(default)s)")
+    profile.add_argument("--threads", type=int, default=defaults.threads,
+                         help="torch CPU threads; 0 = as hiap prune chooses them (default: %(default)s)")
+    profile.add_argument("--compile", action="store_true",
+                         help="time every part torch.compile'd (minutes on a CPU: one compilation per part)")
+    profile.add_argument("--rounds", type=int, default=7,
+                         help="timed rounds; each times every part once, in a rotating order (default: %(default)s)")
+    profile.add_argument("--overwrite", action="store_true", help="profile again even if the table exists")
+    profile.add_argument("--no-progress", dest="show_progress", action="store_false", help="hide the progress bar")
 
     export = commands.add_parser("export", help="pruned model -> ONNX, verified with onnxruntime")
     export.add_argument("path", help="pruned model (.safetensors from hiap)")

@@ -130,22 +130,32 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
     if count_macs(pruned) != count_macs(gated):
         raise RuntimeError("extracted MACs differ from the gated model's decision")
     _try_triton(pruned, session)
-    models = {"pruned": pruned} if dense_summary is not None else {"dense": session.teacher, "pruned": pruned}
-    summaries = _summaries(session, with_tokens(models, settings.tokens), settings)
+    table = getattr(pruner.cost, "table", None)  # a latency budget's table: measure where it was measured
+    measured = settings if table is None else replace(settings, latency_batch=table.batch)
+    models = {"pruned": pruned} if dense_summary is not None and table is None else \
+        {"dense": session.teacher, "pruned": pruned}
+    with _threads(None if table is None else table.threads):
+        summaries = _summaries(session, with_tokens(models, settings.tokens), measured)
     summaries.setdefault("dense", dense_summary)
     checksums = gather_floats(gate_checksums(gated), ctx, session.device)
-    target = settings.hiap.target if settings.hiap.budget == "target" else None
+    target = pruner.target
+    unit = "MACs" if table is None else "latency (table)"
     fraction = summaries["pruned"]["macs"] / dense_macs(gated)
-    if target is not None and abs(fraction / target - 1) > TOLERANCE:
-        log_line(f"[hiap] warning: extracted MACs are {fraction:.4f} of dense, {100 * (fraction / target - 1):+.1f}% "
-                 f"off the {target:.4f} target; more --epochs give the budget more time to settle", ctx)
+    budget_fraction = fraction if table is None else pruner.decided_fraction()
+    if target is not None and abs(budget_fraction / target - 1) > TOLERANCE:
+        log_line(f"[hiap] warning: the extracted {unit} is {budget_fraction:.4f} of dense, "
+                 f"{100 * (budget_fraction / target - 1):+.1f}% off the {target:.4f} target; more --epochs give the "
+                 "budget more time to settle", ctx)
     elif settling and settling["steps"]:
-        log_line(f"[hiap] budget settling: decided MACs {settling['before']:.4f} -> {settling['after']:.4f} of dense "
-                 f"in {settling['steps']} logit-only steps after the last training step", ctx)
+        log_line(f"[hiap] budget settling: decided {unit} {settling['before']:.4f} -> {settling['after']:.4f} of "
+                 f"dense in {settling['steps']} logit-only steps after the last training step", ctx)
     outcome = {
-        "method": "hiap", "target": target, "seed": settings.hiap.seed, "dense": summaries["dense"],
-        "pruned": summaries["pruned"], "dense_macs": dense_macs(gated), "fraction": fraction,
-        "target_error": None if target is None else fraction / target - 1, "settling": settling,
+        "method": "hiap", "budget": settings.hiap.budget, "target": target, "seed": settings.hiap.seed,
+        "dense": summaries["dense"], "pruned": summaries["pruned"], "dense_macs": dense_macs(gated),
+        "fraction": fraction, "budget_fraction": budget_fraction,
+        "target_error": None if target is None else budget_fraction / target - 1, "settling": settling,
+        "latency": None if table is None else _latency_outcome(table, target, pruned, summaries,
+                                                               settings.hiap.latency_table),
         "fixed_structure": fixed,
         "steps": result.steps, "resumed_from": result.resumed_from, "history": result.history,
         "structure": layer_structure(gated), "kernels": kernels, "threads": session.threads,
@@ -163,6 +173,31 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
         write_prune_report(output, outcome, JsonlLog.read(output / "log.jsonl"))
     ctx.barrier()
     return outcome
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the block (None: unchanged)."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _latency_outcome(table, target: float, pruned: nn.Module, summaries: dict, path: str) -> dict:
+    """A latency budget's figures side by side: target, the table's prediction for the extracted model, its measured
+    latency and the dense model's (measured in the same interleaved rounds), all at the table's batch and threads."""
+    dense, measured = summaries["dense"]["latency"], summaries["pruned"]["latency"]
+    return {"target_ms": target * table.dense_predicted_ms, "predicted_ms": table.predict(pruned),
+            "measured_ms": measured["ms_per_batch"], "measured_quartiles_ms": [measured["q1_ms"], measured["q3_ms"]],
+            "dense_ms": dense["ms_per_batch"], "dense_quartiles_ms": [dense["q1_ms"], dense["q3_ms"]],
+            "dense_predicted_ms": table.dense_predicted_ms, "table": str(path), "batch": table.batch,
+            "threads": table.threads, "device": table.device_name}
 
 
 def run_baseline(method: str, settings: PipelineSettings, session: Session, output: Path, seed: int,

@@ -73,7 +73,15 @@ def summary_table(outcome: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     target = outcome.get("target")
-    if target is not None:
+    latency = outcome.get("latency")
+    if latency:
+        error = latency["predicted_ms"] / latency["target_ms"] - 1
+        lines.append(f"target {target:.4f} of the dense latency in {latency['table']} ({latency['target_ms']:.3f} ms at "
+                     f"batch {latency['batch']}); the table predicts {latency['predicted_ms']:.3f} ms for the "
+                     f"extracted model ({100 * error:+.2f}%), measured {latency['measured_ms']:.3f} ms (quartiles "
+                     f"{latency['measured_quartiles_ms'][0]:.3f}-{latency['measured_quartiles_ms'][1]:.3f}) against "
+                     f"{latency['dense_ms']:.3f} ms dense")
+    elif target is not None:
         error = outcome["fraction"] / target - 1
         lines.append(f"target {target:.4f} of dense MACs; extracted {outcome['fraction']:.4f} ({100 * error:+.2f}%)")
     lines.append(f"accuracy change {100 * (pruned['accuracy'] - dense['accuracy']):+.2f} points")

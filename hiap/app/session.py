@@ -135,6 +135,19 @@ def _check_gate_groups(dense: nn.Module, cfg: HiAPConfig) -> None:
                          f"width {mlp.fc1.out_features}")
 
 
+def _check_latency_budget(dense: nn.Module, cfg: HiAPConfig) -> None:
+    """A latency budget's table must exist, fit the model and allow the target: refused before a teacher is trained."""
+    if cfg.budget != "latency":
+        return
+    from hiap.method.convert import gate_vit
+    from hiap.method.pruner import budget_of
+
+    try:
+        budget_of(gate_vit(dense, cfg))
+    except ValueError as error:
+        raise InputError(f"--latency-table: {error}") from None
+
+
 def check_token_schedule(model: nn.Module, spec: str) -> None:
     """``--tokens`` must fit the model (blocks, tokens, a class token): refused before anything is trained."""
     try:
@@ -163,6 +176,7 @@ def prepare_session(settings: PipelineSettings, log: JsonlLog | None) -> Session
     dense = create_dense_model(settings.model, num_classes_of(settings.data), model_args=settings.model_args,
                                pretrained=settings.pretrained)
     _check_gate_groups(dense, settings.hiap)
+    _check_latency_budget(dense, settings.hiap)
     check_latency_batch(dense, settings.latency_batch, device)
     if settings.tokens is not None:
         check_token_schedule(dense, settings.tokens)

@@ -277,9 +277,10 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
         if log is not None:
             log.write(record)
         save(finished=step == total_steps)
-        extras = record.get("decided_fraction")
+        macs = record.get("macs_fraction")
+        latency = f", latency {record['decided_fraction']:.4f} (table)" if record.get("budget") == "latency" else ""
         log_line(f"[{job.phase}] epoch {epoch + 1}/{settings.epochs}: val acc {accuracy:.4f}"
-                 + (f", MACs {extras:.4f} of dense" if extras is not None else ""), ctx)
+                 + (f", MACs {macs:.4f} of dense{latency}" if macs is not None else ""), ctx)
     bar.close()
     epochs = [record for record in result.history if record.get("event") == "epoch"]
     result.val_accuracy = epochs[-1]["val_accuracy"] if epochs else float("nan")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from hiap.method.convert import HiAPViT
-from hiap.method.cost import StackedGates, UnitCosts, count_macs, expected_cost, static_macs, token_count
+from hiap.method.cost import MacBudget, StackedGates
 
 # How far the decided MACs of a target-mode run may end from its target (a fraction of it).
 TOLERANCE = 0.01
@@ -25,22 +25,27 @@ TOLERANCE = 0.01
 # barely changes; the gates' learning rate is near zero by then.
 LANDING_MARGIN = 0.05
 
-__all__ = ["LANDING_MARGIN", "TOLERANCE", "land_on_budget", "settle_budget"]
+__all__ = ["LANDING_MARGIN", "TOLERANCE", "land_on_budget", "resolved_target", "settle_budget"]
+
+
+def resolved_target(cfg, cost: MacBudget) -> float:
+    """The target as a fraction of the dense cost: ``cfg.target``, or ``cfg.target_ms`` over the dense latency."""
+    if cfg.target_ms is not None:
+        return cfg.target_ms / cost.dense
+    return cfg.target
 
 
 class _Landing:
-    """The decided MACs of a model's stacked logits (a host copy) under changes of single gates, as
-    ``decided_gate_macs`` counts them: a row of micro gates keeps ``max(#open, minimum)``, a layer its open heads
-    or at least its ``min_heads`` best, a head its q/k dims only while one of its v dims is kept."""
+    """The decided cost of a model's stacked logits (a host copy) under changes of single gates, with the decision's
+    counting: a row of micro gates keeps ``max(#open, minimum)``, a layer its open heads or at least its
+    ``min_heads`` best, a head its q/k dims only while one of its v dims is kept. ``cost`` prices a layer from its
+    kept counts (``MacBudget``, or a latency table's ``LatencyBudget``)."""
 
-    def __init__(self, gated: HiAPViT):
+    def __init__(self, gated: HiAPViT, cost: MacBudget):
         stacked = StackedGates.of(gated)
         self.layout = layout = stacked.layout
+        self.cost = cost
         self.flat = stacked.flat.detach().to("cpu", torch.float64)  # the one device read
-        units = UnitCosts.at(token_count(gated), gated.vit.embed_dim)
-        self.qk_unit = layout.head_group * units.qk_dim
-        self.v_unit = layout.head_group * units.v_dim
-        self.neuron_unit = layout.neuron_group * units.neuron
         L, H = layout.layers, layout.heads
         self.head, self.qk, self.v, self.block, self.neuron = layout.split(torch.arange(self.flat.numel()))
         # Which layer (and head) every gate belongs to.
@@ -54,7 +59,7 @@ class _Landing:
             self.owner.update({int(p): ("neuron", l, 0) for p in self.neuron[l]})
         self.attention = [self.attention_cost(l) for l in range(L)]
         self.ffn = [self.ffn_cost(l) for l in range(L)]
-        self.total = static_macs(gated) + sum(self.attention) + sum(self.ffn)
+        self.total = cost.static + sum(self.attention) + sum(self.ffn)
 
     def _count(self, index: torch.Tensor, minimum: int) -> int:
         return max(int((self.flat[index] > 0).sum()), min(minimum, index.numel()))
@@ -65,17 +70,19 @@ class _Landing:
         return ((logits > 0) | (rank < self.layout.min_heads)).tolist()
 
     def attention_cost(self, l: int) -> float:
-        total = 0.0
+        heads = qk_dims = v_dims = 0
         for h, kept in enumerate(self.heads_kept(l)):
             v_count = self._count(self.v[l, h], self.layout.dims_min) if kept else 0
             if v_count:
-                total += v_count * self.v_unit + self._count(self.qk[l, h], self.layout.dims_min) * self.qk_unit
-        return total
+                heads += 1
+                v_dims += v_count * self.layout.head_group
+                qk_dims += self._count(self.qk[l, h], self.layout.dims_min) * self.layout.head_group
+        return self.cost.attention(heads, qk_dims, v_dims)
 
     def ffn_cost(self, l: int) -> float:
         if self.flat[self.block[l, 0]] <= 0:
-            return 0.0
-        return self._count(self.neuron[l], self.layout.neurons_min) * self.neuron_unit
+            return self.cost.ffn(0)
+        return self.cost.ffn(self._count(self.neuron[l], self.layout.neurons_min) * self.layout.neuron_group)
 
     def live(self, position: int) -> bool:
         """A macro gate, or a micro gate whose head or FFN block is kept (only those change the MACs)."""
@@ -146,10 +153,10 @@ def _land(state: _Landing, positions: list[int], goal: float, low: float, high: 
 
 
 @torch.no_grad()
-def land_on_budget(gated: HiAPViT, target: float, tolerance: float = TOLERANCE,
-                   margin: float = LANDING_MARGIN) -> dict:
-    """Close (or open) gates in logit order until the decided MACs lie within ``tolerance / 2`` of ``target`` (a
-    fraction of the dense MACs).
+def land_on_budget(gated: HiAPViT, target: float, tolerance: float = TOLERANCE, margin: float = LANDING_MARGIN,
+                   cost: MacBudget | None = None) -> dict:
+    """Close (or open) gates in logit order until the decided cost lies within ``tolerance / 2`` of ``target`` (a
+    fraction of the dense cost: MACs, or with ``cost`` a latency table's milliseconds).
 
     Above the band, the open q/k, v and neuron groups of kept heads and FFN blocks are closed from the lowest logit up
     (their logit set to ``min(a, -margin)``); a gate whose closing would drop the MACs below the band is passed over
@@ -162,8 +169,9 @@ def land_on_budget(gated: HiAPViT, target: float, tolerance: float = TOLERANCE,
     One device read of the logits and, when anything changes, one write of them. Returns
     ``{"before", "after", "closed", "opened"}``: MAC fractions of dense and how many gates changed side.
     """
-    dense = expected_cost(gated).dense
-    state = _Landing(gated)
+    cost = MacBudget(gated) if cost is None else cost
+    dense = cost.dense
+    state = _Landing(gated, cost)
     goal = target * dense
     low, high = goal * (1 - tolerance / 2), goal * (1 + tolerance / 2)
     before_total, before_flat = state.total, state.flat.clone()
@@ -191,8 +199,9 @@ def _write_logits(gated: HiAPViT, state: _Landing) -> None:
 
 
 def settle_budget(gated: HiAPViT, tolerance: float = TOLERANCE, step_size: float = 0.01, max_steps: int = 5000,
-                  patience: int = 500) -> dict | None:
-    """Move the decided MACs of a target-mode run within ``tolerance`` of the target; a no-op when they are.
+                  patience: int = 500, cost: MacBudget | None = None) -> dict | None:
+    """Move the decided cost of a target-mode run (MACs, or with ``cost`` a latency table's milliseconds) within
+    ``tolerance`` of the target; a no-op when it is.
 
     The guard after the search: the landing phase normally leaves nothing to do. This deterministic walk moves only
     the micro logits (q/k dims, v dims, neurons) along the expected-cost gradient, scaled so the fastest moves
@@ -205,36 +214,37 @@ def settle_budget(gated: HiAPViT, tolerance: float = TOLERANCE, step_size: float
     Returns ``{"steps", "before", "after"}`` (MAC fractions of dense), or None outside target mode.
     """
     cfg = gated.cfg
-    if cfg.budget != "target":
+    if not cfg.lands_on_target:
         return None
-    dense = expected_cost(gated).dense
-    before = count_macs(gated) / dense
+    cost = MacBudget(gated) if cost is None else cost
+    target = resolved_target(cfg, cost)
+    before = cost.fraction(gated)
     fraction, steps = before, 0
 
     def error(value: float) -> float:
-        return abs(value / cfg.target - 1)
+        return abs(value / target - 1)
 
     if error(fraction) <= tolerance:
         return {"steps": 0, "before": before, "after": fraction}
     micro = gated.micro_gate_logits()
     best = (error(fraction), [logit.detach().clone() for logit in micro], fraction, steps)
-    first_side = fraction > cfg.target
+    first_side = fraction > target
     while error(fraction) > tolerance / 2 and steps < max_steps and steps - best[3] < patience:
-        if (fraction > cfg.target) != first_side and error(fraction) <= tolerance:
+        if (fraction > target) != first_side and error(fraction) <= tolerance:
             break
-        grads = torch.autograd.grad(expected_cost(gated).total, micro)
+        grads = torch.autograd.grad(cost.expected(gated, StackedGates.of(gated)).total, micro)
         scale = max(float(g.abs().max()) for g in grads)
         if scale == 0.0:
             break
-        direction = 1.0 if fraction > cfg.target else -1.0
+        direction = 1.0 if fraction > target else -1.0
         with torch.no_grad():
             for logit, grad in zip(micro, grads):
                 logit.sub_(direction * step_size * grad.to(logit.dtype) / scale)
         steps += 1
-        fraction = count_macs(gated) / dense
+        fraction = cost.fraction(gated)
         if error(fraction) < best[0]:
             best = (error(fraction), [logit.detach().clone() for logit in micro], fraction, steps)
-    if error(fraction) > tolerance and best[0] < error(fraction):
+    if error(fraction) > tolerance and best[0] <= error(fraction):  # the closest point, the start if nothing helped
         with torch.no_grad():
             for logit, kept in zip(micro, best[1]):
                 logit.copy_(kept)

@@ -148,6 +148,14 @@ class StackedGates:
         probabilities = self.flat_probabilities if dtype is None else self.flat_probabilities.to(dtype)
         return list(self.layout.split(probabilities))
 
+    def decided_heads(self) -> torch.Tensor:
+        """Heads that extraction keeps (a v dim left) in every layer, int64 ``[L]``."""
+        with torch.no_grad():
+            keep_head, _, keep_v = attention_decisions(
+                self.head, self.qk, self.v, min_heads=self.min_heads, min_dim_fraction=self.min_dim_fraction
+            )
+            return (keep_v & keep_head[..., None]).any(dim=-1).sum(dim=-1)
+
     def decided_per_layer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Kept q/k dims, v dims and FFN neurons of every layer, int64 ``[L]`` each (what extraction keeps)."""
         # A `with` block rather than the decorator: torch.compile traces it inside the objective's graph.
@@ -253,3 +261,36 @@ def expected_cost(model: HiAPViT, img_size: int | tuple[int, int] | None = None,
 def expected_macs(model: HiAPViT, img_size: int | tuple[int, int] | None = None) -> torch.Tensor:
     """Differentiable expected MACs (float tensor, scalar) of a gated model; see ``expected_cost``."""
     return expected_cost(model, img_size).total
+
+
+class MacBudget:
+    """The MAC model as a target-mode budget reads it (``hiap.Pruner``'s default; ``hiap.method.latency.LatencyBudget``
+    is the measured alternative): the cost of a layer from its kept counts, the expected and decided totals, the dense
+    total the target is a fraction of."""
+
+    unit = "MACs"
+
+    def __init__(self, model: HiAPViT):
+        self.units = UnitCosts.at(token_count(model), model.vit.embed_dim)
+        self.static = static_macs(model)
+        self.dense = dense_macs(model)
+
+    def attention(self, heads: int, qk_dims: int, v_dims: int) -> float:
+        """Cost of an attention layer keeping ``heads`` heads with ``qk_dims`` q/k and ``v_dims`` v dims in all."""
+        return qk_dims * self.units.qk_dim + v_dims * self.units.v_dim
+
+    def ffn(self, width: int) -> float:
+        """Cost of an FFN block of ``width`` neurons."""
+        return width * self.units.neuron
+
+    def expected(self, model: HiAPViT, gates: StackedGates) -> ExpectedCost:
+        """The differentiable expectation (``expected_cost``)."""
+        return expected_cost(model, gates=gates)
+
+    def decided(self, model: HiAPViT, gates: StackedGates) -> torch.Tensor:
+        """What extraction keeps, on the logits' device (no host synchronisation)."""
+        return gates.decided_macs(self.units, self.static)
+
+    def fraction(self, model: HiAPViT) -> float:
+        """The decided total as a fraction of the dense one (one device read)."""
+        return count_macs(model) / self.dense

@@ -17,6 +17,7 @@ from hiap.config import HiAPConfig
 from hiap.method.convert import HiAPViT
 from hiap.method.cost import (
     ExpectedCost,
+    MacBudget,
     StackedGates,
     UnitCosts,
     dense_macs,
@@ -57,8 +58,9 @@ def feasibility_loss(model: HiAPViT, gates: StackedGates | None = None) -> torch
                                  min_dim_fraction=cfg.min_dim_fraction, min_neuron_fraction=cfg.min_neuron_fraction)
 
 
-def budget_cost(model: HiAPViT, gates: StackedGates | None = None) -> ExpectedCost:
-    """The cost the budget term sees: in target mode, the decided MACs with the expected MACs' gradient.
+def budget_cost(model: HiAPViT, gates: StackedGates | None = None, cost: MacBudget | None = None) -> ExpectedCost:
+    """The cost the budget term sees: in target mode, the decided MACs with the expected MACs' gradient (``cost``:
+    what is counted, MACs by default or a ``hiap.method.latency.LatencyBudget``).
 
     The plain expectation sum_i cost_i sigmoid(a_i) can meet the target with every logit at a small positive value,
     while the decision a > 0 keeps them all: on the default digits run the expected fraction sat at the 0.667 target
@@ -67,12 +69,13 @@ def budget_cost(model: HiAPViT, gates: StackedGates | None = None) -> ExpectedCo
     drives the multipliers until the extracted network meets the target. Penalty mode keeps the paper's expectation.
     """
     gates = StackedGates.of(model) if gates is None else gates
-    cost = expected_cost(model, gates=gates)
-    if model.cfg.budget != "target":
-        return cost
-    decided = gates.decided_macs(UnitCosts.at(token_count(model), model.vit.embed_dim), cost.static)
-    total = cost.total - cost.total.detach() + decided.to(cost.total.dtype)
-    return ExpectedCost(total=total, macro=cost.macro, static=cost.static, dense=cost.dense)
+    counted = MacBudget(model) if cost is None else cost
+    expected = counted.expected(model, gates)
+    if not model.cfg.lands_on_target:
+        return expected
+    decided = counted.decided(model, gates)
+    total = expected.total - expected.total.detach() + decided.to(expected.total.dtype)
+    return ExpectedCost(total=total, macro=expected.macro, static=expected.static, dense=expected.dense)
 
 
 def smallest_reachable_macs(model: HiAPViT) -> int:
@@ -122,7 +125,7 @@ class BudgetLoss(nn.Module):
         cfg = self.cfg
         lambda1, lambda2 = self.multipliers()
         budget, fraction, macro, micro = lagrangian_budget(
-            cost.total, cost.macro, static=cost.static, dense=float(cost.dense), target_mode=cfg.budget == "target",
+            cost.total, cost.macro, static=cost.static, dense=float(cost.dense), target_mode=cfg.lands_on_target,
             target=self.current_target, lambda1=lambda1, lambda2=lambda2, lagrangian_lr=cfg.lagrangian_lr,
             lambda_macro=cfg.lambda_macro, lambda_micro=cfg.lambda_micro, ascend=self.ascends())
         return {"budget": budget, "expected_fraction": fraction, "macro": macro, "micro": micro}
@@ -161,9 +164,13 @@ class HiAPObjective(nn.Module):
     Raises ValueError at construction when the target is below what the hard minimums leave.
     """
 
-    def __init__(self, model: HiAPViT, cfg: HiAPConfig | None = None):
+    def __init__(self, model: HiAPViT, cfg: HiAPConfig | None = None, cost: MacBudget | None = None):
         super().__init__()
         self.cfg = cfg or model.cfg
+        if self.cfg.budget == "latency" and cost is None:
+            raise ValueError("a latency budget needs its table: build the objective with cost=LatencyBudget(table)")
+        # What the budget counts (MACs unless a measured latency table is given); the fused kernel counts MACs.
+        self.cost = MacBudget(model) if cost is None else cost
         if self.cfg.budget == "target":
             floor = smallest_reachable_macs(model) / expected_cost(model).dense
             if self.cfg.target < floor:
@@ -198,7 +205,7 @@ class HiAPObjective(nn.Module):
         fused = model.attention_layers()[0].triton_kernel(gates.flat, op="gate_objective")
         # budget_cost measures the decided MACs when the model's config is in target mode; the fused op follows this
         # objective's config, so a mismatch of the two (a cfg passed apart) takes the reference terms.
-        if fused is not None and model.cfg.budget == self.cfg.budget:
+        if fused is not None and model.cfg.budget == self.cfg.budget and isinstance(self.cost, MacBudget):
             # One launch for the cost model, the decision, the multipliers' ascent and feasibility, and their gradient.
             lambda1, lambda2 = self.budget.multipliers()
             gate_terms, diagnostics = fused(
@@ -207,7 +214,7 @@ class HiAPObjective(nn.Module):
             budget, feasibility, fraction = diagnostics.unbind()
             return ObjectiveTerms(total=task + gate_terms, task=task.detach(), budget=budget, feasibility=feasibility,
                                   expected_fraction=fraction)
-        budget_terms = self.budget(budget_cost(model, gates))
+        budget_terms = self.budget(budget_cost(model, gates, self.cost))
         feasibility = self.cfg.feasibility_weight * feasibility_loss(model, gates)
         total = task + budget_terms["budget"] + feasibility
         return ObjectiveTerms(total=total, task=task.detach(), budget=budget_terms["budget"].detach(),

@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 
 from hiap.config import HiAPConfig
-from hiap.method.budget import TOLERANCE, land_on_budget, settle_budget
+from hiap.method.budget import TOLERANCE, land_on_budget, resolved_target, settle_budget
 from hiap.method.convert import HiAPViT, gate_vit, order_units_by_magnitude
-from hiap.method.cost import count_macs, dense_macs, expected_cost
+from hiap.method.cost import MacBudget, StackedGates, count_macs, dense_macs
+from hiap.method.gates import minimum_count
 from hiap.method.extract import extract
 from hiap.method.gates import temperature_at
 from hiap.method.losses import HiAPObjective, ObjectiveTerms
@@ -120,8 +121,11 @@ class Pruner:
         self.cfg: HiAPConfig = gated.cfg
         self.total_steps = total_steps
         self.teacher = teacher if self.cfg.kd_alpha > 0 else None
-        # The target below the feasibility floor is refused here, before any training (ValueError naming the floor).
-        self.objective = HiAPObjective(gated)
+        # What the budget counts: MACs, or the latency a measured table predicts for the device.
+        self.cost = budget_of(gated)
+        self.target = resolved_target(self.cfg, self.cost) if self.cfg.lands_on_target else None
+        # A target below the feasibility floor is refused here, before any training (ValueError naming the floor).
+        self.objective = HiAPObjective(gated, cost=self.cost)
         self.retired = RetiredUnits(gated)
         self.dense_macs = dense_macs(gated)
         self.history: list[dict] = []
@@ -151,7 +155,7 @@ class Pruner:
     @property
     def landing_start(self) -> int:
         """First step of the landing (the last ``cfg.landing`` of the search); ``search_steps`` when there is none."""
-        if self.cfg.budget != "target" or self.cfg.landing <= 0:
+        if not self.cfg.lands_on_target or self.cfg.landing <= 0:
             return self.search_steps
         return self.search_steps - max(1, round(self.cfg.landing * self.search_steps))
 
@@ -178,11 +182,13 @@ class Pruner:
         return self.cfg.gate_lr * self.gate_speedup() * 0.5 * (1.0 + math.cos(math.pi * step / search))
 
     def target_at(self, step: int) -> float:
-        """The MAC fraction the budget aims at in ``step``: from 1 down to ``cfg.target`` linearly over the first
-        ``cfg.target_ramp`` of the search, so that the gates cross the decision boundary a few at a time."""
+        """The fraction of the dense cost the budget aims at in ``step``: from 1 down to the target linearly over the
+        first ``cfg.target_ramp`` of the search, so that the gates cross the decision boundary a few at a time."""
+        if self.target is None:
+            return self.cfg.target
         ramp = self.cfg.target_ramp * self.search_steps
         reached = min(1.0, step / ramp) if ramp > 0 else 1.0
-        return 1.0 - (1.0 - self.cfg.target) * reached
+        return 1.0 - (1.0 - self.target) * reached
 
     def _configure(self, step: int) -> None:
         """What ``step`` runs with, a function of the step and the checkpointed state alone: temperature, target,
@@ -286,15 +292,16 @@ class Pruner:
             return None
         gated = self.model
         gated.fix_structure(False)  # fixing below reads the settled decision afresh
-        searched = count_macs(gated) / self.dense_macs
-        settling = settle_budget(gated, TOLERANCE) or {"steps": 0, "before": searched, "after": searched}
+        searched = self.cost.fraction(gated)
+        settling = settle_budget(gated, TOLERANCE, cost=self.cost) or {"steps": 0, "before": searched, "after": searched}
         gated.fix_structure(True)
         moved = f"; settling moved them to {settling['after']:.4f} in {settling['steps']} logit-only steps" \
             if settling["steps"] else ""
         return {"event": FIX_EVENT, "search_steps": search, "total_steps": self.total_steps,
-                "target": self.cfg.target if self.cfg.budget == "target" else None, **settling,
-                "message": f"[hiap] structure fixed after {search} of {self.total_steps} steps: decided MACs "
-                           f"{settling['before']:.4f} of dense{moved}; the remaining steps train the decided network"}
+                "target": self.target, **settling,
+                "message": f"[hiap] structure fixed after {search} of {self.total_steps} steps: decided "
+                           f"{self._unit} {settling['before']:.4f} of dense{moved}; the remaining steps train the "
+                           "decided network"}
 
     def _retire(self) -> dict | None:
         """Every ``retire_every`` steps of the search, retire what is closed for good (one device read); an event
@@ -322,14 +329,14 @@ class Pruner:
         step, start, search = self.step_count, self.landing_start, self.search_steps
         if not start <= step < search or ((step - start) % LANDING_EVERY and step != search - 1):
             return None
-        landed = land_on_budget(self.model, self.cfg.target, TOLERANCE)
+        landed = land_on_budget(self.model, self.target, TOLERANCE, cost=self.cost)
         if not (landed["closed"] or landed["opened"]):
             return None
         event = {"event": LAND_EVENT, **landed}
         if step == start:
-            event["message"] = (f"[hiap] step {step}: landing on the budget: decided MACs {landed['before']:.4f} -> "
-                                f"{landed['after']:.4f} of dense ({landed['closed']} gates closed, {landed['opened']} "
-                                "opened in logit order)")
+            event["message"] = (f"[hiap] step {step}: landing on the budget: decided {self._unit} "
+                                f"{landed['before']:.4f} -> {landed['after']:.4f} of dense ({landed['closed']} gates "
+                                f"closed, {landed['opened']} opened in logit order)")
         return event
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -359,12 +366,16 @@ class Pruner:
         self._configure(self.step_count)
 
     @property
+    def _unit(self) -> str:
+        return "latency" if self.cfg.budget == "latency" else "MACs"
+
+    @property
     def structure_fixed(self) -> bool:
         return self.model.structure_fixed
 
     def decided_fraction(self) -> float:
         """MACs of what extraction would keep now, as a fraction of the dense model's (one device read)."""
-        return count_macs(self.model) / self.dense_macs
+        return self.cost.fraction(self.model)
 
     @torch.no_grad()
     def log_values(self) -> dict:
@@ -380,9 +391,11 @@ class Pruner:
         budget = self.objective.budget
         counts = gated.retired_counts()
         return {
-            "expected_fraction": float(expected_cost(gated).total) / self.dense_macs,
+            "expected_fraction": float(self.cost.expected(gated, StackedGates.of(gated)).total) / self.cost.dense,
             "decided_fraction": self.decided_fraction(),
-            "target": self.cfg.target if self.cfg.budget == "target" else None,
+            "target": self.target,
+            "budget": self.cfg.budget,
+            "macs_fraction": count_macs(gated) / self.dense_macs,
             "tau": gated.temperature,
             "lambda1": float(budget.lambda1), "lambda2": float(budget.lambda2),
             "keep_probability": keep,
@@ -395,7 +408,7 @@ class Pruner:
         None when the structure was fixed (settled then) or the budget is a penalty."""
         if fixed_structure(self.history) is not None:
             return None
-        return settle_budget(self.model, TOLERANCE)
+        return settle_budget(self.model, TOLERANCE, cost=self.cost)
 
     def extract(self) -> nn.Module:
         """The physical pruned network (``hiap.extract``) of the search's decision, after ``finish()``."""
@@ -406,3 +419,24 @@ class Pruner:
         if config is not None:
             pruned.pretrained_cfg = dict(config)
         return pruned
+
+
+def budget_of(gated: HiAPViT) -> MacBudget:
+    """What ``gated``'s budget counts: the MAC model, or for ``budget="latency"`` the table at ``cfg.latency_table``
+    (checked against the model, and against the target: a target below the table's floor is refused naming it)."""
+    cfg = gated.cfg
+    if cfg.budget != "latency":
+        return MacBudget(gated)
+    from hiap.method.latency import LatencyBudget, LatencyTable
+
+    cost = LatencyBudget(LatencyTable.load(cfg.latency_table), gated)
+    target = resolved_target(cfg, cost)
+    first = gated.attention_layers()[0].gates
+    floor = cost.table.floor_ms(cfg.min_heads, minimum_count(cfg.min_dim_fraction, first.head_dim // first.group)
+                                * first.group)
+    if not 0 < target <= 1:
+        raise ValueError(f"target_ms {cfg.target_ms:g} is above the dense model's {cost.dense:.3f} ms in the table")
+    if target * cost.dense < floor:
+        raise ValueError(f"a latency target of {target * cost.dense:.3f} ms is below {floor:.3f} ms, the floor of "
+                         f"this model in {cfg.latency_table} (its fixed parts and the feasibility minimums)")
+    return cost
