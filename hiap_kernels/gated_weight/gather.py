@@ -31,33 +31,35 @@ def _gather_weight_kernel(
     row_ok = row < out_rows
     col_ok = col < out_cols
     ok = row_ok[:, None] & col_ok[None, :]
-    # [BLOCK_R] or [BLOCK_C]: where each output row / column comes from, whether that lies inside the weight (an index
-    # outside it is never read: its row / column comes out NaN), and its scale (in the weight's dtype)
+    # [BLOCK_R] or [BLOCK_C]: where each output row / column comes from, and its scale (in the weight's dtype). An
+    # index outside the weight is never read: its values load as 0 and its scale is NaN, so its row / column (and
+    # bias) come out NaN.
     if GATHER_ROWS:
         source = tl.load(index_ptr + row, mask=row_ok, other=0)
         inside = (source >= 0) & (source < source_extent)
         scale = tl.full((BLOCK_R,), 1.0, tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + row, mask=row_ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.where(inside, scale, float("nan"))
         w = tl.load(weight_ptr + source[:, None] * stride_weight + col[None, :], mask=ok & inside[:, None],
                     other=0.0).to(tl.float32)
-        out = tl.where(inside[:, None], w * scale[:, None], float("nan"))
+        out = w * scale[:, None]
     else:
         source = tl.load(index_ptr + col, mask=col_ok, other=0)
         inside = (source >= 0) & (source < source_extent)
         scale = tl.full((BLOCK_C,), 1.0, tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + col, mask=col_ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.where(inside, scale, float("nan"))
         w = tl.load(weight_ptr + row[:, None] * stride_weight + source[None, :], mask=ok & inside[None, :],
                     other=0.0).to(tl.float32)
-        out = tl.where(inside[None, :], w * scale[None, :], float("nan"))
+        out = w * scale[None, :]
     tl.store(out_ptr + row[:, None] * stride_out + col[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
     if HAS_BIAS:
         if tl.program_id(1) == 0:
             b = tl.load(bias_ptr + source, mask=row_ok & inside, other=0.0).to(tl.float32)
             bias_scale = scale.to(out_bias_ptr.dtype.element_ty).to(tl.float32)
-            out_bias = tl.where(inside, b * bias_scale, float("nan"))
-            tl.store(out_bias_ptr + row, out_bias.to(out_bias_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(out_bias_ptr + row, (b * bias_scale).to(out_bias_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit

@@ -53,16 +53,17 @@ def _merge_tokens_kernel(
     x_base = x_ptr + batch * x_stride_b
 
     keep = tl.load(keep_ptr + batch * num_kept + rows, mask=row_valid, other=0)
-    # An index outside its range is never read: a kept token outside the P tokens turns its row NaN, a source outside
-    # them or a target outside the D rows every row of its image (each program streams all of the image's sources).
-    keep_inside = row_valid & (keep >= 0) & (keep < num_tokens)
+    # An index outside its range is never read, and makes sizes NaN, so that the division writes NaN: the size of the
+    # row of a kept token outside the P tokens, every row's size for a source outside them or a target outside the D
+    # rows (each program streams all of the image's sources, so every program of that image sees it).
+    keep_inside = (keep >= 0) & (keep < num_tokens)
     # [BLOCK_D]: sizes in fp32; masked rows get 1 so that their (discarded) division stays finite.
-    total = tl.load(size_ptr + batch * num_tokens + keep, mask=keep_inside, other=1.0)
+    total = tl.load(size_ptr + batch * num_tokens + keep, mask=row_valid & keep_inside, other=1.0)
+    total = tl.where(row_valid & (keep_inside == 0), float("nan"), total)
     # [BLOCK_D, BLOCK_C]
     kept_rows = tl.load(x_base + keep[:, None] * x_stride_p + cols[None, :],
-                        mask=keep_inside[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
+                        mask=(row_valid & keep_inside)[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
     acc = kept_rows * total[:, None]
-    broken = tl.zeros((BLOCK_R,), dtype=tl.int32)
 
     for start in range(0, num_sources, BLOCK_R):
         # [BLOCK_R]
@@ -70,23 +71,23 @@ def _merge_tokens_kernel(
         source_valid = sources < num_sources
         source = tl.load(source_ptr + batch * num_sources + sources, mask=source_valid, other=0)
         target = tl.load(target_ptr + batch * num_sources + sources, mask=source_valid, other=-1)
-        inside = source_valid & (source >= 0) & (source < num_tokens) & (target >= 0) & (target < num_kept)
-        broken = tl.maximum(broken, (source_valid & (inside == 0)).to(tl.int32))
-        source_size = tl.load(size_ptr + batch * num_tokens + source, mask=inside, other=0.0)
+        inside = (source >= 0) & (source < num_tokens) & (target >= 0) & (target < num_kept)
+        source_size = tl.load(size_ptr + batch * num_tokens + source, mask=source_valid & inside, other=0.0)
         # [BLOCK_R, BLOCK_C]
         source_rows = tl.load(x_base + source[:, None] * x_stride_p + cols[None, :],
-                              mask=inside[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
+                              mask=(source_valid & inside)[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
         # [BLOCK_D, BLOCK_R]: source r's size where it joins row d.
         weights = tl.where(rows[:, None] == target[None, :], source_size[None, :], 0.0)
         acc += tl.dot(weights, source_rows, input_precision="ieee")
-        total += tl.sum(weights, axis=1)
+        # NaN (for every row) when one of these sources or targets lies out of range, else 0
+        broken = tl.sum(tl.where(source_valid & (inside == 0), float("nan"), 0.0), axis=0)
+        total += tl.sum(weights, axis=1) + broken
 
-    flagged = row_valid & ((keep_inside == 0) | (tl.max(broken, axis=0) > 0))
-    out = tl.where(flagged[:, None], float("nan"), acc / total[:, None])
+    out = acc / total[:, None]
     tl.store(out_ptr + batch * out_stride_b + rows[:, None] * out_stride_d + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
     if tl.program_id(2) == 0:
-        tl.store(out_size_ptr + batch * num_kept + rows, tl.where(flagged, float("nan"), total), mask=row_valid)
+        tl.store(out_size_ptr + batch * num_kept + rows, total, mask=row_valid)
 
 
 @torch.library.custom_op("hiap_kernels::merge_tokens", mutates_args=())
