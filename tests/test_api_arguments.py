@@ -81,12 +81,37 @@ def test_the_kernels_in_use_are_those_that_run_where_the_model_is(monkeypatch):
     """On a CPU without the Triton interpreter a Triton-switched model runs the PyTorch path (warning once), and
     says so."""
     pytest.importorskip("triton")
+    gated = hiap.gate_vit(tiny_vit()).eval()
+    hiap.use_reference_kernels(gated)
+    backend.missing_triton_ops()  # the kernels are defined (imported) as every test here runs them, before the switch
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(backend, "_warned_fallback", True)
-    gated = hiap.gate_vit(tiny_vit()).eval()
     with hiap.use_triton_kernels(gated):
         assert hiap.kernels_in_use(gated) == "reference"
         gated(images(gated))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with hiap.use_triton_kernels(gated):
         assert hiap.kernels_in_use(gated) == "triton"
+
+
+@pytest.mark.parametrize("schedule", [5, None, [1, 2], "rapid:r=2".encode()])
+def test_a_token_schedule_of_the_wrong_type_is_a_type_error_naming_it(schedule):
+    with pytest.raises(TypeError, match="schedule"):
+        hiap.reduce_tokens(tiny_vit(), schedule)
+    with pytest.raises(TypeError, match="steps"):
+        hiap.TokenSchedule("p1,-")
+
+
+def test_build_vit_takes_the_description_describe_vit_gives():
+    with pytest.raises(TypeError, match="description"):
+        hiap.build_vit("deit_small_patch16_224")
+    description = hiap.describe_vit(tiny_vit())
+    del description["depth"]
+    with pytest.raises(ValueError, match="depth"):
+        hiap.build_vit(description)
+
+
+@pytest.mark.parametrize("args", [("x", 10), (1, "10"), (1, 10, "2.0"), (1, 10, 2.0, None)])
+def test_temperature_at_takes_numbers(args):
+    with pytest.raises(TypeError, match="step|total_steps|tau0|tau_min"):
+        hiap.temperature_at(*args)

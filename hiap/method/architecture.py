@@ -122,7 +122,19 @@ def describe_vit(model: nn.Module) -> dict[str, Any]:
 
 
 def build_vit(description: dict[str, Any]) -> VisionTransformer:
-    """An uninitialised dense ``VisionTransformer`` with the skeleton ``description`` (from describe_vit) names."""
+    """An uninitialised dense ``VisionTransformer`` with the skeleton ``description`` (from describe_vit) names.
+
+    Raises:
+        TypeError: ``description`` is not a dict.
+        ValueError: it lacks a field ``describe_vit`` writes, or describes what this build cannot make.
+    """
+    if not isinstance(description, dict):
+        raise TypeError(f"build_vit: description must be the dict describe_vit returns, got "
+                        f"{type(description).__name__}")
+    missing = [key for key in ("norm_eps", "act", "head_dim", "num_heads", "embed_dim", "img_size", "patch_size",
+                               "depth") if key not in description]
+    if missing:
+        raise ValueError(f"build_vit: the description has no {', '.join(missing)} (use describe_vit's output)")
     args = dict(description)
     norm_eps = args.pop("norm_eps")
     act = args.pop("act")

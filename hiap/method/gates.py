@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -105,6 +106,9 @@ def step_seed(base_seed: int, step: int) -> int:
 
 def temperature_at(step: int, total_steps: int, tau0: float = 2.0, tau_min: float = 0.5) -> float:
     """``tau(t) = max(tau_min, tau0 * (tau_min / tau0) ** (t / T))``: exponential anneal from tau0 to tau_min."""
+    for name, value in (("step", step), ("total_steps", total_steps), ("tau0", tau0), ("tau_min", tau_min)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"temperature_at: {name} must be a number, got {type(value).__name__}")
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     progress = min(max(step, 0), total_steps) / total_steps

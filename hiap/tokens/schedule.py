@@ -59,6 +59,10 @@ class TokenSchedule:
     merge_pool: float = DEFAULT_MERGE_POOL
 
     def __post_init__(self):
+        if not isinstance(self.steps, (list, tuple)) or not all(isinstance(step, LayerStep) for step in self.steps):
+            raise TypeError(f"TokenSchedule: steps must be a tuple of LayerStep (one per block; a text form goes "
+                            f"through parse_schedule), got {type(self.steps).__name__}")
+        object.__setattr__(self, "steps", tuple(self.steps))
         if not math.isfinite(self.importance_weight) or self.importance_weight < 0:
             raise ValueError(f"importance_weight must be finite and >= 0, got {self.importance_weight}")
         if not math.isfinite(self.merge_pool) or self.merge_pool < 1:
@@ -193,6 +197,9 @@ def as_schedule(schedule: TokenSchedule | Sequence[LayerStep] | str, depth: int,
     if isinstance(schedule, str):
         return parse_schedule(schedule, depth, patches, prefix)
     if not isinstance(schedule, TokenSchedule):
+        if not isinstance(schedule, (list, tuple)) or not all(isinstance(step, LayerStep) for step in schedule):
+            raise TypeError(f"schedule must be a TokenSchedule, a list of LayerStep or a text form such as "
+                            f"'rapid:r=8', got {type(schedule).__name__}")
         schedule = TokenSchedule(tuple(schedule))
     if len(schedule.steps) != depth:
         raise ValueError(f"token schedule has {len(schedule.steps)} steps but the model has {depth} blocks")
