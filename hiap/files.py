@@ -178,8 +178,8 @@ def remove_stale_temporaries(folder: str | os.PathLike, prefix: str = ".") -> li
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir()
-             if p.is_file() and p.name.startswith(prefix) and p.name.startswith(".") and p.name.endswith(TEMPORARY_SUFFIX)]
+    stale = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(prefix) and p.name.startswith(".")
+             and p.name.endswith(TEMPORARY_SUFFIX)]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

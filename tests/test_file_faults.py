@@ -1,4 +1,5 @@
-"""Writes under faults: a full disk, a folder where a file goes, the umask, a locked run folder, a killed run's leftovers."""
+"""Writes under faults: a full disk, a folder where a file goes, the umask, a locked run folder, a killed run's
+leftovers."""
 
 from __future__ import annotations
 
