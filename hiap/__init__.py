@@ -24,6 +24,7 @@ from hiap.method.extract import extract, load_pruned, pruned_layout, read_layout
 from hiap.method.gated import GatedAttention, GatedMlp
 from hiap.method.gates import AttentionGates, FfnGates, GateDraw, GateSchedule, temperature_at
 from hiap.method.inference import optimize
+from hiap.method.latency import LatencyTable, profile_latency
 from hiap.method.losses import BudgetLoss, HiAPObjective, distillation_loss, feasibility_loss
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 from hiap.method.pruner import Pruner
@@ -42,6 +43,7 @@ __all__ = [
     "HiAPConfig",
     "HiAPObjective",
     "HiAPViT",
+    "LatencyTable",
     "PrunedAttention",
     "PrunedMlp",
     "Pruner",
@@ -60,6 +62,7 @@ __all__ = [
     "kernels_in_use",
     "load_pruned",
     "optimize",
+    "profile_latency",
     "pruned_layout",
     "read_layout",
     "reduce_tokens",
