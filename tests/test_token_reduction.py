@@ -347,3 +347,14 @@ def test_a_step_writes_the_residual_stream_once_prefix_included(step):
     assert counted.writes == [counted.writes[0]], counted.writes
     assert out.shape == (batch, prefix + patches - r, channels) and out_size.shape == (batch, prefix + patches - r, 1)
     assert torch.equal(out[:, :prefix], x[:, :prefix]) and (out_size[:, :prefix] == 1).all()
+
+
+def test_rapid_and_tome_alone_take_the_default_amount():
+    for kind in ("rapid", "tome"):
+        assert parse_schedule(kind, 12, 196, 1) == parse_schedule(f"{kind}:keep=0.6", 12, 196, 1)
+        alone, spelled = tiny_vit(), tiny_vit()
+        reduce_tokens(alone, kind)
+        reduce_tokens(spelled, f"{kind}:keep=0.6")
+        assert hiap.count_macs(alone) == hiap.count_macs(spelled) < hiap.count_macs(tiny_vit())
+    with pytest.raises(ValueError, match="not both"):
+        parse_schedule("rapid:r=2,keep=0.5", 12, 196, 1)

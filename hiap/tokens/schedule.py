@@ -13,6 +13,7 @@ Text form (the CLI's ``--tokens``):
                                attended that are closest to a partner)
     rapid:keep=0.6             ... with r chosen so the blocks see ~60 % of the dense token-layer work
     tome:r=8 / tome:keep=0.6   ToMe: bipartite soft matching, r tokens per block
+    rapid / tome               the same with keep=0.6, the default amount
     p16,p16,m16,t8,-,...       explicit, one entry per block: p = prune, m = merge, t = ToMe, - = nothing
 """
 
@@ -25,6 +26,8 @@ from typing import Sequence
 KINDS = ("keep", "prune", "merge", "tome")
 # RAPID's merge steps choose among this many times r of the least attended tokens (hiap.tokens.reduce).
 DEFAULT_MERGE_POOL = 1.5
+# The amount of ``rapid`` and ``tome`` given alone: the blocks see about this share of the dense token-layer work.
+DEFAULT_KEEP = 0.6
 _LETTERS = {"-": "keep", "p": "prune", "m": "merge", "t": "tome"}
 
 
@@ -152,8 +155,10 @@ def parse_schedule(spec: str, depth: int, patches: int, prefix: int) -> TokenSch
         if unknown:
             raise ValueError(f"token schedule {spec!r}: unknown option(s) {sorted(unknown)}; {head} takes "
                              f"{', '.join(sorted(allowed))}")
-        if ("r" in options) == ("keep" in options):
-            raise ValueError(f"token schedule {spec!r}: give exactly one of r= and keep=")
+        if "r" in options and "keep" in options:
+            raise ValueError(f"token schedule {spec!r}: give one of r= and keep=, not both")
+        if "r" not in options and "keep" not in options:
+            options["keep"] = str(DEFAULT_KEEP)
         try:
             switch = float(options.get("switch", 0.5))
             weight = float(options.get("weight", 0.0))
