@@ -352,9 +352,9 @@ def test_a_step_writes_the_residual_stream_once_prefix_included(step):
 def test_rapid_and_tome_alone_take_the_default_amount():
     for kind in ("rapid", "tome"):
         assert parse_schedule(kind, 12, 196, 1) == parse_schedule(f"{kind}:keep=0.6", 12, 196, 1)
-        alone, spelled = (tiny_vit(img_size=64, depth=4) for _ in range(2))
+        alone, spelled = (tiny_vit(img_size=64, depth=6) for _ in range(2))
         reduce_tokens(alone, kind)
         reduce_tokens(spelled, f"{kind}:keep=0.6")
-        assert hiap.count_macs(alone) == hiap.count_macs(spelled) < hiap.count_macs(tiny_vit(img_size=64, depth=4))
+        assert hiap.count_macs(alone) == hiap.count_macs(spelled) < hiap.count_macs(tiny_vit(img_size=64, depth=6))
     with pytest.raises(ValueError, match="not both"):
         parse_schedule("rapid:r=2,keep=0.5", 12, 196, 1)
