@@ -88,7 +88,7 @@ def test_prune_writes_every_artifact(warm_run):
     output = warm_run.output
     for name in ("pruned.safetensors", "checkpoint.pt", "log.jsonl", "report.md", "report.json"):
         assert (output / name).is_file(), name
-    for plot in ("structure", "gate_probabilities", "macs", "accuracy_vs_macs"):
+    for plot in ("structure", "gate_probabilities", "budget", "training", "latency", "accuracy_vs_macs"):
         assert (output / "plots" / f"{plot}.png").stat().st_size > 10_000, plot
     report = json.loads((output / "report.json").read_text())
     pruned = hiap.load_pruned(output / "pruned.safetensors")

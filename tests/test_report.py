@@ -55,7 +55,7 @@ def test_accuracy_axis_never_lets_one_image_fill_the_plot():
     assert bottom <= 20.0 and top >= 99.0
 
 
-def test_accuracy_vs_macs_figure_draws_the_front_the_targets_and_an_axis_from_zero():
+def test_accuracy_vs_macs_figure_draws_the_front_the_targets_and_an_axis_around_the_points():
     points = [{"method": "dense", "target": 1.0, "macs": 3e6, "accuracy": 0.978, "images": 360}]
     points += [{"method": m, "target": t, "macs": t * 3e6 * (1 + 0.01 * s), "accuracy": a + 0.003 * s, "images": 360}
                for m, a in (("hiap", 0.975), ("uniform", 0.972)) for t in (0.667, 0.5) for s in range(3)]
@@ -65,10 +65,14 @@ def test_accuracy_vs_macs_figure_draws_the_front_the_targets_and_an_axis_from_ze
     assert "Pareto front (means)" in labels and "MAC target" in labels
     target_lines = [line for line in axis.get_lines() if line.get_linestyle() == "--"]
     assert sorted(line.get_xdata()[0] for line in target_lines) == pytest.approx([1.5, 2.001])
-    assert axis.get_xlim()[0] == 0.0
+    left, right = axis.get_xlim()
+    assert 1.2 < left < 1.5 and 3.0 < right < 3.3  # the points' span, not from zero
     bottom, top = axis.get_ylim()
     assert top - bottom >= 5.0
     assert any("360 validation images" in text.get_text() for text in axis.texts)
+    # Two points (dense and one pruned model) make no front.
+    two = accuracy_vs_macs_figure(points[:2], "test").axes[0]
+    assert "Pareto front (means)" not in [line.get_label() for line in two.get_lines()]
 
 
 def _captured_figures(monkeypatch) -> list:
@@ -90,15 +94,57 @@ def _captured_figures(monkeypatch) -> list:
     return captured
 
 
-def test_structure_colorbars_are_labelled(monkeypatch):
+def test_the_structure_plot_has_one_titled_colorbar_and_no_empty_panels(monkeypatch):
     from hiap.app import plots
 
     structure = [{"layer": i, "num_heads": 2, "head_dim": 16, "qk_widths": [16, 8], "v_widths": [16, 0],
                   "ffn_dense": 64, "ffn_width": 32 * i, "heads_kept": 1} for i in range(2)]
     captured = _captured_figures(monkeypatch)
     plots.plot_structure(structure, Path(tempfile.mkdtemp()) / "structure.png")
-    colorbar_labels = [axis.get_ylabel() for axis in captured[0].axes if axis.get_label() == "<colorbar>"]
-    assert colorbar_labels == ["kept dims per head (of 16)"] * 2
+    colorbars = [axis for axis in captured[0].axes if axis.get_label() == "<colorbar>"]
+    # One bar for both maps, titled above it (a side label read as the next panel's axis label).
+    assert len(colorbars) == 1 and colorbars[0].get_title() == "dims" and colorbars[0].get_ylabel() == ""
+    whole = [{**layer, "qk_widths": [16, 16], "v_widths": [16, 16], "heads_kept": 2} for layer in structure]
+    plots.plot_structure(whole, Path(tempfile.mkdtemp()) / "structure.png")
+    axes = captured[1].axes
+    assert len(axes) == 1 and "every head kept whole" in axes[0].get_title()
+
+
+def test_the_gate_plot_shows_the_decision_line_the_fix_and_every_gate(monkeypatch):
+    from hiap.app import plots
+
+    captured = _captured_figures(monkeypatch)
+    keep = {kind: [0.9, 0.4] for kind in ("head", "qk", "v", "ffn_block", "neuron")}
+    records = [{"event": "step", "step": step, "keep_probability": keep} for step in (10, 20, 30)]
+    records.append({"event": "fix_structure", "step": 20})
+    gates = [{"head": [0.9, 0.2], "qk": [[0.9, 0.1], [0.6, 0.7]], "v": [[0.9, 0.9], [0.2, 0.3]], "block": [0.8],
+              "neuron": [0.1, 0.9, 0.8]} for _ in range(2)]
+    plots.plot_gate_probabilities(records, Path(tempfile.mkdtemp()) / "gates.png", gates)
+    figure = captured[0]
+    top = figure.axes[0]
+    labels = top.get_legend_handles_labels()[1]
+    assert "decision: kept above 0.5" in labels and "structure fixed" in labels
+    assert len(figure.legends) == 1  # one legend for the figure, not one per panel
+    titles = [axis.get_title() for axis in figure.axes]
+    assert "each gate at the end: neurons" in titles and "each gate at the end: q/k dims" in titles
+
+
+def test_training_curves_and_latency_with_its_spread_are_plotted(monkeypatch):
+    from hiap.app import plots
+    from hiap.app.report import speedup_sentence
+
+    captured = _captured_figures(monkeypatch)
+    records = [{"phase": "hiap", "event": "step", "step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    records += [{"phase": "hiap", "event": "epoch", "step": 3, "epoch": 1, "val_accuracy": 0.9}]
+    assert plots.plot_training(records, Path(tempfile.mkdtemp()) / "training.png").is_file()
+    assert captured[0].axes[1].get_ylabel() == "validation accuracy (%)"
+    dense = {"ms_per_batch": 10.0, "q1_ms": 9.5, "q3_ms": 10.5, "min_ms": 9.0, "max_ms": 12.0, "batch": 8, "rounds": 5}
+    close = {**dense, "ms_per_batch": 9.2, "q1_ms": 9.0, "q3_ms": 9.6}
+    far = {**dense, "ms_per_batch": 5.0, "q1_ms": 4.9, "q3_ms": 5.1, "min_ms": 4.8, "max_ms": 5.5}
+    assert plots.plot_latency({"dense": {"latency": dense}, "pruned": {"latency": far}},
+                              Path(tempfile.mkdtemp()) / "latency.png").is_file()
+    assert "within noise" in speedup_sentence(dense, close) and "1.09x" in speedup_sentence(dense, close)
+    assert "within noise" not in speedup_sentence(dense, far) and "2.00x" in speedup_sentence(dense, far)
 
 
 def test_the_macs_plot_marks_the_tolerance_and_the_step_where_the_structure_was_fixed(monkeypatch):
@@ -108,7 +154,7 @@ def test_the_macs_plot_marks_the_tolerance_and_the_step_where_the_structure_was_
     records = [{"event": "step", "step": step, "expected_fraction": 1 - step / 100, "decided_fraction": 1.0}
                for step in (10, 20, 30, 40)]
     records.insert(3, {"event": "fix_structure", "step": 30, "before": 0.7, "after": 0.67})
-    plots.plot_macs(records, Path(tempfile.mkdtemp()) / "macs.png", target=2 / 3)
+    plots.plot_macs(records, Path(tempfile.mkdtemp()) / "budget.png", target=2 / 3)
     labels = captured[0].axes[0].get_legend_handles_labels()[1]
     assert "structure fixed" in labels and "+-1%" in labels
     fixed = [line for line in captured[0].axes[0].get_lines() if line.get_label() == "structure fixed"]

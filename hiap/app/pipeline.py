@@ -24,7 +24,7 @@ from hiap.app.data import eval_loader
 from hiap.app.evaluation import summarize
 from hiap.app.jobs import DistillJob, HiAPJob
 from hiap.app.peers import PEERS, apply_torch_pruning
-from hiap.app.report import layer_structure, write_prune_report
+from hiap.app.report import gate_probabilities, layer_structure, write_prune_report
 from hiap.app.runtime import (
     DistContext,
     InputError,
@@ -158,7 +158,8 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
                                                                settings.hiap.latency_table),
         "fixed_structure": fixed,
         "steps": result.steps, "resumed_from": result.resumed_from, "history": result.history,
-        "structure": layer_structure(gated), "kernels": kernels, "threads": session.threads,
+        "structure": layer_structure(gated), "gates": gate_probabilities(gated), "kernels": kernels,
+        "threads": session.threads,
         "world_size": ctx.world_size, "gate_checksums": checksums,
         "gates_in_sync": all(c == checksums[0] for c in checksums),
         "data": session.data.description, "model": settings.model, "notes": session.notes,
@@ -328,7 +329,7 @@ def _compare(settings: PipelineSettings, output: Path, seeds: list[int], targets
                                        dense_summary)
                 else:
                     outcome = run_baseline(method, run_settings, session, folder, seed, dense_summary)
-                runs.append({k: v for k, v in outcome.items() if k not in ("history", "structure")})
+                runs.append({k: v for k, v in outcome.items() if k not in ("history", "structure", "gates")})
     report = {"dense": dense_summary, "seeds": seeds, "targets": targets, "methods": methods, "runs": runs,
               "val_size": len(session.data.val), "machine": describe_machine(session.device),
               "data": session.data.description, "model": settings.model, "settings": settings_record(settings)}

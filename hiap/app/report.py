@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 
 from hiap.method.pruner import LAND_EVENT, RETIRE_EVENT
-from hiap.app.plots import plot_accuracy_vs_macs, plot_gate_probabilities, plot_macs, plot_structure
+from hiap.app.plots import (
+    plot_accuracy_vs_macs,
+    plot_gate_probabilities,
+    plot_latency,
+    plot_macs,
+    plot_structure,
+    plot_training,
+)
 from hiap.app.runtime import atomic_write_json, atomic_write_text
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -32,6 +39,32 @@ def layer_structure(gated) -> list[dict]:
                        "num_heads": attn.num_heads, "head_dim": attn.head_dim, "ffn_width": ffn_width,
                        "ffn_dense": mlp.hidden_features})
     return layers
+
+
+def gate_probabilities(gated) -> list[dict]:
+    """Per layer, every gate's keep probability sigmoid(a): ``{"head" [H], "qk" [H, G], "v" [H, G], "block" [1],
+    "neuron" [F / G']}`` as lists (one device read per tensor; for the report)."""
+    import torch
+
+    layers = []
+    with torch.no_grad():
+        for attn, mlp in zip(gated.attention_layers(), gated.ffn_layers()):
+            layer = {kind: torch.sigmoid(logit.float()).cpu().tolist() for kind, logit in attn.gates.logits().items()}
+            layer.update({kind: torch.sigmoid(logit.float()).cpu().tolist()
+                          for kind, logit in mlp.gates.logits().items()})
+            layers.append(layer)
+    return layers
+
+
+def speedup_sentence(dense: dict, other: dict, name: str = "pruned") -> str:
+    """``other``'s speed-up over ``dense`` by their medians, or "within noise" when their interquartile ranges
+    overlap (the rounds cannot tell the two apart)."""
+    ratio = dense["ms_per_batch"] / other["ms_per_batch"]
+    overlap = other["q1_ms"] <= dense["q3_ms"] and dense["q1_ms"] <= other["q3_ms"]
+    if overlap:
+        return (f"{name.capitalize()} vs dense: {ratio:.2f}x by the medians, within noise (the interquartile ranges "
+                "overlap).")
+    return f"{name.capitalize()} vs dense: {ratio:.2f}x (interquartile ranges apart)."
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -58,8 +91,7 @@ def latency_sentence(dense: dict, pruned: dict) -> str:
             f"model after {latency['warmup']} warm-up rounds, dense and pruned interleaved, on {latency['device']} "
             f"({threads} thread{'s' if threads != 1 else ''}{', torch.compile' if latency['compiled'] else ''}"
             f"{', synchronised around every forward' if latency['device'].startswith('cuda') else ''}); "
-            f"pruned paths: {latency['paths']}. Pruned vs dense: "
-            f"{base['ms_per_batch'] / latency['ms_per_batch']:.2f}x.")
+            f"pruned paths: {latency['paths']}. " + speedup_sentence(base, latency))
 
 
 def summary_table(outcome: dict) -> str:
@@ -101,10 +133,16 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
     plots_dir = output / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     dense, pruned = outcome["dense"], outcome["pruned"]
+    unit = "latency" if outcome.get("latency") else "MACs"
+    timed = {"dense": dense, "pruned": pruned, **{f"{name} + tokens": summary
+                                                  for name, summary in (outcome.get("tokens") or {}).items()
+                                                  if isinstance(summary, dict) and "latency" in summary}}
     plots = {"structure": plot_structure(outcome["structure"], plots_dir / "structure.png",
                                          f"pruned structure: {outcome['fraction']:.3f} of dense MACs"),
-             "gates": plot_gate_probabilities(records, plots_dir / "gate_probabilities.png"),
-             "macs": plot_macs(records, plots_dir / "macs.png", outcome.get("target")),
+             "gates": plot_gate_probabilities(records, plots_dir / "gate_probabilities.png", outcome.get("gates")),
+             "budget": plot_macs(records, plots_dir / "budget.png", outcome.get("target"), unit),
+             "training": plot_training(records, plots_dir / "training.png"),
+             "latency": plot_latency(timed, plots_dir / "latency.png"),
              "accuracy_vs_macs": plot_accuracy_vs_macs(
                  [{"method": "dense", "target": 1.0, **dense}, {"method": "hiap", "target": outcome.get("target"), **pruned}],
                  plots_dir / "accuracy_vs_macs.png")}
