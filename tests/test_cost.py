@@ -3,7 +3,7 @@ import timm
 import torch
 
 import hiap
-from hiap.method.cost import UnitCosts, static_macs, token_count
+from hiap.method.cost import StackedGates, UnitCosts, static_macs, token_count
 from tests.helpers import randomize_logits, tiny_vit
 
 
@@ -53,6 +53,19 @@ def test_expected_macs_are_differentiable_and_lie_between_static_and_dense():
     cost.total.backward()
     grads = [p.grad for p in gated.gate_logits().values()]
     assert all(g is not None and (g >= 0).all() for g in grads)  # opening a gate never lowers the cost
+
+
+def test_the_cost_model_keeps_gates_with_the_gate_objects_probabilities():
+    gated = hiap.gate_vit(tiny_vit(depth=3))
+    randomize_logits(gated, torch.Generator().manual_seed(0))
+    stacked = StackedGates.of(gated).keep_probabilities()
+    attention = [layer.gates.keep_probabilities() for layer in gated.attention_layers()]
+    ffn = [layer.gates.keep_probabilities() for layer in gated.ffn_layers()]
+    per_layer = [torch.stack(kind) for kind in (*zip(*attention), *zip(*ffn))]
+    assert len(stacked) == len(per_layer) == 5
+    # The same sigmoid of the same logits; only its vectorised inner loop may round one element a unit differently.
+    for whole_model, by_layer in zip(stacked, per_layer):
+        torch.testing.assert_close(whole_model, by_layer, rtol=3e-7, atol=0)
 
 
 def test_unit_costs_follow_the_design_formulas():

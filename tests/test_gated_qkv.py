@@ -13,7 +13,7 @@ import torch
 from hiap_kernels import gated_qkv, gated_qkv_reference
 from hiap_kernels.gated_linear.interface import gate_tensors
 from hiap_kernels.gated_linear.qkv import _qkv_column_mask_values
-from hiap_kernels.gated_linear.reference import attention_column_masks, attention_gate_values
+from hiap_kernels.gates.reference import attention_column_masks, attention_gate_values
 from tests.kernel_checks import (
     DEVICE,
     TOLERANCES,

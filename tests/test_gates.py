@@ -14,8 +14,6 @@ from hiap.method.gates import (
     step_seed,
     top_k_mask,
 )
-from hiap_kernels.gated_linear.reference import attention_column_masks, attention_gate_values, gate_values
-from hiap_kernels.gates.reference import gumbel_sigmoid
 from tests.helpers import images, tiny_vit
 
 
@@ -25,27 +23,6 @@ def attention_gates(head, qk, v, *, min_heads=1, min_dim_fraction=0.125, group=1
     with torch.no_grad():
         gates.head.copy_(head), gates.qk.copy_(qk), gates.v.copy_(v)
     return gates
-
-
-def test_eval_gates_are_the_sign_of_the_logit():
-    logits = torch.tensor([-1.0, 0.0, 2.0])
-    assert gate_values(logits, tau=1.0, seed=0, offset=0, sample=False).tolist() == [0.0, 0.0, 1.0]
-
-
-def test_conditioning_products_close_micro_gates_of_closed_heads():
-    head = torch.tensor([1.0, 0.0])
-    qk = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    v = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
-    m_q, m_v = attention_column_masks(head, qk, v, head_dim=4)
-    assert m_q.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
-    assert m_v.tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
-
-
-def test_layer_gates_are_laid_out_head_then_qk_then_v():
-    head, qk, v = torch.randn(3), torch.randn(3, 4), torch.randn(3, 4)
-    z_head, z_qk, z_v = attention_gate_values(head, qk, v, tau=1.0, seed=5, offset=100)
-    flat = gumbel_sigmoid(torch.cat([head, qk.flatten(), v.flatten()]), 1.0, 5, 100)
-    assert torch.equal(torch.cat([z_head, z_qk.flatten(), z_v.flatten()]), flat)
 
 
 def test_top_k_mask_with_ties_and_zero():

@@ -1,4 +1,5 @@
-"""``sample_gates`` (the in-kernel Gumbel-Sigmoid sampler) and its reference: ``gumbel_sigmoid`` on the Philox twin."""
+"""``sample_gates`` (the in-kernel Gumbel-Sigmoid sampler) and its reference: ``gumbel_sigmoid`` on the Philox twin,
+the keep probability it opens a gate with, and the gate values and masks of a layer built on it."""
 
 import math
 
@@ -6,7 +7,16 @@ import pytest
 import torch
 
 from hiap_kernels import sample_gates
-from hiap_kernels.gates.reference import gumbel_sigmoid, philox_uniform
+from hiap_kernels.gates.reference import (
+    attention_column_masks,
+    attention_gate_values,
+    ffn_gate_values,
+    ffn_neuron_mask,
+    gate_values,
+    gumbel_sigmoid,
+    keep_probability,
+    philox_uniform,
+)
 from tests.kernel_checks import DEVICE, needs_triton
 
 pytestmark = pytest.mark.usefixtures("poisoned")
@@ -20,7 +30,7 @@ def test_open_frequency_matches_sigmoid_of_the_logit(logit, tau):
     count = 40_000
     logits = torch.full((count,), logit)
     z = gumbel_sigmoid(logits, tau, seed=1234, offset=0, hard=True)
-    expected = 1 / (1 + math.exp(-logit))
+    expected = keep_probability(torch.tensor(logit, dtype=torch.float64)).item()
     # Binomial standard error; 5 sigma keeps the test deterministic-safe yet meaningful.
     assert abs(z.mean().item() - expected) < 5 * math.sqrt(expected * (1 - expected) / count) + 1e-9
 
@@ -50,6 +60,38 @@ def test_uniforms_are_in_the_open_unit_interval_and_look_uniform():
     assert abs(u.mean().item() - 0.5) < 0.005
     with pytest.raises(ValueError):
         philox_uniform(-1, torch.arange(3))
+
+
+# ------------------------------------------------------------------------------------------------ a layer's gates
+
+def test_eval_gates_are_the_sign_of_the_logit():
+    logits = torch.tensor([-1.0, 0.0, 2.0])
+    assert gate_values(logits, tau=1.0, seed=0, offset=0, sample=False).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_conditioning_products_close_micro_gates_of_closed_heads():
+    head = torch.tensor([1.0, 0.0])
+    qk = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    v = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    m_q, m_v = attention_column_masks(head, qk, v, head_dim=4)
+    assert m_q.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert m_v.tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+
+
+def test_layer_gates_are_laid_out_head_then_qk_then_v():
+    head, qk, v = torch.randn(3), torch.randn(3, 4), torch.randn(3, 4)
+    z_head, z_qk, z_v = attention_gate_values(head, qk, v, tau=1.0, seed=5, offset=100)
+    flat = gumbel_sigmoid(torch.cat([head, qk.flatten(), v.flatten()]), 1.0, 5, 100)
+    assert torch.equal(torch.cat([z_head, z_qk.flatten(), z_v.flatten()]), flat)
+
+
+def test_ffn_gates_are_laid_out_block_then_neurons_and_the_block_closes_every_neuron():
+    block, neuron = torch.randn(1), torch.randn(6)
+    z_block, z_neuron = ffn_gate_values(block, neuron, tau=0.8, seed=3, offset=40)
+    assert torch.equal(torch.cat([z_block, z_neuron]), gumbel_sigmoid(torch.cat([block, neuron]), 0.8, 3, 40))
+    mask = ffn_neuron_mask(torch.tensor([1.0]), torch.tensor([1.0, 0.0, 1.0]), hidden=6)
+    assert mask.tolist() == [1, 1, 0, 0, 1, 1]
+    assert not ffn_neuron_mask(torch.tensor([0.0]), torch.ones(3), hidden=6).any()
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -120,7 +162,7 @@ def test_open_probability_is_sigmoid_of_logit():
     count = 4096
     for logit in (-1.0, 0.0, 1.5):
         values, _ = sample_gates(torch.full((count,), logit, device=DEVICE), tau=0.3, seed=21, offset=0)
-        expected = 1.0 / (1.0 + math.exp(-logit))
+        expected = keep_probability(torch.tensor(logit, dtype=torch.float64)).item()
         sigma = math.sqrt(expected * (1 - expected) / count)
         assert abs(values.mean().item() - expected) < 5 * sigma
 

@@ -20,6 +20,7 @@ from hiap.method.convert import HiAPViT
 from hiap.method.gates import attention_decisions, ffn_decisions, minimum_count
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 from hiap.tokens.reduce import step_overhead_macs
+from hiap_kernels.gates import keep_probability
 from hiap_kernels.objective import GateLayout, expected_gate_macs
 
 
@@ -138,9 +139,10 @@ class StackedGates:
 
     @property
     def flat_probabilities(self) -> torch.Tensor:
-        """``sigmoid(flat)``: every keep probability in one op (differentiable; computed once per StackedGates)."""
+        """``sigmoid(flat)`` (``hiap_kernels.gates.keep_probability``): every keep probability in one op, shaped as
+        ``flat`` (differentiable; computed once per StackedGates)."""
         if "probabilities" not in self._computed:
-            self._computed["probabilities"] = torch.sigmoid(self.flat)
+            self._computed["probabilities"] = keep_probability(self.flat)
         return self._computed["probabilities"]
 
     def keep_probabilities(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:

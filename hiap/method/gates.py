@@ -5,8 +5,9 @@
 * :class:`AttentionGates` and :class:`FfnGates` own one layer's logits (``nn.Parameter``), its deterministic decision,
   its keep probabilities and its counter window in the Philox stream. Each forward asks them for one :class:`GateDraw`,
   the record that the reference path and the Triton kernels both consume: the same record gives the same gates.
-* Sampling itself (Philox noise, Gumbel-Sigmoid with the straight-through estimator) lives in ``hiap_kernels.gates``
-  so the kernels and the reference share it bit for bit; this module decides which stream a layer uses and what is kept.
+* The gate distribution itself (Philox noise, Gumbel-Sigmoid with the straight-through estimator, the keep
+  probability, the values and masks of a layer) lives in ``hiap_kernels.gates`` so the kernels and the reference share
+  it bit for bit; this module decides which stream a layer uses and what is kept.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from hiap_kernels.gated_linear.reference import ffn_neuron_mask, gate_values
 from hiap_kernels.gated_weight.reference import qkv_row_scale
-from hiap_kernels.gates import MAX_SEED
+from hiap_kernels.gates import MAX_SEED, ffn_neuron_mask, gate_values, keep_probability
 
 __all__ = [
     "FFN_ALIGNMENT",
@@ -267,8 +267,8 @@ class LayerGates(nn.Module):
         raise NotImplementedError
 
     def keep_probabilities(self) -> tuple[torch.Tensor, ...]:
-        """P(open) = sigmoid(a) of each kind, in ``KINDS`` order (differentiable)."""
-        return tuple(torch.sigmoid(getattr(self, kind)) for kind in self.KINDS)
+        """P(open) = sigmoid(a) of each kind, in ``KINDS`` order, shaped as the logits (differentiable)."""
+        return tuple(keep_probability(getattr(self, kind)) for kind in self.KINDS)
 
     def values(self, draw: GateDraw, sampler=None) -> tuple[torch.Tensor, ...]:
         """Gate values ``z`` of each kind for ``draw``, with straight-through gradients to the logits when sampling.

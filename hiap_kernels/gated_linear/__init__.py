@@ -24,7 +24,7 @@ products and group sums to the logits is a handful of tiny torch ops on per-gate
 
 Files:
 
-    reference.py      plain-PyTorch twins (``gated_qkv_reference``, ``gated_fc1_reference``) and the gate-value helpers
+    reference.py      plain-PyTorch twins (``gated_qkv_reference``, ``gated_fc1_reference``)
     interface.py      host plumbing both ops share: argument checks, dtypes, custom-op / autograd glue
     qkv_kernels.py    qkv Triton kernels (forward, column mask, backward dx and dW) and the backward configs
     qkv.py            qkv launchers, ``GatedQKVFunction`` (eager), custom ops (torch.compile), ``gated_qkv``
@@ -35,22 +35,6 @@ The Triton ops are importable from ``hiap_kernels`` (``hiap_kernels.gated_qkv``,
 package's own import pulls in only the references, so it works where Triton does not.
 """
 
-from hiap_kernels.gated_linear.reference import (
-    attention_column_masks,
-    attention_gate_values,
-    ffn_gate_values,
-    ffn_neuron_mask,
-    gate_values,
-    gated_fc1_reference,
-    gated_qkv_reference,
-)
+from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
 
-__all__ = [
-    "attention_column_masks",
-    "attention_gate_values",
-    "ffn_gate_values",
-    "ffn_neuron_mask",
-    "gate_values",
-    "gated_fc1_reference",
-    "gated_qkv_reference",
-]
+__all__ = ["gated_fc1_reference", "gated_qkv_reference"]

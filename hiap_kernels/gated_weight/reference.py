@@ -5,7 +5,7 @@ A masked output column of a linear layer equals that weight row (and bias entry)
 neuron equals fc2's input column scaled by it. So a gated layer can hand the library GEMM a masked weight, and the
 gates' gradients follow from the weight's: ``dL/dm[r] = <dL/dW'[r], W[r]> + dL/db'[r] b[r]``.
 
-Gate layout of one layer (gate ``i`` draws Philox counter ``offset + i``), as in ``hiap_kernels.gated_linear``:
+Gate layout of one layer (gate ``i`` draws Philox counter ``offset + i``), as in ``hiap_kernels.gates``:
     attention: head gates [H], q/k-dim gates [H, Dh/G], v-dim gates [H, Dh/G]
     FFN:       block gate [1], neuron gates [F/G]
 Row masks of timm's fused qkv weight ``[3 H Dh, D]``: ``m_q = dqk`` on the q rows, 1 on the k rows, ``m_v = g * dv`` on
@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from hiap_kernels.gated_linear.reference import (
+from hiap_kernels.gates.reference import (
     attention_column_masks,
     attention_gate_values,
     ffn_gate_values,

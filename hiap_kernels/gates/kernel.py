@@ -1,12 +1,13 @@
-"""In-kernel Gumbel-Sigmoid gates: the Triton twin of :func:`hiap_kernels.gates.reference.gumbel_sigmoid`.
+"""In-kernel gates: the Triton twin of :func:`hiap_kernels.gates.reference.gumbel_sigmoid` and ``keep_probability``.
 
 Gate ``i`` of a layer draws its uniform from Philox counter ``offset + i`` of stream ``seed`` (``tl.rand``), which
 :func:`hiap_kernels.gates.reference.philox_uniform` reproduces bit for bit. Every expression below is the reference's,
 evaluated in fp32 in the same order, so the hard decisions ``1[s > 0.5]`` agree with the reference exactly and the
 soft values to float rounding.
 
-The fused kernels in ``hiap_kernels.gated_linear`` call :func:`gate_value_and_slope` in their epilogues; :func:`sample_gates`
-runs the same helper over a flat logit vector (the backward passes need the gate values and slopes per gate).
+The fused kernels in ``hiap_kernels.gated_linear`` and ``hiap_kernels.gated_weight`` call :func:`gate_value_and_slope`;
+:func:`sample_gates` runs the same helper over a flat logit vector (the backward passes need the gate values and slopes
+per gate). The objective kernel reads every gate's :func:`keep_probability`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import triton.language as tl
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor
 from hiap_kernels.gates.reference import check_gate_arguments, seed_tensor, tau_tensor
+
+
+@triton.jit
+def keep_probability(logit):
+    """P(open) = ``sigmoid(a)`` of each gate in fp32, the shape of fp32 ``logit``; the reference's
+    ``keep_probability`` up to float rounding. 0 for a logit of -inf, 1 for +inf (no overflow to NaN)."""
+    return 1.0 / (1.0 + tl.exp(-logit))
 
 
 @triton.jit

@@ -1,10 +1,18 @@
-"""Reference of the in-kernel gate sampler: a plain-PyTorch twin of Triton's counter-based generator (``tl.rand``)
-and the Gumbel-Sigmoid sample built on it.
+"""The gate distribution in plain PyTorch: a twin of Triton's counter-based generator (``tl.rand``), the
+Gumbel-Sigmoid sample built on it, the keep probability, and the gate values of one layer.
 
 Gate sampling happens inside the Triton kernels with ``tl.rand(seed, offset)`` (``kernel.py``). The reference path must draw the very
 same uniforms for the same ``(seed, offset)`` so that both paths can be compared in training mode, and so that a run
 keeps its gates when it switches backend. This module reproduces Philox-4x32-10 and Triton's uint32 -> float
 conversion bit for bit with int64 tensor arithmetic (no triton import, runs on any device).
+
+A gate with logit ``a`` opens with probability ``sigmoid(a)`` (:func:`keep_probability`) at every temperature; the cost
+model and the objective read that probability, the gated layers the sampled values (:func:`gate_values`).
+
+Gate layout of one layer, flattened in this order; gate ``i`` draws its noise from Philox counter ``offset + i``:
+    attention: head gates [H], then q/k-dim gates [H, Dh // G] row-major, then v-dim gates [H, Dh // G]
+    FFN:       block gate [1], then neuron gates [F // G]
+with ``G`` the micro-gate group size: column ``j`` of a head (or neuron ``j``) uses micro gate ``j // G``.
 """
 
 from __future__ import annotations
@@ -153,6 +161,77 @@ def gumbel_sigmoid(
     # This association is exact in floating point ((1 - s) + s == 1 and (0 - s) + s == 0 for s on the matching side
     # of 0.5), so the forward value is exactly 0 or 1 as in the kernels; hard + s - s would leave 0.99999994.
     return ((hard_value - soft.detach()) + soft).to(logits.dtype)
+
+
+def keep_probability(logits: torch.Tensor) -> torch.Tensor:
+    """P(open) = ``sigmoid(a)`` of each gate: the probability that a hard :func:`gumbel_sigmoid` sample opens it, at
+    every temperature. ``logits`` of any shape; returns that shape and dtype, differentiable."""
+    return torch.sigmoid(logits)
+
+
+def gate_values(
+    logits: torch.Tensor, *, tau: float | torch.Tensor, seed: int | torch.Tensor, offset: int, hard: bool = True,
+    sample: bool = True,
+) -> torch.Tensor:
+    """Gate values for a flat logit vector ``[n]``: sampled (:func:`gumbel_sigmoid`, training) or the deterministic
+    decision ``1[a > 0]`` (eval; no gradient to the logits). Returns ``[n]`` in the logits' dtype."""
+    if sample:
+        return gumbel_sigmoid(logits, tau, seed, offset, hard)
+    return (logits > 0).to(logits.dtype)
+
+
+def attention_gate_values(
+    head_logits: torch.Tensor,
+    qk_logits: torch.Tensor,
+    v_logits: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    seed: int | torch.Tensor,
+    offset: int,
+    hard: bool = True,
+    sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample (or decide) the head ``[H]``, q/k-dim ``[H, Dh//G]`` and v-dim ``[H, Dh//G]`` gates of one layer, in
+    the layout's counter order (:func:`gate_values` on the three concatenated)."""
+    flat = torch.cat([head_logits.reshape(-1), qk_logits.reshape(-1), v_logits.reshape(-1)])
+    z = gate_values(flat, tau=tau, seed=seed, offset=offset, hard=hard, sample=sample)
+    num_heads, groups = qk_logits.shape
+    z_head, z_qk, z_v = torch.split(z, [num_heads, num_heads * groups, num_heads * groups])
+    return z_head, z_qk.view(num_heads, groups), z_v.view(num_heads, groups)
+
+
+def attention_column_masks(
+    z_head: torch.Tensor, z_qk: torch.Tensor, z_v: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Effective column masks ``m_q = dqk`` and ``m_v = g * dv``, both ``[H, Dh]`` (micro gates expanded over groups),
+    from gate values ``z_head [H]``, ``z_qk`` and ``z_v [H, Dh//G]``."""
+    group = head_dim // z_qk.shape[1]
+    m_q = z_qk.repeat_interleave(group, dim=1)
+    m_v = z_head[:, None] * z_v.repeat_interleave(group, dim=1)
+    return m_q, m_v
+
+
+def ffn_gate_values(
+    block_logit: torch.Tensor,
+    neuron_logits: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    seed: int | torch.Tensor,
+    offset: int,
+    hard: bool = True,
+    sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (or decide) the FFN block gate ``[1]`` and neuron gates ``[F//G]`` of one layer, block first."""
+    flat = torch.cat([block_logit.reshape(-1), neuron_logits.reshape(-1)])
+    z = gate_values(flat, tau=tau, seed=seed, offset=offset, hard=hard, sample=sample)
+    return z[:1], z[1:]
+
+
+def ffn_neuron_mask(z_block: torch.Tensor, z_neuron: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Effective neuron mask ``m = b * c``, ``[F]`` with ``F = hidden``, from gate values ``z_block [1]`` and
+    ``z_neuron [F//G]``."""
+    group = hidden // z_neuron.shape[0]
+    return z_block * z_neuron.repeat_interleave(group)
 
 
 def check_gate_arguments(tau, seed, offset: int, num_gates: int) -> None:

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from hiap_kernels.common import runtime
 from hiap_kernels.common.runtime import check_tensor
+from hiap_kernels.gates.kernel import keep_probability
 from hiap_kernels.objective.reference import GateLayout, ObjectiveConstants
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -32,9 +33,9 @@ def _multiply(a, b):
 
 
 @triton.jit
-def _sigmoid(logit, ok):
+def _masked_keep_probability(logit, ok):
     """Keep probability in fp32, 0 off the shapes (so padding adds nothing and multiplies products by 1)."""
-    return tl.where(ok, 1.0 / (1.0 + tl.exp(-logit)), 0.0)
+    return tl.where(ok, keep_probability(logit), 0.0)
 
 
 @triton.jit
@@ -63,8 +64,9 @@ def _layer_gates(flat_ptr, layer, LAYERS: tl.constexpr, HEADS: tl.constexpr, GRO
     a_block = tl.load(flat_ptr + block_index).to(tl.float32)
     a_neuron = tl.load(flat_ptr + neuron_index, mask=neuron_ok, other=0.0).to(tl.float32)
     return (a_head, a_qk, a_v, a_block, a_neuron,
-            _sigmoid(a_head, head_ok), _sigmoid(a_qk, micro_ok), _sigmoid(a_v, micro_ok), _sigmoid(a_block, block_ok),
-            _sigmoid(a_neuron, neuron_ok),
+            _masked_keep_probability(a_head, head_ok), _masked_keep_probability(a_qk, micro_ok),
+            _masked_keep_probability(a_v, micro_ok), _masked_keep_probability(a_block, block_ok),
+            _masked_keep_probability(a_neuron, neuron_ok),
             head_ok, micro_ok, neuron_ok, head_index, micro_index, block_index, neuron_index)
 
 

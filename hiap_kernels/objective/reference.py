@@ -2,7 +2,7 @@
 
 The terms (HiAP's cost model, budget and feasibility), over L layers of H heads with G q/k and G v groups each and N neuron groups:
 
-    p = sigmoid(a)                                          keep probabilities (fp32)
+    p = sigmoid(a)                                          keep probabilities (fp32, ``hiap_kernels.gates``)
     E[MACs] = static + U_qk * hg * sum_lh p_h alive_lh sum_g p_qk   alive_lh = 1 - prod_g (1 - p_v)   (fp64)
                      + U_v  * hg * sum_lh p_h sum_g p_v
                      + U_n  * ng * sum_l  p_b sum_n p_n
@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from hiap_kernels.gates.reference import keep_probability
 
 
 class GateLayout(NamedTuple):
@@ -185,7 +187,7 @@ def gate_objective_reference(flat: torch.Tensor, constants: torch.Tensor, lambda
     """
     c = ObjectiveConstants(*constants.tolist())
     units = dict(unit_qk=c.unit_qk, unit_v=c.unit_v, unit_neuron=c.unit_neuron)
-    probabilities = torch.sigmoid(flat.float())
+    probabilities = keep_probability(flat.float())
     p64 = layout.split(probabilities.double())
     gated, macro = expected_gate_macs(*p64, head_group=layout.head_group, neuron_group=layout.neuron_group, **units)
     total = gated + c.static
