@@ -2,9 +2,9 @@
 
     gated_qkv_fwd_bwd   ``gated_qkv_reference`` / torch.compile of it / ``hiap_kernels.gated_qkv``: x [B, 197, 384]
                         -> q, k, v [B, 6, 197, 64], gates sampled, gradients of x, W, b and the three gate logits;
-                        provider ``module``: what ``hiap.GatedAttention`` runs instead of the fused op (the mask on
-                        the weight rows, the library's GEMM forward and backward; the Triton sampler on a GPU, its
-                        PyTorch twin on a CPU), so one record says which of the two a GPU should run
+                        provider ``module``: what ``hiap.GatedAttention`` runs instead of the fused op (the masks on
+                        the weight rows and bias by ``gated_qkv_weight`` on a GPU, its PyTorch reference on a CPU, then
+                        the library's GEMM forward and backward), so one record says which of the two a GPU should run
 
 Weights and gate logits are block 0's of the default-config layout (some heads and dims closed). The gates are sampled in
 training mode with the draw that ``GatedAttention``'s own forward would hand the op (``attn.gates.draw()``: the
@@ -34,8 +34,7 @@ from _workloads import (
 )
 
 import hiap
-from hiap.method.gates import GateDraw
-from hiap_kernels import gated_qkv_reference
+from hiap_kernels import gated_qkv_reference, gated_qkv_weight_reference
 
 # CPU: batch 2 keeps the case to seconds on two shared cores; the shapes per image are DeiT-S's.
 BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
@@ -72,17 +71,17 @@ def test_gated_qkv_fwd_bwd(benchmark, recorder, provider, batch):
 
 
 def _module_formulation(attn):
-    """``gated_qkv``'s contract computed the way ``GatedAttention.forward`` does: weight rows scaled by the mask."""
-    sampler = None
+    """``gated_qkv``'s contract computed the way ``GatedAttention.forward`` does: the layer's weight and bias with the
+    sampled row masks applied (the module's own choice of ``gated_qkv_weight`` or its reference), then one GEMM."""
     if attn.qkv.weight.is_cuda:
         hiap.use_triton_kernels(attn)
-        sampler = attn.triton_kernel(attn.qkv.weight)
 
     def op(x, weight, bias, *logits, tau, seed, offset, hard, sample):
         batch, tokens, _ = x.shape
-        draw = GateDraw(tuple(logits), tau, seed, offset, hard, sample)
-        scale = attn.gates.qkv_row_scale(attn.gates.values(draw, sampler)).to(weight.dtype)
-        qkv = F.linear(x, weight * scale[:, None], None if bias is None else bias * scale)
+        gated_weight = attn.triton_kernel(x, weight) or gated_qkv_weight_reference
+        weight, bias = gated_weight(weight, bias, *logits, tau=tau, seed=seed, offset=offset, hard=hard,
+                                    sample=sample)
+        qkv = F.linear(x, weight, bias)
         return qkv.reshape(batch, tokens, 3, NUM_HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
 
     return op

@@ -14,6 +14,7 @@ from hiap.method.gates import (
     step_seed,
     top_k_mask,
 )
+from hiap_kernels.gated_weight.reference import gated_fc2_weight_reference, gated_qkv_weight_reference
 from tests.helpers import images, tiny_vit
 
 
@@ -108,6 +109,30 @@ def test_a_draw_samples_in_training_and_decides_in_eval():
     assert float(gates.draw().tau) == 0.25
     with pytest.raises(ValueError):
         schedule.set_temperature(float("nan"))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["sampled", "decided"])
+def test_a_layers_values_are_the_gates_its_gated_weight_op_applies(training):
+    """Token reduction's attention reads ``values`` while the forward hands the draw to the gated-weight op: the two
+    must mask the same rows and columns."""
+    schedule = GateSchedule(tau=0.7, seed=11)
+    attention = AttentionGates(3, 8, group=2, init_logit=0.0, offset=64, min_heads=1, min_dim_fraction=0.0,
+                               schedule=schedule)
+    ffn = FfnGates(12, group=3, init_logit=0.0, offset=2**20, min_neuron_fraction=0.0, schedule=schedule)
+    for gates in (attention, ffn):
+        with torch.no_grad():
+            for logit in gates.logits().values():
+                logit.normal_()
+        gates.train(training)
+    draw = attention.draw()
+    weight, bias = torch.randn(72, 5), torch.randn(72)
+    scale = attention.qkv_row_scale(attention.values(draw))
+    masked_weight, masked_bias = gated_qkv_weight_reference(weight, bias, *draw.logits, **draw.options())
+    assert torch.equal(weight * scale[:, None], masked_weight) and torch.equal(bias * scale, masked_bias)
+    draw = ffn.draw()
+    fc2_weight = torch.randn(5, 12)
+    assert torch.equal(fc2_weight * ffn.neuron_scale(ffn.values(draw)),
+                       gated_fc2_weight_reference(fc2_weight, *draw.logits, **draw.options()))
 
 
 def test_one_schedule_per_model_and_temperature_set_in_one_place():

@@ -270,19 +270,15 @@ class LayerGates(nn.Module):
         """P(open) = sigmoid(a) of each kind, in ``KINDS`` order, shaped as the logits (differentiable)."""
         return tuple(keep_probability(getattr(self, kind)) for kind in self.KINDS)
 
-    def values(self, draw: GateDraw, sampler=None) -> tuple[torch.Tensor, ...]:
-        """Gate values ``z`` of each kind for ``draw``, with straight-through gradients to the logits when sampling.
+    def values(self, draw: GateDraw) -> tuple[torch.Tensor, ...]:
+        """Gate values ``z`` of each kind for ``draw``, shaped as its logits, with straight-through gradients to the
+        logits when sampling (``hiap_kernels.gates.gate_values``: the PyTorch sampler, or the decision ``1[a > 0]``).
 
-        ``sampler`` is ``hiap_kernels.sample_gates`` (the Triton sampler) or None for the PyTorch twin
-        ``gumbel_sigmoid``; both draw the same gates from the same record. The kinds are sampled as one flat vector, so
-        gate ``i`` of the layer uses Philox counter ``offset + i`` exactly as in the fused kernels.
+        The kinds are sampled as one flat vector, so gate ``i`` of the layer uses Philox counter ``offset + i``
+        exactly as the fused kernels do: the values equal the gates the Triton ops draw from the same record.
         """
         flat = torch.cat([logit.reshape(-1) for logit in draw.logits])
-        if draw.sample and sampler is not None:
-            z = sampler(flat, tau=draw.tau, seed=draw.seed, offset=draw.offset, hard=draw.hard)[0].to(flat.dtype)
-        else:  # the reference sampler, or the decision 1[a > 0] when not sampling
-            z = gate_values(flat, tau=draw.tau, seed=draw.seed, offset=draw.offset, hard=draw.hard,
-                            sample=draw.sample)
+        z = gate_values(flat, tau=draw.tau, seed=draw.seed, offset=draw.offset, hard=draw.hard, sample=draw.sample)
         shapes = [logit.shape for logit in draw.logits]
         return tuple(part.view(shape) for part, shape in zip(z.split([s.numel() for s in shapes]), shapes))
 
