@@ -18,7 +18,7 @@ from _providers import PROVIDERS, provider_op
 from _settings import DEVICE, ON_GPU, batch_sizes
 from _workloads import DEIT_S_SHAPES, EMBED_DIM, nearest_tokens_work
 
-from hiap.tokens.reduce import merge_candidates
+from hiap.method.token_overhead import merge_candidates
 from hiap.tokens.schedule import DEFAULT_MERGE_POOL
 from hiap_kernels import nearest_tokens_reference
 

@@ -1,5 +1,5 @@
-"""The layout the architecture promises: no import circle, kernels independent of ``hiap``, a test and a benchmark
-named after every public op, public op names that no submodule can shadow."""
+"""The layout the architecture promises: no import circle, kernels independent of ``hiap``, the method independent of
+token reduction, a test and a benchmark named after every public op, public op names that no submodule can shadow."""
 
 from __future__ import annotations
 
@@ -77,6 +77,19 @@ def test_no_import_circle_anywhere():
 def test_kernels_never_import_hiap():
     offenders = {name: sorted(t for t in targets if t.split(".")[0] == "hiap")
                  for name, targets in _graph().items() if name.startswith("hiap_kernels")}
+    assert not {name: t for name, t in offenders.items() if t}
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_method_never_imports_token_reduction():
+    """``hiap.tokens`` patches gated and pruned models, so it reads the method; an arrow back (even one import inside
+    a function) would tie the two into one layer. What both need (the token steps' overhead MACs) lives in a leaf of
+    the method."""
+    offenders = {name: sorted(t for t in targets if _within(t, "hiap.tokens"))
+                 for name, targets in _graph().items() if _within(name, "hiap.method")}
     assert not {name: t for name, t in offenders.items() if t}
 
 

@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import hiap
 import hiap_kernels
 from hiap.tokens import LayerStep, TokenSchedule, parse_schedule, reduce_tokens, restore_tokens, token_counts
-from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, merge_candidates, redundancy_prune
+from hiap.method.token_overhead import merge_candidates
+from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
 from tests.helpers import images, randomize_logits, tiny_vit
 from tests.kernel_checks import needs_triton
 

@@ -7,6 +7,7 @@
     convert.py        gate_vit: a timm VisionTransformer -> HiAPViT (the gated model)
     architecture.py   which timm ViTs are supported, and their skeleton as JSON (describe_vit / build_vit)
     cost.py           the analytic MAC model: count_macs (hard decisions) and the differentiable expectation
+    token_overhead.py what a token-reduction step adds to the MACs, read by cost.py and by hiap.tokens
     losses.py         the HiAP objective: task + distillation, MAC budget (penalty or target), feasibility
     pruned.py         PrunedAttention / PrunedMlp: the physical modules extraction leaves
     extract.py        extract, and the pruned-model file format (save_pruned / load_pruned)

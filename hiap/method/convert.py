@@ -167,6 +167,16 @@ class HiAPViT(nn.Module):
         return f"budget={self.cfg.budget}, target={self.cfg.target:.4g}"
 
 
+def inner_vit(model: nn.Module, caller: str) -> nn.Module:
+    """The timm ``VisionTransformer`` a dense, gated (its ``.vit``) or pruned model runs; a TypeError naming ``caller``
+    for any other module (one without ``blocks`` and ``patch_embed``)."""
+    vit = model.vit if isinstance(model, HiAPViT) else model
+    if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+        raise TypeError(f"{caller} needs a timm VisionTransformer, a gated or a pruned model, got "
+                        f"{type(model).__name__}")
+    return vit
+
+
 def gate_vit(model: nn.Module, cfg: HiAPConfig | None = None) -> HiAPViT:
     """A gated copy of a timm ``VisionTransformer``; the input model is left untouched.
 

@@ -16,10 +16,10 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.layers.attention import Attention
 
-from hiap.method.convert import HiAPViT
+from hiap.method.convert import HiAPViT, inner_vit
 from hiap.method.gates import attention_decisions, ffn_decisions, minimum_count
 from hiap.method.pruned import PrunedAttention, PrunedMlp
-from hiap.tokens.reduce import step_overhead_macs
+from hiap.method.token_overhead import step_overhead_macs
 from hiap_kernels.gates import keep_probability
 from hiap_kernels.objective import GateLayout, expected_gate_macs
 
@@ -38,16 +38,9 @@ class UnitCosts:
         return cls(qk_dim=attention_dim, v_dim=attention_dim, neuron=2 * tokens * embed_dim)
 
 
-def _vit(model: nn.Module) -> nn.Module:
-    vit = model.vit if isinstance(model, HiAPViT) else model
-    if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
-        raise TypeError(f"count_macs needs a timm VisionTransformer, a gated or a pruned model, got {type(model).__name__}")
-    return vit
-
-
 def token_count(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
     """Tokens per image: patches at ``img_size`` (default: the model's own) plus class/register tokens."""
-    vit = _vit(model)
+    vit = inner_vit(model, "count_macs")
     patch = vit.patch_embed
     if img_size is None:
         patches = patch.num_patches
@@ -59,7 +52,7 @@ def token_count(model: nn.Module, img_size: int | tuple[int, int] | None = None)
 
 def static_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
     """MACs that no gate touches: the patch embedding convolution and the classifier head."""
-    vit = _vit(model)
+    vit = inner_vit(model, "count_macs")
     proj = vit.patch_embed.proj
     patches = token_count(model, img_size) - vit.num_prefix_tokens
     kernel = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
@@ -188,7 +181,7 @@ def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
     (``hiap.tokens.reduce_tokens``) counts each block's attention at the tokens it receives and its FFN at the tokens
     it keeps, plus what the reduction step computes (class-token scores, similarities).
     """
-    vit = _vit(model)
+    vit = inner_vit(model, "count_macs")
     tokens = token_count(model, img_size)
     schedule = getattr(vit, "hiap_token_schedule", None)
     if isinstance(model, HiAPViT):
@@ -216,7 +209,7 @@ def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
 
 def dense_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
     """MACs of the dense network a gated model came from (every gate open)."""
-    vit = _vit(model)
+    vit = inner_vit(model, "count_macs")
     units = UnitCosts.at(token_count(model, img_size), vit.embed_dim)
     total = static_macs(model, img_size)
     for block in vit.blocks:

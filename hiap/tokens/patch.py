@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from hiap.backend import kernels_in_use, load_triton_op
-from hiap.method.convert import HiAPViT
+from hiap.method.convert import inner_vit
 from hiap.tokens.attention import attend, check_attention
 from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
 from hiap.tokens.schedule import LayerStep, TokenSchedule, as_schedule
@@ -42,14 +42,6 @@ class _TokenState:
 
     size: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-
-
-def _vit(model: nn.Module) -> nn.Module:
-    vit = model.vit if isinstance(model, HiAPViT) else model
-    if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
-        raise TypeError(f"token reduction needs a timm VisionTransformer, a gated or a pruned model, got "
-                        f"{type(model).__name__}")
-    return vit
 
 
 def _check_model(vit: nn.Module, schedule: TokenSchedule) -> None:
@@ -151,7 +143,7 @@ def schedule_for(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep]
     """``schedule`` as a ``TokenSchedule`` checked against ``model`` (blocks, tokens, class token), nothing patched.
 
     Raises ValueError or TypeError as ``reduce_tokens`` does."""
-    vit = _vit(model)
+    vit = inner_vit(model, "token reduction")
     schedule = as_schedule(schedule, len(vit.blocks), _patches(vit), vit.num_prefix_tokens)
     _check_model(vit, schedule)
     return schedule
@@ -168,7 +160,7 @@ def reduce_tokens(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep
             pools by averaging (removing tokens needs a class token).
         TypeError: a model or attention module token reduction does not support.
     """
-    vit = _vit(model)
+    vit = inner_vit(model, "token reduction")
     blocks = list(vit.blocks)
     prefix = vit.num_prefix_tokens
     schedule = schedule_for(model, schedule)
@@ -186,7 +178,7 @@ def reduce_tokens(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep
 
 def restore_tokens(model: nn.Module) -> nn.Module:
     """Undo ``reduce_tokens``: every block runs timm's forward again. A model never patched is returned as it is."""
-    vit = _vit(model)
+    vit = inner_vit(model, "token reduction")
     for block in vit.blocks:
         if "forward" in block.__dict__:
             del block.forward
@@ -197,12 +189,12 @@ def restore_tokens(model: nn.Module) -> nn.Module:
 
 def token_schedule(model: nn.Module) -> TokenSchedule | None:
     """The schedule a model is patched with, or None."""
-    return getattr(_vit(model), "hiap_token_schedule", None)
+    return getattr(inner_vit(model, "token reduction"), "hiap_token_schedule", None)
 
 
 def token_counts(model: nn.Module, patches: int | None = None) -> list[tuple[int, int]]:
     """``(tokens in, tokens out)`` of every block (the same in and out without a schedule)."""
-    vit = _vit(model)
+    vit = inner_vit(model, "token reduction")
     patches = _patches(vit) if patches is None else patches
     prefix = vit.num_prefix_tokens
     schedule = token_schedule(model)

@@ -44,21 +44,13 @@ the Triton backend.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from hiap.method.token_overhead import merge_candidates
 from hiap.tokens.schedule import DEFAULT_MERGE_POOL
 from hiap_kernels.token_merge.reference import gather_rows, merge_tokens_reference
 from hiap_kernels.token_score.reference import token_redundancy_reference
 from hiap_kernels.token_similarity.reference import nearest_tokens_reference
-
-
-def merge_candidates(patches: int, r: int, pool: float) -> int:
-    """How many of the least attended patch tokens compete in a RAPID merge step that removes ``r`` of ``patches``:
-    ``pool * r`` rounded half up, at most half the patches (so that every candidate keeps partners outside the
-    candidates to choose from), never fewer than ``r``."""
-    return max(r, min(math.floor(pool * r + 0.5), patches // 2))
 
 
 def _with_prefix(index: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -140,17 +132,3 @@ def bipartite_soft_matching(x: torch.Tensor, size: torch.Tensor, keys: torch.Ten
     keep = torch.cat([2 * unmerged, b_tokens], dim=1)
     target = torch.gather(partner, 1, source) + unmerged.shape[1]
     return _merge(merge, x, size, keep, 2 * source, target, prefix)
-
-
-def step_overhead_macs(kind: str, patches: int, r: int, key_width: int, tokens: int, class_attention: bool,
-                       merge_pool: float = DEFAULT_MERGE_POOL) -> int:
-    """MACs one step adds per image (what a FLOP counter sees): the class-attention scores (when the step uses them)
-    and the similarity; ``patches`` and ``tokens`` are the block's input counts without and with the prefix."""
-    if kind == "keep" or r == 0:
-        return 0
-    if kind == "tome":
-        return ((patches + 1) // 2) * (patches // 2) * key_width
-    class_attention = tokens * key_width if class_attention else 0
-    if kind == "prune":
-        return class_attention + 2 * patches * key_width  # the sum of the unit keys, then each key against it
-    return class_attention + merge_candidates(patches, r, merge_pool) * patches * key_width
