@@ -235,3 +235,17 @@ def test_compare_with_torch_pruning_at_the_same_budget(warm_run, tmp_path):
     assert run["method"] == "torch-pruning" and 0 < run["choice"]["pruning_ratio"] < 1
     assert abs(run["fraction"] / report["targets"][0] - 1) < 0.1
     assert (output / "torch-pruning-t0.667-s0" / "pruned.safetensors").is_file()
+
+
+def test_status_lines_go_through_logging_and_quiet_keeps_only_warnings(warm_run, tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="hiap")
+    assert run_cli("prune", "-o", tmp_path / "loud", "--cache-dir", warm_run.cache, *TINY) == 0
+    err = capsys.readouterr().err
+    assert "[teacher] loaded from cache" in err and err.count("structure fixed after") == 1
+    names = {record.name for record in caplog.records}
+    assert {"hiap.app", "hiap"} <= names  # the application's lines and the pruner's events, routable as any logging
+    caplog.clear()
+    assert run_cli("prune", "-o", tmp_path / "quiet", "--cache-dir", warm_run.cache, *TINY, "--quiet") == 0
+    assert "[teacher]" not in capsys.readouterr().err

@@ -28,7 +28,7 @@ def test_the_search_ramps_the_target_speeds_short_runs_up_lands_and_then_fixes_t
     for _ in range(44):
         macro, micro = (group["lr"] for group in pruner._gate_optimizer.param_groups)
         step = pruner.step_count
-        assert micro == pytest.approx(pruner.gate_lr(step)) and (micro == 0) == (step >= 33)
+        assert micro == pytest.approx(pruner.gate_lr(step)) and (micro == 0) == (step >= 32)  # 32: after landing
         assert macro == pytest.approx(0.1 * micro)
         if step == 8:  # half way down the ramp (half of the search)
             assert budget.current_target.item() == pytest.approx(1.0 - 0.5 * 8 / 16.5)

@@ -7,6 +7,7 @@ The flags live in ``flags.py`` (every HiAPConfig field is one, generated from th
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import sys
 import warnings
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hiap`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from hiap.app.runtime import configure_logging
+
+    configure_logging(args.verbosity, int(os.environ.get("RANK", "0")))
     try:
         check_numbers(args)
         return COMMANDS[args.command](args)

@@ -185,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_hiap_config_flags(prune)
     prune.add_argument("--tokens", default=None, metavar="SCHEDULE", help=TOKENS_HELP)
 
-    compare = commands.add_parser("compare", help="HiAP vs uniform-ratio and l1-structured baselines at one budget")
+    compare = commands.add_parser(
+        "compare", help="HiAP against uniform-ratio, l1-structured and Torch-Pruning baselines at the same MACs",
+        description="Train the dense teacher once, then at every --targets budget and every --seeds seed run HiAP and "
+                    "each of --methods on it: a baseline picks its units (uniform ratio, l1-structured FFN, "
+                    "Torch-Pruning's ViT recipe), is extracted and gets the same KD training steps as the HiAP run. "
+                    "Writes compare.md / compare.json (mean and spread per method and budget, HiAP against each "
+                    "baseline paired by seed with wins, ties and losses) and an accuracy-vs-MACs plot.")
     for add in (_add_training_flags, _add_model_flags, _add_data_flags, _add_runtime_flags):
         add(compare, defaults)
     compare.set_defaults(output="hiap-runs/compare")
@@ -197,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="methods to run (default: hiap uniform l1; torch-pruning needs the [peers] extra)")
     add_hiap_config_flags(compare)
 
-    extract = commands.add_parser("extract", help="HiAP training checkpoint -> pruned model (safetensors)")
+    extract = commands.add_parser(
+        "extract", help="HiAP training checkpoint -> pruned model (safetensors)",
+        description="Rebuild the gated model of a hiap prune checkpoint (finished or not), decide its gates as "
+                    "hiap prune does and write the physical pruned network (weights and JSON layout) to one "
+                    ".safetensors file; prints its MACs and the kept widths per layer.")
     extract.add_argument("checkpoint", help="checkpoint.pt written by hiap prune")
     extract.add_argument("-o", "--output", default=None, help="pruned model path (default: next to the checkpoint)")
 
@@ -237,12 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--overwrite", action="store_true", help="profile again even if the table exists")
     profile.add_argument("--no-progress", dest="show_progress", action="store_false", help="hide the progress bar")
 
-    export = commands.add_parser("export", help="pruned model -> ONNX, verified with onnxruntime")
+    export = commands.add_parser(
+        "export", help="pruned model -> ONNX, verified with onnxruntime",
+        description="Export a pruned model (.safetensors from hiap) to ONNX and compare ONNX Runtime's output with "
+                    "PyTorch's on a batch of random images (needs the onnx extra: pip install \".[onnx]\").")
     export.add_argument("path", help="pruned model (.safetensors from hiap)")
     export.add_argument("--onnx", required=True, help="ONNX file to write")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     export.add_argument("--atol", type=float, default=1e-4,
                         help="largest |onnxruntime - PyTorch| accepted (default: %(default)s)")
+    for command in commands.choices.values():
+        chatter = command.add_mutually_exclusive_group()
+        chatter.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
+                             help="only warnings and errors on stderr")
+        chatter.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                             help="debug messages too")
     return parser
 
 

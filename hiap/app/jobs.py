@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from hiap.backend import runs_triton_kernels
 from hiap.method.losses import distillation_loss
-from hiap.method.pruner import Pruner, decay_groups
+from hiap.app.runtime import log_line
+from hiap.method.pruner import FIX_EVENT, Pruner, decay_groups
 
 __all__ = ["DenseJob", "DistillJob", "HiAPJob", "TrainingJob"]
 
@@ -132,11 +133,9 @@ class HiAPJob(TrainingJob):
 
     def after_step(self, scaler: torch.amp.GradScaler | None) -> list[dict]:
         events = self.pruner.step(scaler)
-        for event in events:
-            if event.get("event") == "fix_structure" and "message" in event:
-                device = self.gated.gate_step.device
-                if runs_triton_kernels(self.gated, device):
-                    event["message"] += " (its first step compiles the gather kernels)"
+        if any(event.get("event") == FIX_EVENT for event in events) and \
+                runs_triton_kernels(self.gated, self.gated.gate_step.device):
+            log_line("[hiap] the first step of the fixed structure compiles the gather kernels")
         return events
 
     def loss(self, logits, targets, teacher_logits):

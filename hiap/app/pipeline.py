@@ -9,6 +9,7 @@ writes files.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from dataclasses import asdict, replace
@@ -145,7 +146,7 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
     if target is not None and abs(budget_fraction / target - 1) > TOLERANCE:
         log_line(f"[hiap] warning: the extracted {unit} is {budget_fraction:.4f} of dense, "
                  f"{100 * (budget_fraction / target - 1):+.1f}% off the {target:.4f} target; more --epochs give the "
-                 "budget more time to settle", ctx)
+                 "budget more time to settle", ctx, logging.WARNING)
     elif settling and settling["steps"]:
         log_line(f"[hiap] budget settling: decided {unit} {settling['before']:.4f} -> {settling['after']:.4f} of "
                  f"dense in {settling['steps']} logit-only steps after the last training step", ctx)

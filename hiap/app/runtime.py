@@ -4,6 +4,7 @@ atomic file writes and progress bars."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import json
 import os
 import sys
@@ -185,7 +186,37 @@ def progress(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs
     return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True, leave=False, **kwargs)
 
 
-def log_line(message: str, ctx: DistContext | None = None) -> None:
-    """One status line on stderr (rank 0 only), written through tqdm so it does not break a bar."""
+# Status lines go to the ``hiap`` logger (``hiap.app`` for the application, ``hiap`` for the library's events): a
+# program that uses the package routes them like any other logging; the command line prints them (configure_logging).
+logger = logging.getLogger("hiap.app")
+
+
+def log_line(message: str, ctx: DistContext | None = None, level: int = logging.INFO) -> None:
+    """One status line to the ``hiap.app`` logger, from rank 0 only."""
     if ctx is None or ctx.is_main:
-        tqdm.write(message, file=sys.stderr)
+        logger.log(level, message)
+
+
+class _ProgressSafeHandler(logging.Handler):
+    """Writes records on the current stderr through tqdm, so a line never breaks a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # a handler must not raise into the code that logs
+            self.handleError(record)
+
+
+def configure_logging(verbosity: int = 0, rank: int = 0) -> None:
+    """How the command line shows the ``hiap`` loggers: INFO by default, WARNING with ``verbosity < 0`` (--quiet),
+    DEBUG with ``verbosity > 0`` (--verbose); on ranks other than 0 only warnings and errors. Calling it again
+    replaces the handler it installed (one line per record, whatever the number of calls)."""
+    package = logging.getLogger("hiap")
+    for handler in list(package.handlers):
+        if isinstance(handler, _ProgressSafeHandler):
+            package.removeHandler(handler)
+    handler = _ProgressSafeHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package.addHandler(handler)
+    level = logging.WARNING if verbosity < 0 or rank != 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    package.setLevel(level)

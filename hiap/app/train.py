@@ -194,16 +194,15 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
         log_line(f"[{job.phase}] no checkpoint at {checkpoint_path}; starting from scratch", ctx)
 
     def record_event(event: dict) -> None:
-        """An event of the job (it applies from ``event["step"]``): kept in the history, logged, its message shown."""
+        """An event of the job (it applies from ``event["step"]``): kept in the history and the log (its message was
+        logged by the job's library, ``hiap.Pruner``)."""
         event = dict(event)
-        message = event.pop("message", None)
+        event.pop("message", None)
         at = event.pop("step", step)
         event = {"phase": job.phase, "step": at, "epoch": min(at // steps_per_epoch, settings.epochs - 1) + 1, **event}
         result.history.append(event)
         if log is not None:
             log.write(event)
-        if message:
-            log_line(message, ctx)
 
     val_loader = eval_loader(data.val, settings.eval_batch_size, rank=ctx.rank, world_size=ctx.world_size,
                              workers=settings.workers, pin_memory=device.type == "cuda")

@@ -174,10 +174,13 @@ class Pruner:
 
     def gate_lr(self, step: int) -> float:
         """The gate logits' learning rate at ``step``: a cosine from ``gate_lr`` (times ``gate_speedup``) to zero
-        over the search, zero after it. At a constant rate, clusters of near-zero logits (a whole FFN block's gate
-        among them) kept crossing zero together until the last step."""
+        over the search, zero after it (and in its last step, after the landing's last check). At a constant rate,
+        clusters of near-zero logits (a whole FFN block's gate among them) kept crossing zero together until the last
+        step."""
         search = self.search_steps
-        if step >= search:
+        # The step after the landing's last check moves no gate: the structure fixed is the one it landed.
+        last = search - 1 if self.landing_start < search else search
+        if step >= last:
             return 0.0
         return self.cfg.gate_lr * self.gate_speedup() * 0.5 * (1.0 + math.cos(math.pi * step / search))
 
