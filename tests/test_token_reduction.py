@@ -217,7 +217,7 @@ def test_reduced_model_compiles_without_graph_breaks():
         ("p1,p1", "3 blocks"),
         ("x3,-,-", "use p<r>"),
         ("rapid:r=2,speed=3", "unknown option"),
-        ("rapid:keep=0.6,r=2", "exactly one"),
+        ("rapid:keep=0.6,r=2", "not both"),
         ("tome:keep=0", "keep must lie"),
         ("rapid:r=2,pool=0.5", "merge_pool must be finite and >= 1"),
         ("rapid:r=2,weight=-1", "importance_weight must be finite and >= 0"),
