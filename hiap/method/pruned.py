@@ -7,20 +7,21 @@ attention writes ``[B, N, sum(v_w)]`` packed for ``proj``. The softmax keeps the
 Every per-layer decision is taken when a module is built, never per call: the runs of equal-width heads that SDPA
 takes one call each, the validated table of the Triton kernel, and which of the two a layer uses. The forward has
 no host synchronisation and no data-dependent control flow, so a pruned model compiles into one graph
-(``torch.compile(fullgraph=True)``) and replays from a CUDA graph.
+(``torch.compile(fullgraph=True)``) and replays from a CUDA graph. ``torch.jit.script`` takes a pruned model as it
+takes a timm ViT; a scripted model runs the PyTorch paths (TorchScript cannot launch Triton kernels).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: TorchScript reads the class annotation ``runs: List[HeadRun]`` as a type,
+# which that import would turn into a string it cannot resolve.
 import warnings
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from hiap.backend import KernelBackendMixin
 from hiap_kernels.ragged_attn.reference import build_head_table
-from hiap_kernels.ragged_attn.sdpa import head_runs, ragged_attention_sdpa
+from hiap_kernels.ragged_attn.sdpa import HeadRun, head_runs, ragged_attention_sdpa
 
 ATTENTION_PATHS = ("sdpa", "triton")
 
@@ -41,7 +42,7 @@ def _without_autograd(module: nn.Module, x: torch.Tensor) -> bool:
 
 def _per_key_bias(attn_mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor | None:
     """A mask of shape ``[B or 1, 1, 1, N]`` as the ragged kernel's ``key_bias [B, N]`` (float32); None otherwise."""
-    if attn_mask.dim() != 4 or attn_mask.shape[1:3] != (1, 1) or attn_mask.shape[-1] != tokens:
+    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1 or attn_mask.shape[-1] != tokens:
         return None
     return attn_mask[:, 0, 0, :].float().expand(batch, tokens).contiguous()
 
@@ -58,6 +59,7 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
     """
 
     triton_op = "ragged_attention"
+    runs: List[HeadRun]  # declared for TorchScript, which would otherwise type the runs as plain tuples
 
     def __init__(self, embed_dim: int, out_dim: int, qk_widths: Sequence[int], v_widths: Sequence[int], scale: float,
                  *, qkv_bias: bool, proj_bias: bool):
@@ -78,7 +80,7 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         self.max_v_width = max(v_widths, default=0)
         self.qkv = _linear(embed_dim, 2 * sum(qk_widths) + self.out_width, qkv_bias)
         self.proj = _linear(self.out_width, out_dim, proj_bias)
-        self.runs = head_runs(qk_widths, v_widths)
+        self.runs = list(head_runs(qk_widths, v_widths))
         # The kernel's layout table, valid by construction (built from the widths): derived, so not in the state_dict.
         self.register_buffer("head_table", build_head_table(qk_widths, v_widths), persistent=False)
         self.attention_path: str | None = None
@@ -95,11 +97,27 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
             return None
         return self.triton_kernel(qkv)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    @torch.jit.unused
+    def _kernel_attention(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Attention by the ragged Triton kernel where this layer takes it (``[B, N, sum(v_w)]``), else None.
+
+        Not part of a TorchScript model: a scripted layer runs the SDPA path, as a timm Attention does."""
+        batch, tokens, _ = qkv.shape
+        key_bias = None if attn_mask is None else _per_key_bias(attn_mask, batch, tokens)
+        if attn_mask is not None and key_bias is None:
+            return None
+        ragged_attention = self._kernel(qkv)
+        if ragged_attention is None:
+            return None
+        return ragged_attention(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width,
+                                out_width=self.out_width, key_bias=key_bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+                ) -> torch.Tensor:
         return self.attend(x, attn_mask, is_causal)[0]
 
-    def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def attend(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The forward, also returning the packed ``qkv [B, N, T]`` token reduction reads (None with no head left).
 
         ``attn_mask``: an additive float bias broadcastable to ``[B, 1, N, N]``. One per key (``[B, 1, 1, N]``, token
@@ -113,24 +131,23 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         if self.num_heads == 0:
             bias = self.proj.bias
             if bias is None:
-                return x.new_zeros(batch, tokens, self.out_dim), None
+                return x.new_zeros([batch, tokens, self.out_dim]), None
             return bias.to(x.dtype).expand(batch, tokens, self.out_dim), None
         out, qkv = self.attention_output(x, attn_mask)
         return self.proj(out), qkv
 
-    def attention_output(self, x: torch.Tensor | None, attn_mask: torch.Tensor | None = None,
-                         qkv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_output(self, x: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor] = None,
+                         qkv: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Attention before ``proj``: ``(out [B, N, sum(v_w)], qkv [B, N, T])``; needs at least one head. ``qkv``
         given (e.g. from a GEMM with LayerNorm fused into it) replaces ``self.qkv(x)``."""
         if qkv is None:
+            if x is None:
+                raise ValueError("attention_output needs x or qkv")
             qkv = self.qkv(x)
-        batch, tokens, _ = qkv.shape
-        key_bias = None if attn_mask is None else _per_key_bias(attn_mask, batch, tokens)
-        ragged_attention = self._kernel(qkv) if attn_mask is None or key_bias is not None else None
-        if ragged_attention is not None:
-            out = ragged_attention(qkv, self.head_table, self.scale, self.max_qk_width, self.max_v_width,
-                                   out_width=self.out_width, key_bias=key_bias)
-        else:
+        out: Optional[torch.Tensor] = None
+        if not torch.jit.is_scripting():
+            out = self._kernel_attention(qkv, attn_mask)
+        if out is None:
             out = ragged_attention_sdpa(qkv, self.runs, self.scale, attn_mask)
         return out, qkv
 
@@ -164,24 +181,35 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
             return None
         return self.triton_kernel(x, self.fc1.weight)
 
+    @torch.jit.unused
+    def _kernel_hidden(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``GELU(fc1(x))`` by the fused Triton kernel where this layer takes it, else None.
+
+        Not part of a TorchScript model: a scripted layer runs ``nn.Linear`` and the activation, as a timm Mlp does."""
+        fused_linear_gelu = self._kernel(x)
+        if fused_linear_gelu is None:
+            return None
+        weight, bias = self.fc1.weight, self.fc1.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # The kernel takes one dtype, as F.linear does once autocast has cast its operands.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        elif weight.dtype != x.dtype:
+            x = x.to(weight.dtype)
+        return fused_linear_gelu(x, weight, bias, approximate=self.act.approximate)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_features == 0:
-            shape = (*x.shape[:-1], self.out_features)
-            if self.fc2.bias is None:
+            shape = list(x.shape[:-1]) + [self.out_features]
+            bias = self.fc2.bias
+            if bias is None:
                 return x.new_zeros(shape)
-            return self.fc2.bias.to(x.dtype).expand(shape)
-        fused_linear_gelu = self._kernel(x)
-        if fused_linear_gelu is not None:
-            weight, bias = self.fc1.weight, self.fc1.bias
-            if torch.is_autocast_enabled(x.device.type):
-                # The kernel takes one dtype, as F.linear does once autocast has cast its operands.
-                dtype = torch.get_autocast_dtype(x.device.type)
-                x, weight = x.to(dtype), weight.to(dtype)
-                bias = None if bias is None else bias.to(dtype)
-            elif weight.dtype != x.dtype:
-                x = x.to(weight.dtype)
-            hidden = fused_linear_gelu(x, weight, bias, approximate=self.act.approximate)
-        else:
+            return bias.to(x.dtype).expand(shape)
+        hidden: Optional[torch.Tensor] = None
+        if not torch.jit.is_scripting():
+            hidden = self._kernel_hidden(x)
+        if hidden is None:
             hidden = self.act(self.fc1(x))
         return self.fc2(hidden)
 
@@ -200,7 +228,7 @@ def _plain_layer_norm(norm: nn.Module) -> bool:
     return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
 
 
-def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                         is_causal: bool = False) -> torch.Tensor:
     """A pruned timm Block's forward as fused GEMMs (bound to the block by ``hiap.optimize``).
 
@@ -210,7 +238,18 @@ def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     kernels and the attention per block instead of separate norm, bias, activation, scale and add kernels. A half with
     no head or no neuron left is one add of its bias (LayerScaled).
     Inference only (eval, no gradients); attention runs on the module's own path. ``x [B, N, D] -> [B, N, D]``.
+    A TorchScript model, which cannot launch Triton kernels, runs the block as timm's ``Block`` does.
     """
+    if torch.jit.is_scripting():
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return _fused_block(block, x, attn_mask, is_causal)
+
+
+@torch.jit.unused
+def _fused_block(block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool
+                 ) -> torch.Tensor:
+    """``fused_block_forward`` on the Triton kernels."""
     if attn_mask is not None or is_causal:
         raise NotImplementedError("the fused block takes no attention mask")
     from hiap.backend import load_triton_op

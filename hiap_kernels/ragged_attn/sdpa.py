@@ -16,9 +16,8 @@ columns are cut from the output), which measured faster than the fallback on eve
 memory-efficient and cuDNN kernels take the two widths as they are.
 """
 
-from __future__ import annotations
-
-from typing import NamedTuple, Sequence
+# No ``from __future__ import annotations``: TorchScript reads HeadRun's field types, which it would see as strings.
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +52,13 @@ def head_runs(qk_widths: Sequence[int], v_widths: Sequence[int]) -> tuple[HeadRu
     return tuple(runs)
 
 
-def ragged_attention_sdpa(qkv: torch.Tensor, runs: Sequence[HeadRun], scale: float,
-                          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def ragged_attention_sdpa(qkv: torch.Tensor, runs: List[HeadRun], scale: float,
+                          attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Ragged attention over ``runs`` of equal-width heads, one SDPA call per run.
 
     Args:
         qkv: ``[B, N, T]`` packed output of the layer's qkv GEMM (any strides with a unit last stride).
-        runs: from :func:`head_runs` of the layer's widths.
+        runs: from :func:`head_runs` of the layer's widths (a list, or the tuple it returns; TorchScript takes a list).
         scale: softmax scale (the dense model's ``1/sqrt(Dh)``).
         attn_mask: optional additive float bias broadcastable to ``[B, 1, N, N]`` (the same for every head), e.g.
             token reduction's ``log(size)`` of each key.
@@ -72,11 +71,11 @@ def ragged_attention_sdpa(qkv: torch.Tensor, runs: Sequence[HeadRun], scale: flo
     outputs = [_run_attention(qkv, run, scale, attn_mask).transpose(1, 2)
                .reshape(batch, tokens, run.heads * run.v_width) for run in runs]
     if not outputs:
-        return qkv.new_zeros(batch, tokens, 0)
+        return qkv.new_zeros([batch, tokens, 0])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
-def _run_attention(qkv: torch.Tensor, run: HeadRun, scale: float, attn_mask: torch.Tensor | None = None
+def _run_attention(qkv: torch.Tensor, run: HeadRun, scale: float, attn_mask: Optional[torch.Tensor] = None
                    ) -> torch.Tensor:
     """Attention of one run of equal-width heads: ``[B, heads, N, v_width]``."""
     batch, tokens, _ = qkv.shape
@@ -98,7 +97,7 @@ def _run_attention(qkv: torch.Tensor, run: HeadRun, scale: float, attn_mask: tor
 
 
 def _padded_to_one_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                         attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SDPA with q, k (``[B, h, N, w_qk]``) and v (``[B, h, N, w_v]``) zero-padded to one head dim; ``[B, h, N, w_v]``."""
     qk_width, v_width = q.shape[-1], v.shape[-1]
     if qk_width < v_width:
