@@ -12,7 +12,8 @@ one run against an analytic MAC budget; the smaller physical network is then ext
 Layout: ``hiap.method`` is the method (gates, gated modules, MAC model, losses, extraction, pruned modules);
 ``hiap.app`` is the application around it (CLI, pipeline, training loop, data, reports, baselines);
 ``hiap.tokens`` is the second method, token reduction (RAPID-style prune/merge and the ToMe baseline), which patches
-any of the models above; ``hiap.config`` (HiAPConfig) and ``hiap.backend`` (the kernel switch) are leaves all use.
+any of the models above; ``hiap.config`` (HiAPConfig) and ``hiap.backend`` (the kernel switch) are leaves all use;
+``hiap.presets`` registers the command line's small preset ViTs with timm (``timm.create_model("hiap_digits_vit")``).
 """
 
 from hiap.backend import kernels_in_use, use_reference_kernels, use_triton_kernels
@@ -29,6 +30,8 @@ from hiap.method.losses import BudgetLoss, HiAPObjective, distillation_loss, fea
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 from hiap.method.pruner import Pruner
 from hiap.tokens import TokenSchedule, reduce_tokens, restore_tokens
+
+from hiap import presets  # noqa: F401,E402  (registers the presets with timm: timm.create_model("hiap_digits_vit"))
 
 __version__ = "0.1.0"
 

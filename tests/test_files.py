@@ -64,7 +64,7 @@ def test_equal_models_save_to_equal_bytes_in_any_process(tmp_path):
     data = paths[0].read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     metadata = json.loads(data[8:8 + length])["__metadata__"]
-    assert list(metadata) == sorted(metadata) == ["hiap_digest", "hiap_layout"]
+    assert list(metadata) == sorted(metadata) == ["hiap_digest", "hiap_layout", "hiap_pretrained_cfg"]
     torch.manual_seed(0)
     pruned, _ = _pruned(tmp_path)
     loaded = hiap.load_pruned(paths[0])

@@ -72,7 +72,7 @@ def test_a_file_sealed_by_an_earlier_version_loads_with_a_warning_and_its_tensor
     path = _pruned_file(tmp_path)
     old_digest = tensor_digest(load_file(str(path)))
     old = _rewrite(path, tmp_path / "old.safetensors", digest=old_digest)
-    with pytest.warns(UserWarning, match="covers the tensors only: its layout cannot be verified"):
+    with pytest.warns(UserWarning, match="covers the tensors only: its layout and pretrained_cfg cannot be verified"):
         model = hiap.load_pruned(old)
     x = images(model)
     with torch.no_grad():

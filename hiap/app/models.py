@@ -1,5 +1,6 @@
-"""Dense models for the pipeline: any timm Vision Transformer by name, the small default for the digits, and loading
-local dense weights (a state dict in a torch or safetensors file)."""
+"""Dense models for the pipeline: any timm Vision Transformer by name, the presets (the small default for the digits
+and two others, timm models that ``hiap.presets`` registers), and loading local dense weights (a state dict in a torch
+or safetensors file)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,21 @@ import torch.nn as nn
 from hiap.app.runtime import InputError
 from hiap.files import DIGEST_KEY, IntegrityError, verify_safetensors
 from hiap.method.architecture import UnsupportedModelError, describe_vit
+from hiap.presets import PRESET_ARGS
 
 # The default model: a 4-block, 64-wide ViT on 16 px inputs (the 8x8 digits upsampled), 4 heads of 16 dims, patch 4
 # (16 patches + class token). It trains to ~98% on the digits in under a minute on one CPU core.
 DIGITS_VIT = "digits_vit"
-DIGITS_VIT_BASE = "vit_tiny_patch16_224"
-DIGITS_VIT_ARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4)
 
-# Named presets: (timm architecture, its keyword arguments). None has pretrained weights.
+# The command line's preset names and the timm models they name (registered by hiap/presets.py, where they are
+# described). None has pretrained weights.
 PRESETS = {
-    DIGITS_VIT: (DIGITS_VIT_BASE, DIGITS_VIT_ARGS),
+    DIGITS_VIT: "hiap_digits_vit",
     # MNIST-1D (``--data mnist1d``): a 40-sample signal read as a 1 x 40 image, patches of 4 (10 tokens + class).
-    "mnist1d_vit": (DIGITS_VIT_BASE, dict(img_size=(1, 40), patch_size=(1, 4), in_chans=1, embed_dim=64, depth=4,
-                                          num_heads=4)),
+    "mnist1d_vit": "hiap_mnist1d_vit",
     # The paper's Table 3 setting: a 6-block ViT-Tiny (embed 192, 3 heads) on 32 px CIFAR-10 with 4 px patches.
     # 173 M MACs counting the linear layers as the paper does; count_macs adds the attention matrices (182 M).
-    "paper_table3_vit": (DIGITS_VIT_BASE, dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)),
+    "paper_table3_vit": "hiap_paper_table3_vit",
 }
 
 
@@ -55,7 +55,8 @@ def parse_model_args(pairs: list[str] | None) -> dict[str, Any]:
 
 def create_dense_model(name: str, num_classes: int, *, model_args: dict[str, Any] | None = None,
                        pretrained: bool = False) -> nn.Module:
-    """A dense timm VisionTransformer: a preset (``PRESETS``) or any timm model name, with ``num_classes`` outputs.
+    """A dense timm VisionTransformer: a preset (``PRESETS``, or its timm name ``hiap_...``) or any timm model name,
+    with ``num_classes`` outputs.
 
     Raises InputError for an unknown name, a model HiAP cannot prune, bad keyword arguments or pretrained weights that
     cannot be fetched.
@@ -63,15 +64,12 @@ def create_dense_model(name: str, num_classes: int, *, model_args: dict[str, Any
     import timm
 
     args = dict(model_args or {})
-    if name in PRESETS:
-        timm_name, preset = PRESETS[name]
-        args = {**preset, **args}
+    timm_name = PRESETS.get(name, name)
+    if timm_name in PRESET_ARGS:
         if pretrained:
             raise InputError(f"{name} has no pretrained weights; train it (the default) or pass --checkpoint")
-    else:
-        timm_name = name
-        if not timm.is_model(name):
-            raise InputError(f"unknown model {name!r}: not a timm model name (list them with timm.list_models('*vit*'))")
+    elif not timm.is_model(name):
+        raise InputError(f"unknown model {name!r}: not a timm model name (list them with timm.list_models('*vit*'))")
     try:
         model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **args)
     except TypeError as error:

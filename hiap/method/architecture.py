@@ -1,8 +1,10 @@
-"""Which timm Vision Transformers HiAP accepts, and how to rebuild one's skeleton from a JSON description.
+"""Which timm Vision Transformers HiAP accepts, how to rebuild one's skeleton from a JSON description, and the
+timm ``pretrained_cfg`` that says what data a model reads.
 
 ``describe_vit`` is the single place that inspects a timm ``VisionTransformer``: ``gate_vit`` calls it to reject
 unsupported models up front with a clear message, and ``save_pruned`` stores its result so ``load_pruned`` can rebuild
-the same skeleton with ``build_vit`` (no pickle, no model registry lookup).
+the same skeleton with ``build_vit`` (no pickle, no model registry lookup). ``data_pretrained_cfg`` keeps the part of a
+model's ``pretrained_cfg`` that timm's data helpers read, made true to the model's own input size and classes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import LayerScale, VisionTransformer
 
 from hiap.method.gated import GatedAttention, GatedMlp
+from hiap.method.layout import DATA_CFG_FIELDS
 
 
 class UnsupportedModelError(TypeError):
@@ -155,3 +158,48 @@ def build_vit(description: dict[str, Any]) -> VisionTransformer:
     if "weight_init" in accepted:
         args["weight_init"] = "skip"
     return VisionTransformer(**args)
+
+
+
+def fit_to_channels(values, channels: int) -> tuple[float, ...]:
+    """Per-channel ``mean`` or ``std`` for a model of ``channels`` inputs: as given when the counts match, else their
+    average repeated (an RGB normalisation on a one-channel model: the gray image it reads is the mean of the three)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    return (sum(values) / len(values),) * channels
+
+
+def data_pretrained_cfg(model: nn.Module, source=None) -> dict[str, Any]:
+    """The timm ``pretrained_cfg`` of a dense or pruned ``VisionTransformer`` as the data it reads: ``source``'s (by
+    default the model's own ``pretrained_cfg``) normalisation, interpolation and crop (``DATA_CFG_FIELDS``), with the
+    input size ``(C, H, W)``, the classes and the layer names taken from the model itself, and mean / std fitted to
+    its channels (:func:`fit_to_channels`). A model without a source gets no mean / std (timm's helpers then use
+    their defaults).
+
+    This is what makes ``timm.data.resolve_data_config({}, model=model)`` right for a model whose skeleton differs
+    from the timm model it was created as (``in_chans=1``, another ``img_size``, another class count).
+    """
+    if source is None:
+        source = getattr(model, "pretrained_cfg", None)
+    if source is not None and not isinstance(source, dict):
+        source = source.to_dict() if hasattr(source, "to_dict") else dict(source)
+    source = source or {}
+    patch = model.patch_embed
+    channels = patch.proj.in_channels
+    cfg = {name: source[name] for name in DATA_CFG_FIELDS if source.get(name) is not None}
+    cfg["input_size"] = (channels, *(int(side) for side in patch.img_size))
+    cfg["fixed_input_size"] = not bool(getattr(model, "dynamic_img_size", False))
+    cfg["num_classes"] = int(model.num_classes)
+    cfg["first_conv"] = "patch_embed.proj"
+    cfg["classifier"] = "head"
+    for name in ("mean", "std"):
+        if name in cfg:
+            cfg[name] = fit_to_channels(cfg[name], channels)
+    return cfg
+
+
+def set_pretrained_cfg(model: nn.Module, cfg: dict[str, Any]) -> None:
+    """Give ``model`` the ``pretrained_cfg`` (and its older alias ``default_cfg``) that timm's helpers read."""
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg

@@ -13,14 +13,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
 from hiap.files import save_safetensors, verify_safetensors
-from hiap.method.architecture import build_vit
+from hiap.method.architecture import build_vit, data_pretrained_cfg, set_pretrained_cfg
 from hiap.method.convert import HiAPViT
 from hiap.method.gated import GatedAttention, GatedMlp
-from hiap.method.layout import LayoutError, validate_layout
+from hiap.method.layout import LayoutError, validate_layout, validate_pretrained_cfg
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 
 FORMAT_NAME = "hiap-pruned"
 FORMAT_VERSION = 1
+LAYOUT_KEY = "hiap_layout"
+# The model's timm pretrained_cfg (input size, mean, std, interpolation, crop, classes): JSON, sealed by the digest
+# with the layout. Files written before it existed load with the part the layout implies (no mean / std).
+PRETRAINED_CFG_KEY = "hiap_pretrained_cfg"
 
 
 def _rows(linear: nn.Linear, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -81,7 +85,9 @@ def extract(model: HiAPViT) -> nn.Module:
 
     Gates are decided by the same deterministic function as eval mode (``a > 0`` plus the hard minimums), so the
     pruned model's output equals ``model.eval()``'s to float rounding. No fine-tuning. The result is in eval mode and
-    carries ``hiap_architecture`` (the skeleton description used by ``save_pruned``).
+    carries ``hiap_architecture`` (the skeleton description used by ``save_pruned``) and the timm ``pretrained_cfg``
+    of the model that was gated, with its input size and classes (``timm.data.resolve_data_config({}, model=pruned)``
+    gives the data config it was trained with).
 
     Raises:
         TypeError: ``model`` is not a gated model from ``hiap.gate_vit`` (its gates were never created).
@@ -103,6 +109,7 @@ def extract(model: HiAPViT) -> nn.Module:
         block.mlp = _extract_mlp(gated_block.mlp)
     pruned.hiap_architecture = copy.deepcopy(model.architecture)
     pruned.hiap_alignment = {"head": gated_blocks[0].attn.gates.group, "ffn": gated_blocks[0].mlp.gates.group}
+    set_pretrained_cfg(pruned, data_pretrained_cfg(pruned, getattr(model.vit, "pretrained_cfg", None)))
     return pruned.eval()
 
 
@@ -132,16 +139,17 @@ def _path_argument(path, who: str) -> Path:
 
 
 def save_pruned(pruned: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``pruned`` to one ``.safetensors`` file: the weights, with the JSON layout in the header, and a digest
-    over both.
+    """Write ``pruned`` to one ``.safetensors`` file: the weights, with the JSON layout and the model's timm
+    ``pretrained_cfg`` (the data it reads) in the header, and a digest over all of it.
 
     The file is written to a temporary name, flushed and renamed, so an interrupted save never leaves a half-written
-    file; ``load_pruned`` checks the digest, so a damaged or edited file (weights or layout) is refused instead of
-    evaluating wrongly.
+    file; ``load_pruned`` checks the digest, so a damaged or edited file (weights, layout or data config) is refused
+    instead of evaluating wrongly.
     """
     path = _path_argument(path, "save_pruned")
     layout = pruned_layout(pruned)
-    return save_safetensors(pruned.state_dict(), path, {"hiap_layout": json.dumps(layout)})
+    metadata = {LAYOUT_KEY: json.dumps(layout), PRETRAINED_CFG_KEY: json.dumps(data_pretrained_cfg(pruned))}
+    return save_safetensors(pruned.state_dict(), path, metadata)
 
 
 def _read_header(path: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
@@ -160,10 +168,10 @@ def _read_header(path: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
 
 
 def _layout_of(metadata: dict, path: Path) -> dict:
-    if "hiap_layout" not in metadata:
+    if LAYOUT_KEY not in metadata:
         raise ValueError(f"{path} is a safetensors file but not a HiAP pruned model (no layout metadata)")
     try:
-        layout = json.loads(metadata["hiap_layout"])
+        layout = json.loads(metadata[LAYOUT_KEY])
     except (json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"{path}: the layout metadata is not valid JSON ({type(error).__name__})") from None
     if not isinstance(layout, dict) or layout.get("format") != FORMAT_NAME or layout.get("version") != FORMAT_VERSION:
@@ -171,6 +179,20 @@ def _layout_of(metadata: dict, path: Path) -> dict:
         raise ValueError(f"{path}: unsupported layout format {found!r}")
     try:
         return validate_layout(layout)
+    except LayoutError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _pretrained_cfg_of(metadata: dict, layout: dict, path: Path) -> dict | None:
+    """The stored pretrained_cfg, checked against the layout's architecture; None for a file written without one."""
+    if PRETRAINED_CFG_KEY not in metadata:
+        return None
+    try:
+        cfg = json.loads(metadata[PRETRAINED_CFG_KEY])
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{path}: the pretrained_cfg metadata is not valid JSON ({type(error).__name__})") from None
+    try:
+        return validate_pretrained_cfg(cfg, layout["architecture"])
     except LayoutError as error:
         raise ValueError(f"{path}: {error}") from None
 
@@ -224,10 +246,70 @@ def _check_shapes(layout: dict, shapes: dict[str, tuple[int, ...]], path: Path) 
 
 
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model written by ``save_pruned`` (eval mode, on ``device``).
+    """Rebuild a model written by ``save_pruned`` (eval mode, on ``device``): a timm ``VisionTransformer`` with
+    ``PrunedAttention`` / ``PrunedMlp`` blocks, ``images [B, C, H, W] -> logits [B, classes]``, whose
+    ``pretrained_cfg`` is the one stored with it (a file written before it was stored gets the input size and classes
+    its layout implies, and no mean / std).
 
     Before anything is allocated from it, the layout is validated and compared with the tensor shapes in the file's
-    header; the weights and the layout are then checked against the digest stored with them.
+    header; the weights, the layout and the pretrained_cfg are then checked against the digest stored with them.
+
+    The file needs no hiap to load: it is a safetensors file whose header metadata holds the layout (``hiap_layout``:
+    the timm ``VisionTransformer`` arguments, and per block the heads' q/k and v widths, the softmax scale and the FFN
+    width) and the ``pretrained_cfg`` (``hiap_pretrained_cfg``), both JSON. With timm, torch and safetensors alone
+    (the same outputs, one small matmul pair per head, no digest check)::
+
+        import json
+        from functools import partial
+
+        import timm
+        import torch
+        import torch.nn as nn
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+
+        class RaggedAttention(nn.Module):  # heads of their own widths; qkv packed [Q_0 Q_1 .. | K_0 K_1 .. | V_0 ..]
+            def __init__(self, dim, qk_widths, v_widths, scale, qkv_bias, proj_bias):
+                super().__init__()
+                self.qk_widths, self.v_widths, self.scale = qk_widths, v_widths, scale
+                self.qkv = nn.Linear(dim, 2 * sum(qk_widths) + sum(v_widths), bias=qkv_bias)
+                self.proj = nn.Linear(sum(v_widths), dim, bias=proj_bias)
+
+            def forward(self, x, attn_mask=None, is_causal=False):
+                qk = sum(self.qk_widths)
+                q, k, v = self.qkv(x).split([qk, qk, sum(self.v_widths)], dim=-1)
+                heads = zip(q.split(self.qk_widths, -1), k.split(self.qk_widths, -1), v.split(self.v_widths, -1))
+                out = [(q_h @ k_h.transpose(-2, -1) * self.scale).softmax(-1) @ v_h for q_h, k_h, v_h in heads]
+                return self.proj(torch.cat(out, -1) if out else v)
+
+
+        class Ffn(nn.Module):
+            def __init__(self, dim, width, act_layer, bias):
+                super().__init__()
+                self.fc1, self.act, self.fc2 = nn.Linear(dim, width, bias), act_layer(), nn.Linear(width, dim, bias)
+
+            def forward(self, x):
+                return self.fc2(self.act(self.fc1(x)))
+
+
+        def load_pruned_with_timm(path):
+            with safe_open(path, framework="pt") as file:
+                metadata = file.metadata()
+            layout = json.loads(metadata["hiap_layout"])
+            args = dict(layout["architecture"])
+            eps, act, _ = args.pop("norm_eps"), args.pop("act"), args.pop("head_dim")
+            act_layer = partial(nn.GELU, approximate="tanh" if act == "gelu_tanh" else "none")
+            norm_layer = partial(nn.LayerNorm, eps=eps)
+            model = timm.models.VisionTransformer(**args, norm_layer=norm_layer, act_layer=act_layer)
+            for block, layer in zip(model.blocks, layout["layers"]):
+                block.attn = RaggedAttention(model.embed_dim, layer["qk_widths"], layer["v_widths"], layer["scale"],
+                                             args["qkv_bias"], args["proj_bias"])
+                block.mlp = Ffn(model.embed_dim, layer["ffn_width"], act_layer, args["proj_bias"])
+            model.load_state_dict(load_file(path))
+            cfg = json.loads(metadata.get("hiap_pretrained_cfg", "{}"))
+            model.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+            return model.eval()
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -241,12 +323,14 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     device = device_argument(device, "load_pruned")
     metadata, shapes = _read_header(path)
     layout = _layout_of(metadata, path)
+    stored_cfg = _pretrained_cfg_of(metadata, layout, path)
     _check_shapes(layout, shapes, path)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path}: cannot read the weights: {error}") from error
-    verify_safetensors(state, metadata, path, unsealed="its layout",
+    verify_safetensors(state, metadata, path,
+                       unsealed="its layout" + (" and pretrained_cfg" if stored_cfg is not None else ""),
                        hint="hiap.save_pruned(hiap.load_pruned(path), path) seals it whole")
     try:
         model = build_pruned_skeleton(layout)
@@ -259,4 +343,5 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(f"{path}: the weights do not match the stored layout: {error}") from error
+    set_pretrained_cfg(model, stored_cfg if stored_cfg is not None else data_pretrained_cfg(model))
     return model.to(device).eval()

@@ -1,6 +1,7 @@
 """The pruned-model layout (the JSON in a pruned file's header), checked against a schema with bounds before anything
 is allocated from it: a file is data from somewhere else, and a huge depth or width, a NaN scale or an unknown
-activation must be a one-line error, not a 3 GB allocation or a silently different model.
+activation must be a one-line error, not a 3 GB allocation or a silently different model. The ``pretrained_cfg``
+stored beside it (what data the model reads) is checked against the same architecture.
 """
 
 from __future__ import annotations
@@ -119,3 +120,59 @@ def validate_layout(layout: Any) -> dict:
             _need(layer["ffn_width"] % ffn == 0, f"layers[{index}].ffn_width {layer['ffn_width']} is not a multiple "
                                                  f"of the declared FFN alignment {ffn}")
     return layout
+
+
+# The fields of timm's pretrained_cfg that describe the data a model reads and its first and last layers. The others
+# (url, hf_hub_id, file, tag, test sizes, ...) say where the dense weights came from and at what other size they were
+# tested; they do not hold for weights that were pruned or trained further.
+DATA_CFG_FIELDS = ("architecture", "input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean",
+                   "std", "num_classes", "first_conv", "classifier", "license")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+CROP_MODES = ("center", "squash", "border")
+CFG_TEXT_FIELDS = ("architecture", "first_conv", "classifier", "license")
+MAX_TEXT = 256
+
+
+def validate_pretrained_cfg(cfg: Any, architecture: dict) -> dict:
+    """Check a stored ``pretrained_cfg`` (JSON: lists for tuples) against the ``architecture`` it belongs to (already
+    validated); returns it with ``input_size``, ``mean`` and ``std`` as tuples, as timm holds them.
+
+    Raises:
+        LayoutError (a ValueError): an unknown field, or a field of the wrong type, out of range or at odds with the
+            architecture (input size, channels of mean / std, classes).
+    """
+    _need(isinstance(cfg, dict), f"pretrained_cfg must be an object, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(DATA_CFG_FIELDS))
+    _need(not unknown, f"pretrained_cfg has unknown fields {unknown[:4]}")
+    channels = architecture["in_chans"]
+    expected_size = [channels, *architecture["img_size"]]
+    restored = dict(cfg)
+    if "input_size" in cfg:
+        _need(cfg["input_size"] == expected_size,
+              f"pretrained_cfg.input_size must be the architecture's {expected_size}, got {cfg['input_size']!r}")
+        restored["input_size"] = tuple(expected_size)
+    for name, low in (("mean", -1e6), ("std", 1e-12)):
+        if name in cfg:
+            values = cfg[name]
+            _need(isinstance(values, list) and len(values) == channels,
+                  f"pretrained_cfg.{name} must be a list of {channels} numbers (one per input channel), got {values!r}")
+            restored[name] = tuple(_number(v, f"pretrained_cfg.{name}[{i}]", low, 1e6) for i, v in enumerate(values))
+    if "num_classes" in cfg:
+        _need(cfg["num_classes"] == architecture["num_classes"] and not isinstance(cfg["num_classes"], bool),
+              f"pretrained_cfg.num_classes must be the architecture's {architecture['num_classes']}, got "
+              f"{cfg['num_classes']!r}")
+    if "fixed_input_size" in cfg:
+        _flag(cfg["fixed_input_size"], "pretrained_cfg.fixed_input_size")
+    if "interpolation" in cfg:
+        _need(cfg["interpolation"] in INTERPOLATIONS,
+              f"pretrained_cfg.interpolation must be one of {INTERPOLATIONS}, got {cfg['interpolation']!r}")
+    if "crop_pct" in cfg:
+        _number(cfg["crop_pct"], "pretrained_cfg.crop_pct", 0.01, 10.0)
+    if "crop_mode" in cfg:
+        _need(cfg["crop_mode"] in CROP_MODES, f"pretrained_cfg.crop_mode must be one of {CROP_MODES}, got "
+                                              f"{cfg['crop_mode']!r}")
+    for name in CFG_TEXT_FIELDS:
+        if name in cfg:
+            _need(isinstance(cfg[name], str) and len(cfg[name]) <= MAX_TEXT,
+                  f"pretrained_cfg.{name} must be a text of at most {MAX_TEXT} characters")
+    return restored
