@@ -126,6 +126,15 @@ def config_difference(saved: dict, current: dict) -> str | None:
     return None
 
 
+def check_resume(path: str | Path, saved: dict, current: dict) -> None:
+    """InputError when a run is resumed from a checkpoint written under another config (``saved`` and ``current``
+    are run fingerprints), naming the first setting that differs."""
+    difference = config_difference(saved, current)
+    if difference is not None:
+        raise InputError(f"--resume: {path} was written with a different config ({difference}); resume with the "
+                         "original settings or use a new --output")
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 from hiap.app.flags import build_parser, check_numbers, check_positive, hiap_config_from_args
-from hiap.app.runtime import InputError
+from hiap.app.run_folder import RunFolder
+from hiap.app.runtime import InputError, is_rank0
 
 __all__ = ["build_parser", "hiap_config_from_args", "main"]
 
@@ -97,7 +98,7 @@ def command_prune(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _check_dense_checkpoint(settings)
     outcome = prune(settings)
-    if _is_main():
+    if is_rank0():
         print(summary_table(outcome))
         print(f"wrote {settings.output}/pruned.safetensors, report.md, report.json, plots/")
     return 0
@@ -118,7 +119,7 @@ def command_compare(args: argparse.Namespace) -> int:
 
         require_torch_pruning()  # before any teacher is trained
     report = compare(settings, seeds=args.seeds, targets=targets, methods=list(dict.fromkeys(args.methods)))
-    if _is_main():
+    if is_rank0():
         print(compare_table(report))
         print(f"wrote {settings.output}/compare.md, compare.json, plots/accuracy_vs_macs.png")
     return 0
@@ -132,7 +133,7 @@ def command_extract(args: argparse.Namespace) -> int:
     from hiap.method.extract import extract, pruned_layout, save_pruned
 
     checkpoint = check_input_file(args.checkpoint, "checkpoint")
-    output = Path(args.output).expanduser() if args.output else checkpoint.with_name("pruned.safetensors")
+    output = Path(args.output).expanduser() if args.output else RunFolder(checkpoint.parent).pruned
     with writing_into(output, "-o"):
         payload = read_checkpoint(checkpoint, phase="hiap")
         gated = rebuild_gated(payload)
@@ -306,28 +307,22 @@ COMMANDS = {"prune": command_prune, "compare": command_compare, "extract": comma
             "export": command_export, "profile": command_profile}
 
 
-def _is_main() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hiap`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from hiap.app.runtime import configure_logging
 
-    configure_logging(args.verbosity, int(os.environ.get("RANK", "0")))
+    configure_logging(args.verbosity, 0 if is_rank0() else 1)
     try:
         check_numbers(args)
         return COMMANDS[args.command](args)
     except InputError as error:
-        if _is_main():
+        if is_rank0():
             print(f"hiap {args.command}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a path that cannot be written or read (a file named as a folder, /proc, ...)
-        if _is_main():
+        if is_rank0():
             print(f"hiap {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

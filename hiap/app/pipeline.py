@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from hiap.app.baselines import apply_baseline
-from hiap.app.checkpoint import JsonlLog, config_difference, read_checkpoint
+from hiap.app.checkpoint import JsonlLog, check_resume, read_checkpoint
+from hiap.app.run_folder import RunFolder
 from hiap.app.data import eval_loader
 from hiap.app.evaluation import summarize
 from hiap.app.jobs import DistillJob, HiAPJob
@@ -29,6 +29,7 @@ from hiap.app.report import gate_probabilities, layer_structure, write_prune_rep
 from hiap.app.runtime import (
     DistContext,
     InputError,
+    is_rank0,
     atomic_write_json,
     describe_machine,
     gather_floats,
@@ -55,15 +56,11 @@ from hiap.method.pruner import Pruner, fixed_structure
 from hiap.tokens import schedule_for
 
 
-def _check_resume(settings: PipelineSettings, output: Path) -> None:
+def _check_resume(settings: PipelineSettings, folder: RunFolder) -> None:
     """A --resume whose settings differ from the checkpoint's is refused before anything is trained."""
-    checkpoint = output / "checkpoint.pt"
-    if settings.resume and checkpoint.exists():
-        saved = read_checkpoint(checkpoint, phase="hiap")["fingerprint"]
-        difference = config_difference(saved, run_fingerprint(settings, None, "hiap"))
-        if difference is not None:
-            raise InputError(f"--resume: {checkpoint} was written with a different config ({difference}); "
-                             "resume with the original settings or use a new --output")
+    if settings.resume and folder.checkpoint.exists():
+        saved = read_checkpoint(folder.checkpoint, phase="hiap")["fingerprint"]
+        check_resume(folder.checkpoint, saved, run_fingerprint(settings, None, "hiap"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -104,9 +101,9 @@ def run_fingerprint(settings: PipelineSettings, session: Session | None, method:
             **settings.data_fingerprint()}
 
 
-def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: JsonlLog,
+def run_hiap(settings: PipelineSettings, session: Session, folder: RunFolder, log: JsonlLog,
              dense_summary: dict | None = None) -> dict:
-    """One single-stage HiAP run into ``output``: train (resumable), extract, evaluate, save, report.
+    """One single-stage HiAP run into ``folder``: train (resumable), extract, evaluate, save, report.
 
     ``dense_summary`` reuses the teacher's numbers (``hiap compare`` measures them once); None measures them here.
     """
@@ -120,7 +117,7 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
     gated = pruner.model
     kernels = _try_triton(gated, session)
     result = fit(HiAPJob(pruner), session.data, settings.loop(settings.epochs, settings.hiap.seed), ctx=ctx,
-                 device=session.device, checkpoint_path=output / "checkpoint.pt", log=log,
+                 device=session.device, checkpoint_path=folder.checkpoint, log=log,
                  fingerprint=run_fingerprint(settings, session, "hiap"), resume=settings.resume)
     gated.eval()
     # A fixed structure was settled when it was fixed (the event says how far) and trained as decided since; with
@@ -171,8 +168,8 @@ def run_hiap(settings: PipelineSettings, session: Session, output: Path, log: Js
                                         for name in summaries if name.endswith("+tokens")}},
     }
     if ctx.is_main:
-        save_pruned(pruned, output / "pruned.safetensors")
-        write_prune_report(output, outcome, JsonlLog.read(output / "log.jsonl"))
+        save_pruned(pruned, folder.pruned)
+        write_prune_report(folder, outcome, JsonlLog.read(folder.log))
     ctx.barrier()
     return outcome
 
@@ -202,11 +199,11 @@ def _latency_outcome(table, target: float, pruned: nn.Module, summaries: dict, p
             "threads": table.threads, "device": table.device_name}
 
 
-def run_baseline(method: str, settings: PipelineSettings, session: Session, output: Path, seed: int,
+def run_baseline(method: str, settings: PipelineSettings, session: Session, folder: RunFolder, seed: int,
                  dense_summary: dict) -> dict:
     """Baseline ``method`` at ``settings.hiap.target``: fixed gates, extraction, then the HiAP run's KD budget."""
     ctx = session.ctx
-    log = _run_log(output, settings, ctx)
+    log = _run_log(folder, settings, ctx)
     if method in PEERS:
         # Its own choice of single dims and neurons: a per-dim gated copy without hard minimums records it exactly;
         # its widths are rounded to HiAP's groups so that both methods leave equally aligned layers.
@@ -229,7 +226,7 @@ def run_baseline(method: str, settings: PipelineSettings, session: Session, outp
                      phase=method)
     fingerprint = {**run_fingerprint(settings, session, method), "seed": seed}
     result = fit(job, session.data, settings.loop(settings.epochs, seed), ctx=ctx, device=session.device,
-                 checkpoint_path=output / "checkpoint.pt", log=log, fingerprint=fingerprint, resume=settings.resume)
+                 checkpoint_path=folder.checkpoint, log=log, fingerprint=fingerprint, resume=settings.resume)
     pruned.eval()
     _try_triton(pruned, session)
     summary = _summaries(session, {"pruned": pruned}, settings)["pruned"]
@@ -237,8 +234,8 @@ def run_baseline(method: str, settings: PipelineSettings, session: Session, outp
                "dense_macs": dense_macs(gated), "fraction": summary["macs"] / dense_macs(gated), "choice": choice,
                "steps": result.steps, "history": result.history, "structure": layer_structure(gated)}
     if ctx.is_main:
-        save_pruned(pruned, output / "pruned.safetensors")
-        atomic_write_json(outcome, output / "result.json")
+        save_pruned(pruned, folder.pruned)
+        atomic_write_json(outcome, folder.result)
     ctx.barrier()
     return outcome
 
@@ -249,46 +246,41 @@ def settings_record(settings: PipelineSettings) -> dict:
     return record
 
 
-def _run_log(output: Path, settings: PipelineSettings, ctx: DistContext | None = None) -> JsonlLog:
+def _run_log(folder: RunFolder, settings: PipelineSettings, ctx: DistContext | None = None) -> JsonlLog:
     """The run's JSONL log. A fresh (not resumed) run starts with an empty log and no checkpoint, so a later
     ``--resume`` can never pick up what an older run into the same folder left behind."""
-    log = JsonlLog(output / "log.jsonl", enabled=ctx.is_main if ctx is not None else _is_rank0())
+    log = JsonlLog(folder.log, enabled=ctx.is_main if ctx is not None else is_rank0())
     if not settings.resume and log.enabled:
         log.path.unlink(missing_ok=True)
-        (output / "checkpoint.pt").unlink(missing_ok=True)
+        folder.checkpoint.unlink(missing_ok=True)
     return log
 
 
-# What a run leaves in its folder; a fresh run into a folder that holds any of them belongs to someone else's results.
-RUN_OUTPUTS = ("checkpoint.pt", "log.jsonl", "pruned.safetensors", "report.md", "report.json", "result.json",
-               "compare.json", "compare.md", "plots")
-
-
 @contextlib.contextmanager
-def owned_output(output: Path, settings: PipelineSettings) -> Iterator[None]:
-    """Hold ``output`` for one run: an exclusive lock for its lifetime (a second run gets a one-line error), the
+def owned_output(folder: RunFolder, settings: PipelineSettings) -> Iterator[None]:
+    """Hold ``folder`` for one run: an exclusive lock for its lifetime (a second run gets a one-line error), the
     temporary files an interrupted write left removed, and a fresh run refusing a folder with an earlier run's
     outputs unless ``--overwrite`` (which clears them first, so nothing of the old run mixes in) or ``--resume``."""
-    if not _is_rank0():
+    if not is_rank0():
         yield
         return
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output {output} is a file, not a folder")
+    root = folder.root
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--output {root} is a file, not a folder")
     try:
-        lock = RunFolderLock(output).__enter__()
+        lock = RunFolderLock(root).__enter__()
     except RunFolderBusy as error:
         raise InputError(f"{error}; wait for it to finish or choose another --output") from None
     try:
-        remove_stale_temporaries(output)
-        earlier = sorted(name for name in RUN_OUTPUTS if (output / name).exists())
-        earlier += sorted(p.name for p in output.iterdir() if p.is_dir() and (p / "log.jsonl").exists())
+        remove_stale_temporaries(root)
+        earlier = folder.earlier_outputs()
         if earlier and not settings.resume:
             if not settings.overwrite:
-                raise InputError(f"{output} holds the outputs of an earlier run ({', '.join(earlier[:4])}"
+                raise InputError(f"{root} holds the outputs of an earlier run ({', '.join(earlier[:4])}"
                                  f"{', ...' if len(earlier) > 4 else ''}); pass --overwrite to replace them, "
                                  "--resume to continue that run, or choose another --output")
             for name in earlier:
-                target = output / name
+                target = root / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         yield
     finally:
@@ -297,22 +289,22 @@ def owned_output(output: Path, settings: PipelineSettings) -> Iterator[None]:
 
 def prune(settings: PipelineSettings) -> dict:
     """``hiap prune``: the whole pipeline into ``settings.output``; returns the report's content."""
-    output = Path(settings.output)
-    with owned_output(output, settings):
-        _check_resume(settings, output)
-        log = _run_log(output, settings)
+    folder = RunFolder(settings.output)
+    with owned_output(folder, settings):
+        _check_resume(settings, folder)
+        log = _run_log(folder, settings)
         session = prepare_session(settings, log)
-        return run_hiap(settings, session, output, log)
+        return run_hiap(settings, session, folder, log)
 
 
 def compare(settings: PipelineSettings, seeds: list[int], targets: list[float], methods: list[str]) -> dict:
     """``hiap compare``: HiAP and the baselines at every target and seed, each in ``output/<method>-t<target>-s<seed>``."""
-    output = Path(settings.output)
-    with owned_output(output, settings):
-        return _compare(settings, output, seeds, targets, methods)
+    folder = RunFolder(settings.output)
+    with owned_output(folder, settings):
+        return _compare(settings, folder, seeds, targets, methods)
 
 
-def _compare(settings: PipelineSettings, output: Path, seeds: list[int], targets: list[float],
+def _compare(settings: PipelineSettings, output: RunFolder, seeds: list[int], targets: list[float],
              methods: list[str]) -> dict:
     from hiap.app.report import write_compare_report
 
@@ -323,7 +315,7 @@ def _compare(settings: PipelineSettings, output: Path, seeds: list[int], targets
         for seed in seeds:
             run_settings = replace(settings, hiap=replace(settings.hiap, target=target, seed=seed))
             for method in methods:
-                folder = output / f"{method}-t{target:.3f}-s{seed}"
+                folder = output.run(method, target, seed)
                 log_line(f"[compare] {method} at {target:.3f} of dense MACs, seed {seed}", session.ctx)
                 if method == "hiap":
                     outcome = run_hiap(run_settings, session, folder, _run_log(folder, settings, session.ctx),
@@ -337,10 +329,6 @@ def _compare(settings: PipelineSettings, output: Path, seeds: list[int], targets
     if session.ctx.is_main:
         write_compare_report(output, report)
     return report
-
-
-def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def rebuild_gated(payload: dict) -> HiAPViT:

@@ -17,6 +17,7 @@ from hiap.app.plots import (
     plot_structure,
     plot_training,
 )
+from hiap.app.run_folder import RunFolder
 from hiap.app.runtime import atomic_write_json, atomic_write_text
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -127,10 +128,9 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict[str, Path]:
-    """report.json, report.md and the plots of one HiAP run under ``output`` (plots in ``output/plots``)."""
-    output = Path(output)
-    plots_dir = output / "plots"
+def write_prune_report(folder: RunFolder, outcome: dict, records: list[dict]) -> dict[str, Path]:
+    """report.json, report.md and the plots of one HiAP run in ``folder``."""
+    output, plots_dir = folder.root, folder.plots
     plots_dir.mkdir(parents=True, exist_ok=True)
     dense, pruned = outcome["dense"], outcome["pruned"]
     unit = "latency" if outcome.get("latency") else "MACs"
@@ -148,7 +148,7 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
                  plots_dir / "accuracy_vs_macs.png")}
     plots = {k: v for k, v in plots.items() if v is not None}
     atomic_write_json({**outcome, "plots": {k: str(v.relative_to(output)) for k, v in plots.items()}},
-                      output / "report.json")
+                      folder.report_json)
     structure_rows = [[str(layer["layer"]), f"{layer['heads_kept']}/{layer['num_heads']}",
                        " ".join(str(w) for w in layer["qk_widths"]), " ".join(str(w) for w in layer["v_widths"]),
                        f"{layer['ffn_width']}/{layer['ffn_dense']}" + (" (removed)" if layer["ffn_width"] == 0 else "")]
@@ -184,7 +184,7 @@ def write_prune_report(output: Path, outcome: dict, records: list[dict]) -> dict
         lines.append(f"Resumed from step {outcome['resumed_from']}.")
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path.relative_to(output)})" for name, path in plots.items()]
-    atomic_write_text("\n".join(lines) + "\n", output / "report.md")
+    atomic_write_text("\n".join(lines) + "\n", folder.report_md)
     return plots
 
 
@@ -332,19 +332,19 @@ def _machine_sentence(machine: dict | None) -> str:
             f"torch {machine['torch']}).")
 
 
-def write_compare_report(output: Path, report: dict) -> Path:
+def write_compare_report(folder: RunFolder, report: dict) -> Path:
     """compare.json, compare.md and plots/accuracy_vs_macs.png for ``hiap compare``."""
-    output = Path(output)
-    (output / "plots").mkdir(parents=True, exist_ok=True)
+    output = folder.root
+    folder.plots.mkdir(parents=True, exist_ok=True)
     aggregates = aggregate_runs(report["runs"])
     dense = report["dense"]
     points = [{"method": "dense", "target": 1.0, **dense}]
     points += [{"method": r["method"], "target": r["target"], **r["pruned"]} for r in report["runs"]]
-    plot = plot_accuracy_vs_macs(points, output / "plots" / "accuracy_vs_macs.png",
+    plot = plot_accuracy_vs_macs(points, folder.plots / "accuracy_vs_macs.png",
                                  f"Accuracy vs MACs (seeds {report['seeds']})")
     paired = paired_differences(report["runs"], report.get("val_size"))
     atomic_write_json({**report, "aggregates": aggregates, "paired": paired, "plot": str(plot.relative_to(output))},
-                      output / "compare.json")
+                      folder.compare_json)
     rows = [[r["method"], f"{r['target']:.3f}", " ".join(map(str, r["seeds"])),
              f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f}",
              f"{r['loss_mean']:.4f} +- {r['loss_std']:.4f}", f"{r['fraction_mean']:.4f}",
@@ -377,8 +377,8 @@ def write_compare_report(output: Path, report: dict) -> Path:
              _markdown_table(["method", "target", "seed", "accuracy %", "val loss", "MACs / dense", "at the fix",
                               "latency ms/batch"], runs),
              "", f"![accuracy vs MACs]({plot.relative_to(output)})"]
-    atomic_write_text("\n".join(lines) + "\n", output / "compare.md")
-    return output / "compare.md"
+    atomic_write_text("\n".join(lines) + "\n", folder.compare_md)
+    return folder.compare_md
 
 
 def compare_table(report: dict) -> str:

@@ -112,6 +112,7 @@ class DistContext:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0 of the process group (``is_rank0()`` before the group exists)."""
         return self.rank == 0
 
     @property
@@ -184,6 +185,12 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
 def progress(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs) -> tqdm:
     """A tqdm bar on stderr, shown only when ``enabled`` and stderr is a terminal (so logs and CI stay clean)."""
     return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True, leave=False, **kwargs)
+
+
+def is_rank0() -> bool:
+    """Whether this process is rank 0 of a ``torchrun`` job (or runs alone): the one that writes files and prints.
+    Read from the environment, so it answers before the process group exists; ``DistContext.is_main`` agrees."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # Status lines go to the ``hiap`` logger (``hiap.app`` for the application, ``hiap`` for the library's events): a

@@ -24,7 +24,7 @@ from hiap.app.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     JsonlLog,
-    config_difference,
+    check_resume,
     read_checkpoint,
     rng_state,
     seal,
@@ -119,6 +119,198 @@ def _first_step_note(model: nn.Module, device: torch.device) -> str | None:
             "where a later run on this machine loads them instead")
 
 
+class _Loop:
+    """The state of one training phase and the parts of ``fit``: set up, restore, one step, its log, an epoch's end,
+    a checkpoint. The order of operations is what makes a resumed run bit-identical; each part keeps it."""
+
+    def __init__(self, job: TrainingJob, data: DataBundle, settings: LoopSettings, ctx: DistContext,
+                 device: torch.device, checkpoint_path: Path, log: JsonlLog | None, fingerprint: dict):
+        self.job, self.data, self.settings, self.ctx, self.device = job, data, settings, ctx, device
+        self.checkpoint_path, self.log, self.fingerprint = checkpoint_path, log, fingerprint
+        self.model = job.model.to(device)
+        if job.teacher is not None:
+            job.teacher.to(device).eval().requires_grad_(False)
+        self.train_model = _wrap(self.model, ctx, device)
+        self.sampler = ShardedBatchSampler(len(data.train), settings.batch_size, seed=settings.seed, rank=ctx.rank,
+                                           world_size=ctx.world_size)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        groups = job.param_groups(settings.weight_decay, self.total_steps)
+        # The schedules stay out of the optimizer's groups (its state_dict is saved, and a function does not pickle).
+        schedules = [_schedule(group.pop("schedule"), self.total_steps, settings.warmup_steps) for group in groups]
+        self.optimizer = build_optimizer(groups)
+        self.scheduler = LambdaLR(self.optimizer, schedules)
+        self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, settings.amp) else None
+        self.result = FitResult(steps=self.total_steps)
+        self.step = 0
+        # Running train loss of the epoch in progress, summed on the device in float64 (the same additions a Python
+        # float would make), read back only when logged or saved; in the checkpoint so a mid-epoch resume reports it.
+        self.running_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.batches = 0
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def save(self, finished: bool) -> None:
+        """The whole training state, atomically (rank 0 only)."""
+        if not self.ctx.is_main:
+            return
+        _stop_if_diverged(self.job.phase, self.step, {"epoch loss sum": float(self.running_loss)})
+        payload = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "phase": self.job.phase,
+            "fingerprint": self.fingerprint, "model": self.model.state_dict(), "extra": self.job.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step, "total_steps": self.total_steps, "finished": finished, "history": self.result.history,
+            "running": {"loss_sum": float(self.running_loss), "batches": self.batches}, "rng": rng_state(),
+            **self.job.checkpoint_metadata(),
+        }
+        atomic_torch_save(seal(payload), self.checkpoint_path)
+
+    def restore(self, resume: bool) -> None:
+        """Continue from the checkpoint when resuming and one exists (refused when written under another config)."""
+        phase, log = self.job.phase, self.log
+        if resume and self.checkpoint_path.exists():
+            payload = read_checkpoint(self.checkpoint_path, phase=phase)
+            check_resume(self.checkpoint_path, payload["fingerprint"], self.fingerprint)
+            self.model.load_state_dict(payload["model"])
+            self.job.load_state_dict(payload["extra"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+            if self.scaler is not None and payload.get("scaler"):
+                self.scaler.load_state_dict(payload["scaler"])
+            set_rng_state(payload["rng"])
+            self.step = int(payload["step"])
+            self.batches = payload["running"]["batches"]
+            self.running_loss.fill_(float(payload["running"]["loss_sum"]))
+            self.result.history = list(payload["history"])
+            self.result.resumed_from = self.step
+            if log is not None:
+                log.truncate_after(phase, self.step)
+            log_line(f"[{phase}] resumed from {self.checkpoint_path} at step {self.step}/{self.total_steps}", self.ctx)
+        elif resume:
+            if log is not None:  # what a run killed before its first checkpoint logged is redone from the start
+                log.truncate_after(phase, 0)
+            log_line(f"[{phase}] no checkpoint at {self.checkpoint_path}; starting from scratch", self.ctx)
+
+    # -- one step -------------------------------------------------------------------------------------------------
+
+    def record_event(self, event: dict) -> None:
+        """An event of the job (it applies from ``event["step"]``): kept in the history and the log (its message was
+        logged by the job's library, ``hiap.Pruner``)."""
+        event = dict(event)
+        event.pop("message", None)
+        at = event.pop("step", self.step)
+        epoch = min(at // self.steps_per_epoch, self.settings.epochs - 1) + 1
+        event = {"phase": self.job.phase, "step": at, "epoch": epoch, **event}
+        self.result.history.append(event)
+        if self.log is not None:
+            self.log.write(event)
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """batch -> (teacher logits) -> forward -> loss -> backward -> optimizer -> the job's step -> LR schedule."""
+        job, device, settings = self.job, self.device, self.settings
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        teacher_logits = None
+        if job.teacher is not None:
+            with torch.no_grad(), autocast(device, settings.amp):
+                teacher_logits = job.teacher(images).float()
+        with autocast(device, settings.amp):
+            logits = self.train_model(images)
+        loss, metrics = job.loss(logits.float(), targets, teacher_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            events = job.after_step(self.scaler)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+            events = job.after_step(None)
+        self.scheduler.step()
+        self.step += 1
+        for event in events:
+            self.record_event(event)
+        self.running_loss += metrics["loss"].double()
+        self.batches += 1
+        return metrics
+
+    def log_step(self, metrics: dict[str, torch.Tensor], epoch: int, bar) -> None:
+        """Only logging steps read values back from the device; every other step queues work and moves on."""
+        step, settings = self.step, self.settings
+        if not (step % settings.log_every == 0 or step == self.total_steps):
+            return
+        values = {name: float(value) for name, value in metrics.items()}
+        _stop_if_diverged(self.job.phase, step, values)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{values['loss']:.4f}", refresh=False)
+        if self.log is not None:
+            lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+            self.log.write({"phase": self.job.phase, "event": "step", "step": step, "epoch": epoch + 1, **values,
+                            "lr": lrs, **self.job.log_extras()})
+
+    # -- epochs ---------------------------------------------------------------------------------------------------
+
+    def end_epoch(self, epoch: int, val_loader) -> None:
+        """Validation accuracy, the epoch's record and a checkpoint."""
+        job, ctx, settings = self.job, self.ctx, self.settings
+        _stop_if_diverged(job.phase, self.step, {"epoch mean loss": float(self.running_loss)})
+        accuracy = evaluate_accuracy(self.model, val_loader, self.device, amp=settings.amp, ctx=ctx,
+                                     show_progress=False)
+        record = {"phase": job.phase, "event": "epoch", "step": self.step, "epoch": epoch + 1,
+                  "train_loss": float(self.running_loss) / max(1, self.batches), "val_accuracy": accuracy,
+                  **job.log_extras()}
+        self.result.history.append(record)
+        if self.log is not None:
+            self.log.write(record)
+        self.save(finished=self.step == self.total_steps)
+        macs = record.get("macs_fraction")
+        latency = f", latency {record['decided_fraction']:.4f} (table)" if record.get("budget") == "latency" else ""
+        log_line(f"[{job.phase}] epoch {epoch + 1}/{settings.epochs}: val acc {accuracy:.4f}"
+                 + (f", MACs {macs:.4f} of dense{latency}" if macs is not None else ""), ctx)
+
+    def run(self) -> FitResult:
+        """Every remaining step, epoch by epoch."""
+        job, ctx, device, settings = self.job, self.ctx, self.device, self.settings
+        val_loader = eval_loader(self.data.val, settings.eval_batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                                 workers=settings.workers, pin_memory=device.type == "cuda")
+        bar = progress(total=self.total_steps, initial=self.step, enabled=settings.show_progress and ctx.is_main,
+                       desc=job.phase, unit="step")
+        # The first step of a process compiles the Triton kernels it meets (a minute on a GPU the first time,
+        # seconds once Triton's cache holds them): say so instead of leaving a bar that seems stuck.
+        compiling = _first_step_note(self.model, device)
+        while self.step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, step_in_epoch)
+            self.model.train()
+            if step_in_epoch == 0:
+                self.batches = 0
+                self.running_loss.zero_()
+            for images, targets in train_loader(self.data.train, self.sampler, settings.workers,
+                                                device.type == "cuda"):
+                if compiling is not None:
+                    log_line(f"[{job.phase}] {compiling}", ctx)
+                    bar.set_description(f"{job.phase} (compiling kernels)")
+                    started = time.perf_counter()
+                metrics = self.train_step(images, targets)
+                if compiling is not None:
+                    torch.cuda.synchronize(device)  # once: the first step's time, compilation included
+                    log_line(f"[{job.phase}] first step: {time.perf_counter() - started:.1f} s, kernel compilation "
+                             "included", ctx)
+                    bar.set_description(job.phase)
+                    compiling = None
+                bar.update(1)
+                self.log_step(metrics, epoch, bar)
+                if settings.checkpoint_every and self.step % settings.checkpoint_every == 0 \
+                        and self.step % self.steps_per_epoch:
+                    self.save(finished=False)
+            self.end_epoch(epoch, val_loader)
+        bar.close()
+        epochs = [record for record in self.result.history if record.get("event") == "epoch"]
+        self.result.val_accuracy = epochs[-1]["val_accuracy"] if epochs else float("nan")
+        return self.result
+
+
 def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: DistContext, device: torch.device,
         checkpoint_path: str | Path, log: JsonlLog | None, fingerprint: dict, resume: bool) -> FitResult:
     """Train ``job`` for ``settings.epochs`` epochs of ``data.train``, evaluating on ``data.val`` after each epoch.
@@ -127,160 +319,6 @@ def fit(job: TrainingJob, data: DataBundle, settings: LoopSettings, *, ctx: Dist
     steps. With ``resume`` and an existing checkpoint, training continues from it; a checkpoint written under another
     ``fingerprint`` (the settings that shape training) raises InputError naming the first difference.
     """
-    checkpoint_path = Path(checkpoint_path)
-    model = job.model.to(device)
-    if job.teacher is not None:
-        job.teacher.to(device).eval().requires_grad_(False)
-    train_model = _wrap(model, ctx, device)
-    sampler = ShardedBatchSampler(len(data.train), settings.batch_size, seed=settings.seed, rank=ctx.rank,
-                                  world_size=ctx.world_size)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = settings.epochs * steps_per_epoch
-    groups = job.param_groups(settings.weight_decay, total_steps)
-    # The schedules stay out of the optimizer's groups (its state_dict is saved, and a function does not pickle).
-    schedules = [_schedule(group.pop("schedule"), total_steps, settings.warmup_steps) for group in groups]
-    optimizer = build_optimizer(groups)
-    scheduler = LambdaLR(optimizer, schedules)
-    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, settings.amp) else None
-    result = FitResult(steps=total_steps)
-    step = 0
-    # Running train loss of the epoch in progress, summed on the device in float64 (the same additions a Python float
-    # would make), read back only when logged or saved; part of the checkpoint so a mid-epoch resume reports the same.
-    running_loss = torch.zeros((), dtype=torch.float64, device=device)
-    running = {"loss_sum": 0.0, "batches": 0}
-
-    def running_state() -> dict:
-        return {"loss_sum": float(running_loss), "batches": running["batches"]}
-
-    def save(finished: bool) -> None:
-        if not ctx.is_main:
-            return
-        _stop_if_diverged(job.phase, step, {"epoch loss sum": float(running_loss)})
-        payload = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "phase": job.phase,
-            "fingerprint": fingerprint, "model": model.state_dict(),
-            "extra": job.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "step": step, "total_steps": total_steps, "finished": finished, "history": result.history,
-            "running": running_state(), "rng": rng_state(), **job.checkpoint_metadata(),
-        }
-        atomic_torch_save(seal(payload), checkpoint_path)
-
-    if resume and checkpoint_path.exists():
-        payload = read_checkpoint(checkpoint_path, phase=job.phase)
-        difference = config_difference(payload["fingerprint"], fingerprint)
-        if difference is not None:
-            raise InputError(f"--resume: {checkpoint_path} was written with a different config ({difference}); "
-                             "resume with the original settings or use a new --output")
-        model.load_state_dict(payload["model"])
-        job.load_state_dict(payload["extra"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if scaler is not None and payload.get("scaler"):
-            scaler.load_state_dict(payload["scaler"])
-        set_rng_state(payload["rng"])
-        step = int(payload["step"])
-        running.update(payload["running"])
-        running_loss.fill_(float(payload["running"]["loss_sum"]))
-        result.history = list(payload["history"])
-        result.resumed_from = step
-        if log is not None:
-            log.truncate_after(job.phase, step)
-        log_line(f"[{job.phase}] resumed from {checkpoint_path} at step {step}/{total_steps}", ctx)
-    elif resume:
-        if log is not None:  # what a run killed before its first checkpoint logged is redone from the start
-            log.truncate_after(job.phase, 0)
-        log_line(f"[{job.phase}] no checkpoint at {checkpoint_path}; starting from scratch", ctx)
-
-    def record_event(event: dict) -> None:
-        """An event of the job (it applies from ``event["step"]``): kept in the history and the log (its message was
-        logged by the job's library, ``hiap.Pruner``)."""
-        event = dict(event)
-        event.pop("message", None)
-        at = event.pop("step", step)
-        event = {"phase": job.phase, "step": at, "epoch": min(at // steps_per_epoch, settings.epochs - 1) + 1, **event}
-        result.history.append(event)
-        if log is not None:
-            log.write(event)
-
-    val_loader = eval_loader(data.val, settings.eval_batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                             workers=settings.workers, pin_memory=device.type == "cuda")
-    bar = progress(total=total_steps, initial=step, enabled=settings.show_progress and ctx.is_main,
-                   desc=job.phase, unit="step")
-    # The first step of a process compiles the Triton kernels it meets (a minute on a GPU the first time, seconds
-    # once Triton's cache holds them): say so instead of leaving a bar that seems stuck.
-    compiling = _first_step_note(model, device)
-    first_step_start = None
-    while step < total_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, step_in_epoch)
-        model.train()
-        if step_in_epoch == 0:
-            running.update(loss_sum=0.0, batches=0)
-            running_loss.zero_()
-        for images, targets in train_loader(data.train, sampler, settings.workers, device.type == "cuda"):
-            if compiling is not None and first_step_start is None:
-                log_line(f"[{job.phase}] {compiling}", ctx)
-                bar.set_description(f"{job.phase} (compiling kernels)")
-                first_step_start = time.perf_counter()
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            teacher_logits = None
-            if job.teacher is not None:
-                with torch.no_grad(), autocast(device, settings.amp):
-                    teacher_logits = job.teacher(images).float()
-            with autocast(device, settings.amp):
-                logits = train_model(images)
-            loss, metrics = job.loss(logits.float(), targets, teacher_logits)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                events = job.after_step(scaler)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-                events = job.after_step(None)
-            scheduler.step()
-            step += 1
-            for event in events:
-                record_event(event)
-            if compiling is not None:
-                torch.cuda.synchronize(device)  # once: the first step's time, compilation included
-                log_line(f"[{job.phase}] first step: {time.perf_counter() - first_step_start:.1f} s, kernel "
-                         "compilation included", ctx)
-                bar.set_description(job.phase)
-                compiling = None
-            running_loss += metrics["loss"].double()
-            running["batches"] += 1
-            bar.update(1)
-            # Only logging steps read values back from the device; every other step queues work and moves on.
-            if step % settings.log_every == 0 or step == total_steps:
-                values = {name: float(value) for name, value in metrics.items()}
-                _stop_if_diverged(job.phase, step, values)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{values['loss']:.4f}", refresh=False)
-                if log is not None:
-                    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-                    log.write({"phase": job.phase, "event": "step", "step": step, "epoch": epoch + 1, **values,
-                               "lr": lrs, **job.log_extras()})
-            if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step % steps_per_epoch:
-                save(finished=False)
-        _stop_if_diverged(job.phase, step, {"epoch mean loss": float(running_loss)})
-        accuracy = evaluate_accuracy(model, val_loader, device, amp=settings.amp, ctx=ctx, show_progress=False)
-        record = {"phase": job.phase, "event": "epoch", "step": step, "epoch": epoch + 1,
-                  "train_loss": float(running_loss) / max(1, running["batches"]), "val_accuracy": accuracy,
-                  **job.log_extras()}
-        result.history.append(record)
-        if log is not None:
-            log.write(record)
-        save(finished=step == total_steps)
-        macs = record.get("macs_fraction")
-        latency = f", latency {record['decided_fraction']:.4f} (table)" if record.get("budget") == "latency" else ""
-        log_line(f"[{job.phase}] epoch {epoch + 1}/{settings.epochs}: val acc {accuracy:.4f}"
-                 + (f", MACs {macs:.4f} of dense{latency}" if macs is not None else ""), ctx)
-    bar.close()
-    epochs = [record for record in result.history if record.get("event") == "epoch"]
-    result.val_accuracy = epochs[-1]["val_accuracy"] if epochs else float("nan")
-    return result
+    loop = _Loop(job, data, settings, ctx, device, Path(checkpoint_path), log, fingerprint)
+    loop.restore(resume)
+    return loop.run()
