@@ -239,10 +239,12 @@ def command_eval(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from hiap.app.export import export_onnx, require_onnx
+    from hiap.app.export import MAX_PAD, export_onnx, require_onnx
     from hiap.method.extract import load_pruned
 
-    require_onnx()
+    if not 1 <= args.pad_heads <= MAX_PAD:
+        raise InputError(f"--pad-heads must lie in [1, {MAX_PAD}], got {args.pad_heads}")
+    require_onnx(runtime=args.check)
     path = check_input_file(args.path, "pruned model")
     onnx_path = Path(args.onnx).expanduser()
     check_output_file(onnx_path, "--onnx")
@@ -252,11 +254,18 @@ def command_export(args: argparse.Namespace) -> int:
         raise InputError(str(error)) from error
     with writing_into(onnx_path, "--onnx"):
         try:
-            check = export_onnx(pruned, onnx_path, opset=args.opset, atol=args.atol)
+            check = export_onnx(pruned, onnx_path, opset=args.opset, pad_heads=args.pad_heads,
+                                equal_widths=args.equal_head_widths, check=args.check, atol=args.atol)
         except RuntimeError as error:
             raise InputError(str(error)) from error
-    print(f"wrote {check.path} (opset {check.opset}, {check.nodes} nodes); onnxruntime vs PyTorch on a batch of "
-          f"{check.batch_checked}: max |diff| = {check.max_abs_error:.2e}")
+    padding = f", {check.padded_columns} zero columns of padding" if check.padded_columns else ""
+    print(f"wrote {check.path} (opset {check.opset}, {check.nodes} nodes; {check.attention_calls} batched attention "
+          f"calls in {check.attention_layers} layers{padding})")
+    if check.max_abs_error is None:
+        print("not checked against PyTorch (--no-check)")
+    else:
+        print(f"onnxruntime vs PyTorch on a batch of {check.batch_checked}: max |diff| = {check.max_abs_error:.2e} "
+              f"(accepted up to --atol {args.atol:g})")
     return 0
 
 

@@ -248,14 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--no-progress", dest="show_progress", action="store_false", help="hide the progress bar")
 
     export = commands.add_parser(
-        "export", help="pruned model -> ONNX, verified with onnxruntime",
-        description="Export a pruned model (.safetensors from hiap) to ONNX and compare ONNX Runtime's output with "
-                    "PyTorch's on a batch of random images (needs the onnx extra: pip install \".[onnx]\").")
+        "export", help="pruned model -> ONNX, one batched attention per run of equal-width heads",
+        description="Export a pruned model (.safetensors from hiap) to ONNX (input images [B, C, H, W], output "
+                    "logits, dynamic B). A layer's heads are grouped by width and each group is one batched "
+                    "attention (MatMul, Softmax, MatMul), the form ONNX Runtime, TensorRT and OpenVINO run fast; "
+                    "every shape but the batch is a constant. Unless --no-check, ONNX Runtime's output is then "
+                    "compared with PyTorch's on a batch of random images, the largest difference reported and the "
+                    "export refused (nothing written) above --atol. Needs the onnx extra: pip install \".[onnx]\".")
     export.add_argument("path", help="pruned model (.safetensors from hiap)")
     export.add_argument("--onnx", required=True, help="ONNX file to write")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    export.add_argument("--pad-heads", type=int, default=1, metavar="M",
+                        help="round every head's q/k and v width up to a multiple of M with zero columns, which "
+                             "leave the output as it is: 8 or 16 where a runtime wants aligned head sizes; 1 pads "
+                             "nothing (default: %(default)s)")
+    export.add_argument("--equal-head-widths", action="store_true",
+                        help="also pad each head's q/k and v to one width, the single head size fused attention "
+                             "kernels take (TensorRT, FlashAttention); costs MACs on a CPU")
+    export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare ONNX Runtime's output with PyTorch's and report the max |diff|; --no-check "
+                             "writes the file unchecked and needs no onnxruntime (default: on)")
     export.add_argument("--atol", type=float, default=1e-4,
-                        help="largest |onnxruntime - PyTorch| accepted (default: %(default)s)")
+                        help="largest |onnxruntime - PyTorch| the check accepts (default: %(default)s)")
     for command in commands.choices.values():
         chatter = command.add_mutually_exclusive_group()
         chatter.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
