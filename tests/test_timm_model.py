@@ -23,7 +23,6 @@ from timm.data import resolve_data_config
 import hiap
 from hiap.app.models import PRESETS, create_dense_model
 from hiap.app.runtime import InputError
-from hiap.files import DIGEST_KEY
 from tests.helpers import images, randomize_logits, tiny_vit
 
 NO_MINIMUMS = dict(min_heads=0, min_dim_fraction=0.0, min_neuron_fraction=0.0)
