@@ -45,11 +45,15 @@ class Target:
     of_mac_ratio: bool = False
 
 
-# The gated FFN targets are judged on the op that gates the FFN, gated_fc1 (fc1 + bias + GELU + neuron mask); records
-# made before the op-level split measured the whole GatedMlp under the case name gated_ffn_fwd_bwd.
+# The gated layers are judged on what training runs: each layer trains on the faster of the masks on the weights
+# (``triton``) and the fused gated GEMM (``triton-fused``), measured at its first step, so the fused ops are held to
+# beating the path a layer would run without them, and both Triton paths to beating the eager PyTorch path.
 TARGETS = (
-    Target("gated FFN fwd+bwd vs eager", "gated_fc1_fwd_bwd", "triton", "reference", 1.8),
-    Target("gated FFN fwd+bwd vs compiled", "gated_fc1_fwd_bwd", "triton", "compiled", 1.15),
+    Target("gated FFN fwd+bwd: fused gated_fc1 vs the masks on the weights", "gated_mlp_fwd_bwd", "triton-fused",
+           "triton", 1.0),
+    Target("gated attention fwd+bwd: fused gated_qkv vs the masks on the weights", "gated_attention_fwd_bwd",
+           "triton-fused", "triton", 1.0),
+    Target("gated FFN fwd+bwd vs eager", "gated_mlp_fwd_bwd", "triton", "reference", 1.8),
     Target("gated attention fwd+bwd vs eager", "gated_attention_fwd_bwd", "triton", "reference", 1.4),
     # A HiAP step (full objective) at most 1.1x a dense timm step, and at most 0.9x late in training: half of the
     # structure at CLOSED_LOGIT, which a run's next check retires (``HiAPConfig.retire_below``).

@@ -199,6 +199,11 @@ def attention_training_work(batch: int) -> Work:
     return Work(flops, bytes_)
 
 
+def mlp_training_work(batch: int) -> Work:
+    """fc1, GELU, fc2, forward and backward, at the dense width (gates mask, they do not shrink)."""
+    return ffn_training_work(batch * TOKENS)
+
+
 def block_training_work(batch: int) -> Work:
     attention = attention_training_work(batch)
     ffn = ffn_training_work(batch * TOKENS)

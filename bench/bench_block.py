@@ -1,6 +1,7 @@
 """Gated attention, one gated block and a whole gated DeiT-S training step, forward + backward.
 
     gated_attention_fwd_bwd   ``hiap.GatedAttention`` (gated qkv -> SDPA -> proj), the attention half of a block
+    gated_mlp_fwd_bwd         ``hiap.GatedMlp`` (fc1 -> GELU -> neuron mask -> fc2), the FFN half of a block
     gated_block_fwd_bwd       one timm ``Block`` with ``GatedAttention`` and ``GatedMlp`` (norms, residuals included)
     training_step             one step of DeiT-S training against what a user pays today, a dense timm step:
                                 dense/reference      timm DeiT-S: forward, CE + KD, backward, fused AdamW (baseline)
@@ -25,7 +26,10 @@ Each training-step record carries ``ops_per_step``, the launching ops (views exc
 launch-bound step (DeiT-S at batch 64 on an H100) pays for.
 
 Providers of the module cases: ``reference`` (the modules' PyTorch path, eager), ``compiled`` (torch.compile of the same
-modules), ``triton`` (the same modules switched with ``hiap.use_triton_kernels``). In the training step the
+modules), ``triton`` (the same modules switched with ``hiap.use_triton_kernels``: the masks on the weights, one launch
+each way, and the library's GEMMs) and ``triton-fused`` (the family's fused op instead: ``gated_qkv`` /
+``gated_fc1``, gates sampled and applied in the GEMM's epilogue). A gated layer trains on whichever of the last two
+measures faster on the device (``training_path``); the targets compare them. In the training step the
 temperature anneals and the seed advances every step, as in a real run (both are device tensors: nothing
 recompiles). The teacher's logits are precomputed: the teacher is the same dense model for every variant.
 """
@@ -45,6 +49,7 @@ from _workloads import (
     TOKENS,
     attention_training_work,
     block_training_work,
+    mlp_training_work,
     dense_deit_s,
     gated_deit_s,
     images,
@@ -63,7 +68,9 @@ STEP_BATCHES = batch_sizes(gpu_default=(64, 256), cpu_default=(2,))
 # What hiap.use_triton_kernels switches the gated modules (their GEMMs are cuBLAS's on every path) and the objective to.
 TRITON_MODULES = ("hiap_kernels.gated_weight.qkv_weight", "hiap_kernels.gated_weight.fc2_weight",
                   "hiap_kernels.gated_weight.gather",
-                  "hiap_kernels.objective.kernel")
+                  "hiap_kernels.objective.kernel", "hiap_kernels.gated_linear.qkv", "hiap_kernels.gated_linear.fc1")
+# The module cases: the three providers of every op, and the fused training path on the Triton backend.
+MODULE_PROVIDERS = (*PROVIDERS, "triton-fused")
 STEP_VARIANTS = ("dense/reference", "hiap/reference", "hiap/triton", "hiap/compiled", "hiap-late/triton",
                  "hiap-retired/triton", "hiap-fixed/triton")
 if not ON_GPU:  # the Triton cells need a GPU: on a CPU the late, retired and fixed steps run the reference path
@@ -71,10 +78,14 @@ if not ON_GPU:  # the Triton cells need a GPU: on a CPU the late, retired and fi
 
 
 def _pin_backend(module: torch.nn.Module, provider: str) -> None:
-    if provider == "triton":
+    """The provider's kernel path, and for the Triton ones the training path of every gated layer (not measured)."""
+    if provider.startswith("triton"):
         hiap.use_triton_kernels(module)
     else:
         hiap.use_reference_kernels(module)
+    for layer in module.modules():
+        if isinstance(layer, (hiap.GatedAttention, hiap.GatedMlp)):
+            layer.training_path = "fused" if provider == "triton-fused" else "weights"
 
 
 def _module_case(run: CaseRun, provider: str, pick, batch: int, work, compile_cost: str) -> None:
@@ -105,7 +116,7 @@ def _module_case(run: CaseRun, provider: str, pick, batch: int, work, compile_co
 
 
 @pytest.mark.parametrize("batch", MODULE_BATCHES, ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", MODULE_PROVIDERS)
 def test_gated_attention_fwd_bwd(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "gated_attention_fwd_bwd", provider, batch)
     run.note_cpu_reduction(CPU_MODULE_REDUCTION)
@@ -113,7 +124,15 @@ def test_gated_attention_fwd_bwd(benchmark, recorder, provider, batch):
 
 
 @pytest.mark.parametrize("batch", MODULE_BATCHES, ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", MODULE_PROVIDERS)
+def test_gated_mlp_fwd_bwd(benchmark, recorder, provider, batch):
+    run = CaseRun(benchmark, recorder, "gated_mlp_fwd_bwd", provider, batch)
+    run.note_cpu_reduction(CPU_MODULE_REDUCTION)
+    _module_case(run, provider, lambda block: block.mlp, batch, mlp_training_work(batch), "small")
+
+
+@pytest.mark.parametrize("batch", MODULE_BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("provider", MODULE_PROVIDERS)
 def test_gated_block_fwd_bwd(benchmark, recorder, provider, batch):
     run = CaseRun(benchmark, recorder, "gated_block_fwd_bwd", provider, batch)
     run.note_cpu_reduction(CPU_MODULE_REDUCTION)

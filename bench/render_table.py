@@ -36,7 +36,7 @@ PROVIDER_ORDER = (
 # gated_ffn_fwd_bwd: the module-level FFN case of records made before gated_fc1_fwd_bwd replaced it.
 CASE_ORDER = (
     "sample_gates", "gated_qkv_weight", "gated_fc2_weight", "gather_weight_rows", "gather_weight_cols", "gate_objective",
-    "gated_qkv_fwd_bwd", "gated_fc1_fwd_bwd", "gated_ffn_fwd_bwd", "gated_attention_fwd_bwd",
+    "gated_qkv_fwd_bwd", "gated_fc1_fwd_bwd", "gated_ffn_fwd_bwd", "gated_attention_fwd_bwd", "gated_mlp_fwd_bwd",
     "gated_block_fwd_bwd", "training_step",
     "ragged_attention", "fused_linear_gelu_f1024", "fused_linear_gelu_f1536", "deit_s_inference",
 )

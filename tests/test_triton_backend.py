@@ -114,6 +114,8 @@ def _ops_beyond_dense(depth: int, fixed: bool = False) -> tuple[int, int]:
     gated = hiap.gate_vit(tiny_vit(depth=depth), hiap.HiAPConfig()).to(DEVICE).train()
     randomize_logits(gated, torch.Generator().manual_seed(0))
     hiap.use_triton_kernels(gated)
+    for module in gated.gated_modules():  # the masks on the weights (a GPU would otherwise time both paths first)
+        module.training_path = "weights"
     if fixed:
         gated.fix_structure()
     ops = _launching_ops(gated)
@@ -231,3 +233,51 @@ def test_the_objective_is_one_op_on_the_triton_path_with_the_reference_paths_ter
         torch.testing.assert_close(triton[3], reference[3], rtol=1e-12, atol=0)
         # The task loss (14 ops), the stacking of the logits (6) and the op; the reference's: 87 (penalty), 137.
         assert triton[4] <= 22 < 80 < reference[4], (triton[4], reference[4])
+
+
+def test_each_gated_layer_runs_the_training_path_that_measures_faster_and_both_draw_the_same_gates():
+    """The fused gated GEMMs (gated_qkv, gated_fc1) against the masks on the weights: the choice follows the timings
+    (injected here; a GPU times both at a layer's first sampling step), and either path gives the same outputs and
+    gradients, gates included."""
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10).to(DEVICE)
+    gated = hiap.gate_vit(vit, hiap.HiAPConfig(init_logit=0.5)).train()
+    randomize_logits(gated, torch.Generator().manual_seed(3), scale=1.0)
+    attn, mlp = gated.vit.blocks[0].attn, gated.vit.blocks[0].mlp
+    x = torch.randn(2, 5, 32, device=DEVICE)
+
+    def outputs(module):
+        for p in module.parameters():
+            p.grad = None
+        probe = x.clone().requires_grad_(True)
+        out = module(probe)
+        out.square().sum().backward()
+        return out.detach(), probe.grad, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    # The reference backend has no fused op: the masks on the weights, untimed.
+    assert attn.choose_training_path(x, timer=lambda run: pytest.fail("timed without a fused op")) == "weights"
+    with hiap.use_triton_kernels(gated):
+        for module in (attn, mlp):
+            module.training_path = None
+            module(x)  # unchosen: the masks on the weights, and a forward does not choose (a compiled graph stays)
+            assert module.training_path is None
+            calls = iter([3.0, 1.0])  # the weights' path timed first, then the fused op
+            assert module.choose_training_path(x, timer=lambda run: (run(), next(calls))[1]) == "fused"
+            assert module.training_path_times == {"weights": 3.0, "fused": 1.0}
+            fused = outputs(module)
+            calls = iter([1.0, 3.0])
+            assert module.choose_training_path(x, timer=lambda run: (run(), next(calls))[1]) == "weights"
+            weights = outputs(module)
+            assert _relative_error(fused[0], weights[0]) < 1e-4 and _relative_error(fused[1], weights[1]) < 1e-4
+            assert fused[2].keys() == weights[2].keys()
+            for name, grad in weights[2].items():
+                assert _relative_error(fused[2][name], grad) < 1e-3, name
+    # The model times every layer on its own input, the gate step unmoved; a pruner does it once, on a GPU only.
+    step = int(gated.gate_step)
+    with hiap.use_triton_kernels(gated):
+        order = iter([2.0, 1.0, 1.0, 2.0])  # attention: fused faster; FFN: the weights faster
+        chosen = gated.choose_training_paths(torch.randn(2, 3, 16, 16, device=DEVICE),
+                                             timer=lambda run: (run(), next(order))[1])
+    assert chosen == {"blocks.0.attn": "fused", "blocks.0.mlp": "weights"} and int(gated.gate_step) == step
+    if DEVICE == "cpu":  # the interpreter's timings say nothing of speed: the weights, untimed
+        pruner = hiap.Pruner(vit, hiap.HiAPConfig(), total_steps=4)
+        assert set(pruner.choose_training_paths(torch.randn(2, 3, 16, 16)).values()) == {"weights"}

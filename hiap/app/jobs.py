@@ -57,6 +57,9 @@ class TrainingJob:
         history (and the checkpoint)."""
         return []
 
+    def prepare(self, images: torch.Tensor) -> None:
+        """Called once per process before its first step, with that step's images (on the device)."""
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``logits [B, C]`` (float32), ``targets [B]`` -> (scalar loss, detached scalars for the log).
@@ -130,6 +133,9 @@ class HiAPJob(TrainingJob):
 
     def checkpoint_metadata(self) -> dict:
         return {"architecture": self.gated.architecture, "hiap_config": self.cfg.to_dict()}
+
+    def prepare(self, images: torch.Tensor) -> None:
+        self.pruner.choose_training_paths(images)  # each gated layer's faster training path, timed on a GPU
 
     def after_step(self, scaler: torch.amp.GradScaler | None) -> list[dict]:
         events = self.pruner.step(scaler)

@@ -279,6 +279,7 @@ class _Loop:
         # The first step of a process compiles the Triton kernels it meets (a minute on a GPU the first time,
         # seconds once Triton's cache holds them): say so instead of leaving a bar that seems stuck.
         compiling = _first_step_note(self.model, device)
+        prepared = False
         while self.step < self.total_steps:
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, step_in_epoch)
@@ -292,6 +293,10 @@ class _Loop:
                     log_line(f"[{job.phase}] {compiling}", ctx)
                     bar.set_description(f"{job.phase} (compiling kernels)")
                     started = time.perf_counter()
+                if not prepared:
+                    with autocast(device, settings.amp):
+                        job.prepare(images.to(device, non_blocking=True))
+                    prepared = True
                 metrics = self.train_step(images, targets)
                 if compiling is not None:
                     torch.cuda.synchronize(device)  # once: the first step's time, compilation included

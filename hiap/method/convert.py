@@ -125,6 +125,25 @@ class HiAPViT(nn.Module):
             counts[f"{kind}_total"] += masks[name].numel()
         return counts
 
+    def choose_training_paths(self, images: torch.Tensor, timer=None) -> dict[str, str]:
+        """Time, for every gated layer, its two training paths (the masks on the weights, the fused gated GEMM) on
+        the input it gets from ``images [B, C, H, W]`` and keep the faster (``training_path``); returns the choice by
+        layer name. A layer whose fused op cannot run here (the PyTorch backend, a CPU) keeps the weights untimed.
+        ``timer(run) -> ms`` replaces the synchronised median of a few calls (tests inject timings). Eager only: call
+        it before compiling the model. The gate-step counter does not move."""
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [module.register_forward_pre_hook(
+                     lambda module, args, name=name: captured.setdefault(name, args[0].detach())
+                 ) for name, module in self.named_gated_modules()]
+        try:
+            with torch.no_grad():
+                self.vit(images)  # the layers' inputs (the model's own forward would advance the gate step)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {name: module.choose_training_path(captured[name], timer)
+                for name, module in self.named_gated_modules() if name in captured}
+
     def gate_logits(self) -> dict[str, nn.Parameter]:
         """The gate logits by name (``blocks.3.attn.gates.head`` ...), for an optimizer group of their own."""
         return {

@@ -14,6 +14,13 @@ weights instead of ``[B N, 3 H Dh]`` and ``[B N, F]`` activations, and autograd 
 (``dL/dm = <dL/dW', W> + dL/db' b``, exactly the output-masked formula of ``hiap_kernels.gated_qkv_reference``). With
 every gate open the masks are exact ones: the model computes bit for bit what timm's does.
 
+On the Triton backend a gated module can instead run the fused op of its family (``hiap_kernels.gated_qkv``: the
+qkv GEMM with the gates sampled and applied in its epilogue, writing q, k, v as SDPA reads them; ``gated_fc1``: fc1 +
+bias + GELU + neuron mask in one kernel). Which of the two a layer runs (``training_path``) is measured, not assumed:
+``HiAPViT.choose_training_paths`` (``hiap.Pruner`` calls it before its first step on a GPU) times each path's forward
+and backward on the layer's own input and keeps the faster (``"weights"`` where the fused op cannot run, and until
+chosen). Both draw the same gates.
+
 Two states leave units out of the GEMMs altogether, by gathering the kept rows and columns of the weights: a fixed
 structure (``use_decision``: the decision, no sampling) and retirement (``retire``: heads and neuron groups closed for
 good are left out of the sampled weights while the other gates keep sampling).
@@ -47,13 +54,81 @@ def _rename_legacy_gate_keys(names: dict[str, str]):
     return hook
 
 
-class GatedAttention(KernelBackendMixin, nn.Module):
+# Paths of a sampling training forward: the masks on the weights with the library's GEMMs, or the family's fused op.
+TRAINING_PATHS = ("weights", "fused")
+
+
+def _median_ms(run, device: torch.device, repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time (ms) of ``run()`` on ``device``, synchronised around each call (a GPU's queue drained)."""
+    import statistics
+    import time
+
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda device=None: None)
+    times = []
+    for index in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        if index >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+class _TrainingPathChoice:
+    """``choose_training_path`` for a gated module whose two paths are ``_weights_path(x)`` and ``_fused_path(x)``
+    (each the module's whole forward while sampling; both return the output)."""
+
+    fused_op: str = ""
+    training_path: str | None = None
+
+    def fused_kernel(self, x: torch.Tensor):
+        """The family's fused op when it can run on ``x`` (the Triton backend, CUDA or the interpreter), else None."""
+        return self.triton_kernel(x, op=self.fused_op)
+
+    def choose_training_path(self, x: torch.Tensor, timer=None) -> str:
+        """Time a forward and backward of each path on a copy of ``x`` and keep the faster in ``training_path``.
+
+        ``timer(run) -> ms`` measures a callable (default: the median of five synchronised calls after two warm-up
+        calls, the first of which compiles the kernels). The backward goes to the input, the weights and the gate
+        logits through ``torch.autograd.grad``, so no ``.grad`` is touched. Returns the path kept; ``"weights"``
+        without timing where the fused op cannot run.
+        """
+        if self.fused_kernel(x) is None:
+            self.training_path = "weights"
+            return self.training_path
+        timer = timer or (lambda run: _median_ms(run, x.device))
+        probe = x.detach().clone().requires_grad_(True)
+        inputs = [probe] + [p for p in self.parameters() if p.requires_grad]
+
+        def timed(path):
+            def run():
+                with torch.enable_grad():
+                    out = path(probe)
+                    torch.autograd.grad(out.float().sum(), inputs, allow_unused=True)
+            return timer(run)
+
+        times = {"weights": timed(self._weights_path), "fused": timed(self._fused_path)}
+        self.training_path = min(TRAINING_PATHS, key=lambda path: (times[path], path != "weights"))
+        self.training_path_times = times
+        return self.training_path
+
+    def _sampling_path(self, x: torch.Tensor):
+        """The path of a sampling forward: the fused op where ``choose_training_path`` chose it (and it can run on
+        ``x``), the masks on the weights otherwise. Read, never changed, here: a compiled forward keeps its graph."""
+        if self.training_path == "fused" and self.fused_kernel(x) is not None:
+            return self._fused_path
+        return self._weights_path
+
+
+class GatedAttention(_TrainingPathChoice, KernelBackendMixin, nn.Module):
     """timm ``Attention`` with head gates ``g [H]``, q/k-dim gates ``dqk [H, Dh/G]`` and v-dim gates ``dv [H, Dh/G]``.
 
     Masks: q columns times ``dqk``, v columns times ``g * dv`` (k unmasked). Input and output ``[B, N, D]``.
     """
 
     triton_op = "gated_qkv_weight"
+    fused_op = "gated_qkv"
 
     def __init__(self, attn: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
                  init_logit: float, dim_group: int, min_heads: int, min_dim_fraction: float):
@@ -150,7 +225,15 @@ class GatedAttention(KernelBackendMixin, nn.Module):
             return self._gathered_forward(x, self.qkv.weight, self.qkv.bias, self.decided_rows,
                                           self.decided_rows_inverse, self.decided_row_scale, self.decided_columns,
                                           self.decided_columns_inverse, attn_mask, is_causal)
-        # The gated weight and bias: one launch of the fused op on the Triton backend, its reference chain otherwise.
+        if self.live_rows is None and attn_mask is None and not is_causal and self.training \
+                and not self.gates.schedule.decided:
+            return self._sampling_path(x)(x)
+        return self._weights_path(x, attn_mask, is_causal)
+
+    def _weights_path(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                      is_causal: bool = False) -> torch.Tensor:
+        """The masks on the qkv weight and bias (one launch of ``gated_qkv_weight`` on the Triton backend, its
+        reference chain otherwise), then the library's GEMM, SDPA and proj."""
         draw = self.gates.draw()
         gated_weight = self.triton_kernel(x, self.qkv.weight) or gated_qkv_weight_reference
         weight, bias = gated_weight(self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
@@ -160,6 +243,16 @@ class GatedAttention(KernelBackendMixin, nn.Module):
             return self._gathered_forward(x, weight, bias, self.live_rows, self.live_rows_inverse, None,
                                           self.live_columns, self.live_columns_inverse, attn_mask, is_causal)
         return self.proj_drop(self.proj(self._attention(x, weight, bias, attn_mask, is_causal)[0]))
+
+    def _fused_path(self, x: torch.Tensor) -> torch.Tensor:
+        """``gated_qkv``: the qkv GEMM with the gates sampled and applied in its epilogue, q, k, v written as SDPA
+        reads them; then SDPA and proj."""
+        draw = self.gates.draw()
+        q, k, v = self.fused_kernel(x)(x, self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
+        batch, tokens, _ = x.shape
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
+                                             scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)))
 
     def _gathered_forward(self, x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
                           rows: torch.Tensor, rows_inverse: torch.Tensor, row_scale: torch.Tensor | None,
@@ -217,13 +310,14 @@ class GatedAttention(KernelBackendMixin, nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, layer={self.layer_index}"
 
 
-class GatedMlp(KernelBackendMixin, nn.Module):
+class GatedMlp(_TrainingPathChoice, KernelBackendMixin, nn.Module):
     """timm ``Mlp`` with an FFN block gate ``b [1]`` and neuron gates ``c [F/G]``; mask ``b * c`` after the GELU.
 
     Input and output ``[..., D]``.
     """
 
     triton_op = "gated_fc2_weight"
+    fused_op = "gated_fc1"
 
     def __init__(self, mlp: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
                  init_logit: float, dim_group: int, min_neuron_fraction: float):
@@ -286,8 +380,14 @@ class GatedMlp(KernelBackendMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decided_neurons is not None:
             return self._gathered_forward(x, self.fc2.weight, self.decided_neurons, self.decided_neurons_inverse)
+        if self.live_neurons is None and self.training and not self.gates.schedule.decided:
+            return self._sampling_path(x)(x)
+        return self._weights_path(x)
+
+    def _weights_path(self, x: torch.Tensor) -> torch.Tensor:
+        """fc1 and GELU as timm runs them, then fc2 with the neuron mask on its weight's columns (one launch of
+        ``gated_fc2_weight`` on the Triton backend, the reference otherwise)."""
         draw = self.gates.draw()
-        # fc2's weight with the neuron mask on its columns: one launch on the Triton backend, the reference otherwise.
         gated_weight = self.triton_kernel(x, self.fc2.weight) or gated_fc2_weight_reference
         weight = gated_weight(self.fc2.weight, *draw.logits, **draw.options())
         if self.live_neurons is not None and draw.sample:
@@ -296,6 +396,13 @@ class GatedMlp(KernelBackendMixin, nn.Module):
             return self._gathered_forward(x, weight, self.live_neurons, self.live_neurons_inverse)
         hidden = self.drop1(self.act(self.fc1(x)))
         return self.drop2(F.linear(hidden, weight, self.fc2.bias))
+
+    def _fused_path(self, x: torch.Tensor) -> torch.Tensor:
+        """``gated_fc1``: fc1 + bias + GELU + the sampled neuron mask in one kernel, then fc2 as timm runs it."""
+        draw = self.gates.draw()
+        hidden = self.fused_kernel(x)(x, self.fc1.weight, self.fc1.bias, *draw.logits, **draw.options(),
+                                      approximate=self.act.approximate)
+        return self.drop2(self.fc2(self.drop1(hidden)))
 
     def _gathered_forward(self, x: torch.Tensor, fc2_weight: torch.Tensor, kept: torch.Tensor,
                           inverse: torch.Tensor) -> torch.Tensor:

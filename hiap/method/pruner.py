@@ -131,6 +131,7 @@ class Pruner:
         self.history: list[dict] = []
         self.step_count = 0
         self.last_terms: ObjectiveTerms | None = None
+        self._paths_chosen = False
         self._gate_optimizer = self._build_gate_optimizer()
         self._configured_step: int | None = None
         self._configure(0)
@@ -246,6 +247,8 @@ class Pruner:
         The terms of the last call (task, budget, feasibility, MAC fraction; device tensors) are in ``last_terms``.
         """
         self._ensure_configured()
+        if images is not None:
+            self.choose_training_paths(images)
         if logits is None:
             if images is None:
                 raise ValueError("Pruner.loss needs images, or the model's logits")
@@ -259,6 +262,18 @@ class Pruner:
                                targets)
         self.last_terms = terms
         return terms.total
+
+    def choose_training_paths(self, images: torch.Tensor, timer=None) -> dict[str, str]:
+        """Once, before the first step: on a GPU with the Triton kernels, every gated layer times its two training
+        paths on these images' activations and keeps the faster (``HiAPViT.choose_training_paths``); elsewhere the
+        masks on the weights, untimed. ``loss(images, ...)`` calls it; a loop that passes only ``logits`` calls it
+        itself with a first batch."""
+        if self._paths_chosen:
+            return {name: module.training_path or "weights" for name, module in self.model.named_gated_modules()}
+        self._paths_chosen = True
+        if images.device.type != "cuda" and timer is None:
+            return {name: "weights" for name, _ in self.model.named_gated_modules()}
+        return self.model.choose_training_paths(images, timer)
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> list[dict]:
         """After your optimizer's step: step the gate logits, then set up the next step. Returns that step's events
