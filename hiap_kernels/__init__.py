@@ -22,11 +22,10 @@ import), which the tests compare against and ``hiap`` uses as its reference path
     token_score/    token_redundancy   RAPID's prune score: redundancy minus attention share, per image   (inference)
     common/         what every kernel shares: tile order, k-loop, GELU, precision policy, allocation
 
-This package never imports ``hiap``. The Triton ops are imported on first use, so ``import hiap_kernels`` works where
-Triton does not; the references and layout helpers are plain imports.
+This package never imports ``hiap``. Every op is a plain import from the module that defines it; where Triton is
+missing, ``import hiap_kernels`` still gives the references and layout helpers, and naming an op says it needs
+Triton.
 """
-
-import importlib
 
 from hiap_kernels.common.runtime import can_run_triton, interpreter_active, kernel_cache_dir, triton_available
 from hiap_kernels.gated_linear.reference import gated_fc1_reference, gated_qkv_reference
@@ -46,24 +45,27 @@ from hiap_kernels.token_merge.reference import merge_tokens_reference
 from hiap_kernels.token_score.reference import token_redundancy_reference
 from hiap_kernels.token_similarity.reference import nearest_tokens_reference
 
-# Public Triton op -> the module that defines it. No module of this package is named like an op, so importing one
-# never replaces the function that ``__getattr__`` handed out.
-_TRITON_OPS = {
-    "sample_gates": "hiap_kernels.gates.kernel",
-    "gated_qkv": "hiap_kernels.gated_linear.qkv",
-    "gated_fc1": "hiap_kernels.gated_linear.fc1",
-    "gated_qkv_weight": "hiap_kernels.gated_weight.qkv_weight",
-    "gated_fc2_weight": "hiap_kernels.gated_weight.fc2_weight",
-    "gather_weight": "hiap_kernels.gated_weight.gather",
-    "gate_objective": "hiap_kernels.objective.kernel",
-    "ragged_attention": "hiap_kernels.ragged_attn.kernel",
-    "fused_linear_gelu": "hiap_kernels.linear_gelu.kernel",
-    "merge_tokens": "hiap_kernels.token_merge.kernel",
-    "fused_linear_residual": "hiap_kernels.linear_residual.kernel",
-    "fused_layernorm_linear": "hiap_kernels.layernorm_linear.kernel",
-    "nearest_tokens": "hiap_kernels.token_similarity.kernel",
-    "token_redundancy": "hiap_kernels.token_score.kernel",
-}
+if triton_available():
+    # Each op from the module that defines it, as a reader follows it.
+    from hiap_kernels.gated_linear.fc1 import gated_fc1
+    from hiap_kernels.gated_linear.qkv import gated_qkv
+    from hiap_kernels.gated_weight.fc2_weight import gated_fc2_weight
+    from hiap_kernels.gated_weight.gather import gather_weight
+    from hiap_kernels.gated_weight.qkv_weight import gated_qkv_weight
+    from hiap_kernels.gates.kernel import sample_gates
+    from hiap_kernels.layernorm_linear.kernel import fused_layernorm_linear
+    from hiap_kernels.linear_gelu.kernel import fused_linear_gelu
+    from hiap_kernels.linear_residual.kernel import fused_linear_residual
+    from hiap_kernels.objective.kernel import gate_objective
+    from hiap_kernels.ragged_attn.kernel import ragged_attention
+    from hiap_kernels.token_merge.kernel import merge_tokens
+    from hiap_kernels.token_score.kernel import token_redundancy
+    from hiap_kernels.token_similarity.kernel import nearest_tokens
+
+# The Triton ops, which need Triton: where it is missing, naming one says so (the references work everywhere).
+TRITON_OPS = ("gated_fc1", "gated_qkv", "gated_fc2_weight", "gather_weight", "gated_qkv_weight", "sample_gates",
+              "fused_layernorm_linear", "fused_linear_gelu", "fused_linear_residual", "gate_objective",
+              "ragged_attention", "merge_tokens", "token_redundancy", "nearest_tokens")
 
 __all__ = [
     "GateLayout",
@@ -109,8 +111,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in _TRITON_OPS:
-        op = getattr(importlib.import_module(_TRITON_OPS[name]), name)
-        globals()[name] = op
-        return op
+    if name in TRITON_OPS:
+        raise ImportError(f"hiap_kernels.{name} needs Triton, which is not installed here (pip install triton on "
+                          "Linux); the PyTorch references (hiap_kernels.*_reference) work without it")
     raise AttributeError(f"module 'hiap_kernels' has no attribute {name!r}")
