@@ -2,6 +2,7 @@
 latency-budget search lands against dense timm.
 
     python bench/latency_check.py [--batches 1 16] [--layouts 20] [--target 0.6] [--steps 60] [--out FILE.json]
+    python bench/latency_check.py --device cuda --dtype bfloat16 --batches 256 --layouts 10   # on a GPU
 
 Per batch size: ``hiap profile``'s table of DeiT-S (random weights; time depends on shapes, not values), then
 ``--layouts`` random layouts on the alignment steps (per layer 1-6 heads, q/k and v widths in 16s, FFN widths in
@@ -16,6 +17,7 @@ names the machine, the versions and every figure.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import statistics
@@ -54,14 +56,15 @@ def random_layout(dense: torch.nn.Module, generator: torch.Generator) -> hiap.Hi
     return gated
 
 
-def prediction_check(dense: torch.nn.Module, table: LatencyTable, layouts: int, rounds: int, seed: int) -> dict:
+def prediction_check(dense: torch.nn.Module, table: LatencyTable, layouts: int, rounds: int, seed: int,
+                     device: torch.device, dtype: torch.dtype) -> dict:
     """The table's prediction of ``layouts`` random pruned models against their measured latency."""
     generator = torch.Generator().manual_seed(seed)
     models = {"dense": dense}
     for index in range(layouts):
         models[f"layout {index}"] = hiap.extract(random_layout(dense, generator))
     shape = (3, 224, 224)
-    measured = measure_latencies(models, shape, torch.device("cpu"), batch=table.batch, rounds=rounds, warmup=2)
+    measured = measure_latencies(models, shape, device, batch=table.batch, rounds=rounds, warmup=2, dtype=dtype)
     rows = []
     for name, model in models.items():
         predicted = table.predict(model)
@@ -74,34 +77,35 @@ def prediction_check(dense: torch.nn.Module, table: LatencyTable, layouts: int, 
     return {"rows": rows, "median_abs_error": statistics.median(errors), "worst_abs_error": max(errors)}
 
 
-def search(dense: torch.nn.Module, cfg: hiap.HiAPConfig, steps: int, seed: int) -> torch.nn.Module:
+def search(dense: torch.nn.Module, cfg: hiap.HiAPConfig, steps: int, seed: int,
+           device: torch.device) -> torch.nn.Module:
     """A short HiAP run on synthetic images (batch 2), returning the extracted model."""
     generator = torch.Generator().manual_seed(seed)
-    pruner = hiap.Pruner(dense, cfg, total_steps=steps)
+    pruner = hiap.Pruner(copy.deepcopy(dense).to(device), cfg, total_steps=steps)
     optimizer = torch.optim.AdamW(pruner.param_groups(lr=1e-4), fused=True)
     for _ in range(steps):
-        images = torch.randn(2, 3, 224, 224, generator=generator)
-        labels = torch.randint(0, 1000, (2,), generator=generator)
+        images = torch.randn(2, 3, 224, 224, generator=generator).to(device)
+        labels = torch.randint(0, 1000, (2,), generator=generator).to(device)
         loss = pruner.loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         pruner.step()
-    return pruner.extract()
+    return pruner.extract().cpu()
 
 
 def search_check(dense: torch.nn.Module, table_path: Path, table: LatencyTable, target: float, steps: int,
-                 rounds: int, seed: int) -> dict:
+                 rounds: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict:
     """A latency-budget and a MAC-budget search at ``target``, both timed against dense in the same rounds."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the searches train; the timing below runs at the table's threads
     latency_model = search(dense, hiap.HiAPConfig(budget="latency", latency_table=str(table_path), target=target,
-                                                  seed=seed), steps, seed)
-    mac_model = search(dense, hiap.HiAPConfig(target=target, seed=seed), steps, seed)
+                                                  seed=seed), steps, seed, device)
+    mac_model = search(dense, hiap.HiAPConfig(target=target, seed=seed), steps, seed, device)
     torch.set_num_threads(threads)
     models = {"dense": dense, "latency-searched": latency_model, "MAC-searched": mac_model}
-    measured = measure_latencies(models, (3, 224, 224), torch.device("cpu"), batch=table.batch, rounds=rounds,
-                                 warmup=2)
+    measured = measure_latencies(models, (3, 224, 224), device, batch=table.batch, rounds=rounds, warmup=2,
+                                 dtype=dtype)
     dense_ms = measured["dense"].ms_per_batch
     rows = {}
     for name, model in models.items():
@@ -152,32 +156,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--tables", type=Path, default=Path("hiap-runs/latency"), help="where the tables go")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     dense = timm.create_model(MODEL, pretrained=False).eval()
     batches = []
     for batch in args.batches:
         torch.set_num_threads(args.threads)
-        path = args.tables / f"deit_s_b{batch}_t{args.threads}.json"
+        path = args.tables / f"deit_s_b{batch}_t{args.threads}_{device.type}_{args.dtype}.json"
         if path.exists():
             table = LatencyTable.load(path)
         else:
-            table = profile_latency(dense, name=MODEL, batch_size=batch, threads=args.threads)
+            table = profile_latency(dense, name=MODEL, batch_size=batch, threads=args.threads, device=device,
+                                    dtype=dtype)
             table.save(path)
-        prediction = prediction_check(dense, table, args.layouts, args.rounds, args.seed)
-        found = search_check(dense, path, table, args.target, args.steps, args.rounds, args.seed)
+        prediction = prediction_check(dense, table, args.layouts, args.rounds, args.seed, device, dtype)
+        found = search_check(dense, path, table, args.target, args.steps, args.rounds, args.seed, device, dtype)
         batches.append({"table": {"path": str(path), "batch": batch, "seconds": table.seconds,
                                   "dense_ms": table.dense_ms, "dense_predicted_ms": table.dense_predicted_ms,
                                   "fixed_ms": table.fixed_ms},
                         "prediction": prediction, "search": found})
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    record = {"device": device_name("cpu"), "threads": args.threads, "torch": torch.__version__,
+    record = {"device": device_name(device), "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
               "date": stamp, "model": MODEL, "batches": batches,
               "note": ("DeiT-S with random weights (latency depends on shapes only). Each model is timed in interleaved "
                        "rounds with the dense timm model; medians and quartiles in ms.")}
-    out = args.out or Path("bench/results/latency") / f"deit_s_{stamp}.json"
+    out = args.out or Path("bench/results/latency") / f"deit_s_{device.type}_{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(record))

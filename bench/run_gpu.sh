@@ -7,8 +7,8 @@
 # works from the checkout even when that install fails. Leaves in RESULTS_DIR the JSON record of the benchmarks
 # (commit it), a markdown rendering of it, and the logs of both stages under RESULTS_DIR/logs.
 #
-# Time plan (HIAP_GPU_RUN_SECONDS, default 480): install <= 60 s, GPU tests <= 200 s, benchmarks until 20 s before
-# the end. The benchmarks know their deadline: eager and Triton cells run first, compiled cells afterwards,
+# Time plan (HIAP_GPU_RUN_SECONDS, default 480): install <= 60 s, GPU tests <= 200 s, the latency table <= 90 s,
+# benchmarks until 20 s before the end. The benchmarks know their deadline: eager and Triton cells run first, compiled cells afterwards,
 # cheapest first, and a cell that would overrun is skipped with the reason written into the record.
 #
 # A second call can finish what the first skipped: HIAP_GPU_TESTS=off leaves out the GPU tests, HIAP_BENCH_FILES
@@ -74,6 +74,16 @@ else
     fi
     echo "   exit $tests_status: ${tests_summary:-no summary line}"
     tail -n 25 "$results/logs/gpu_tests_$stamp.log" | grep -E "^(FAILED|ERROR)" || true
+fi
+
+# The latency budget on this GPU: DeiT-S's table at batch 256 in bf16, its prediction on random layouts and a
+# latency-budget search against dense timm (bench/latency_check.py; at most 90 s, HIAP_GPU_LATENCY=off leaves it out).
+if [ "${HIAP_GPU_LATENCY:-on}" != "off" ]; then
+    echo "== latency table: python3 bench/latency_check.py --device cuda --dtype bfloat16 --batches 256"
+    timeout --signal=INT --kill-after=10 90 python3 bench/latency_check.py --device cuda --dtype bfloat16 \
+        --batches 256 --layouts 10 --steps 60 --tables "$results/logs" \
+        --out "$results/latency_deit_s_cuda_$stamp.json" >"$results/logs/latency_$stamp.log" 2>&1
+    echo "   exit $?: $(grep -E "median|target" "$results/logs/latency_$stamp.log" | tr '\n' ' ')"
 fi
 
 read -r -a bench_files <<< "${HIAP_BENCH_FILES:-bench/}"

@@ -85,8 +85,9 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 @torch.inference_mode()
 def measure_latencies(models: dict[str, nn.Module], input_shape: tuple[int, int, int], device: torch.device, *,
                       batch: int = 64, warmup: int = 5, rounds: int = 30, amp: bool = False,
-                      compile: bool = False) -> dict[str, Latency]:
-    """Latency of each model as users run it: a copy prepared by ``hiap.optimize`` (compiled with ``compile``).
+                      compile: bool = False, dtype: torch.dtype | None = None) -> dict[str, Latency]:
+    """Latency of each model as users run it: a copy prepared by ``hiap.optimize`` (compiled with ``compile``; in
+    ``dtype`` where given, with images of that dtype).
 
     The models are timed in interleaved rounds (each round times every model once, in a rotating order), so a machine
     whose speed drifts (a shared CPU, a GPU warming up) affects them alike and their ratio stays meaningful. CUDA is
@@ -94,9 +95,9 @@ def measure_latencies(models: dict[str, nn.Module], input_shape: tuple[int, int,
     """
     from hiap.method.inference import describe_paths, optimize
 
-    prepared = {name: optimize(copy.deepcopy(model), device=device, batch_size=batch, compile=compile)
+    prepared = {name: optimize(copy.deepcopy(model), device=device, dtype=dtype, batch_size=batch, compile=compile)
                 for name, model in models.items()}
-    images = torch.randn(batch, *input_shape, device=device)
+    images = torch.randn(batch, *input_shape, device=device, dtype=dtype)
     timings: dict[str, list[float]] = {name: [] for name in prepared}
     names = list(prepared)
     for index in range(warmup + rounds):

@@ -25,9 +25,8 @@ from hiap.config import HiAPConfig
 from hiap.method.budget import TOLERANCE, land_on_budget, resolved_target, settle_budget
 from hiap.method.convert import HiAPViT, gate_vit, order_units_by_magnitude
 from hiap.method.cost import MacBudget, StackedGates, count_macs, dense_macs
-from hiap.method.gates import minimum_count
 from hiap.method.extract import extract
-from hiap.method.gates import temperature_at
+from hiap.method.gates import minimum_count, temperature_at
 from hiap.method.losses import HiAPObjective, ObjectiveTerms
 
 __all__ = ["FIX_EVENT", "LAND_EVENT", "RETIRE_EVENT", "Pruner", "RetiredUnits", "decay_groups", "fixed_structure"]
