@@ -78,7 +78,7 @@ def _module_formulation(attn):
 
     def op(x, weight, bias, *logits, tau, seed, offset, hard, sample):
         batch, tokens, _ = x.shape
-        gated_weight = attn.triton_kernel(x, weight) or gated_qkv_weight_reference
+        gated_weight = attn.kernel() or gated_qkv_weight_reference
         weight, bias = gated_weight(weight, bias, *logits, tau=tau, seed=seed, offset=offset, hard=hard,
                                     sample=sample)
         qkv = F.linear(x, weight, bias)

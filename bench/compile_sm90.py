@@ -56,40 +56,28 @@ class KernelSpec:
     variants: list = field(default_factory=lambda: [{}])  # extra constexpr sets, each crossed with every config
 
 
-def kernel_specs() -> list[KernelSpec]:
-    """The kernels with their launchers' arguments (imported here, after the interpreter check)."""
+def _mock_types():
+    """The interpreter-free argument types: ``MockTensor`` (a pointer of a dtype) and the gate arguments every
+    sampling kernel takes."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    gates = dict(seed_ptr=MockTensor(torch.int64), tau_ptr=MockTensor(torch.float32), **GATE_FLAGS)
+    return MockTensor, torch.float32, torch.int32, gates, dict(NUM_HEADS=H, HEAD_DIM=DH, GROUP=16, **gates)
+
+
+def _training_specs() -> list[KernelSpec]:
+    """The kernels of a training step: the gate sampler, the gated weights, the objective, a fixed structure's
+    gathers."""
     import torch
     import triton
-    from triton.runtime.jit import MockTensor as T
 
-    from hiap_kernels.gated_linear import fc1_kernels as fc1
-    from hiap_kernels.gated_linear import qkv_kernels as qkv
     from hiap_kernels.gated_weight import fc2_weight, gather, qkv_weight
     from hiap_kernels.gated_weight import kernel as gated_weight
     from hiap_kernels.gates.kernel import _sample_gates_kernel
-    from hiap_kernels.layernorm_linear.kernel import _layernorm_linear_kernel
-    from hiap_kernels.linear_gelu.kernel import _linear_gelu_kernel
-    from hiap_kernels.linear_residual.kernel import _linear_residual_kernel
     from hiap_kernels.objective import kernel as objective
-    from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel
-    from hiap_kernels.token_merge import kernel as token_merge
-    from hiap_kernels.token_score import kernel as token_score
-    from hiap_kernels.token_similarity import kernel as token_similarity
 
-    f32, i32 = torch.float32, torch.int32
-    GATES = dict(seed_ptr=T(torch.int64), tau_ptr=T(f32), **GATE_FLAGS)
-    head_gates = dict(NUM_HEADS=H, HEAD_DIM=DH, GROUP=16, **GATES)
-    # dq, dk, dv: contiguous [B, H, N, Dh], so stride_d == 1 (a launch specialises it to a constant).
-    grad_layout = dict(M=M, N_OUT=3 * H * DH, K=D, TOKENS=N, stride_b=H * N * DH, stride_h=N * DH, stride_n=DH,
-                       stride_d=1, NUM_HEADS=H, HEAD_DIM=DH, INPUT_PRECISION="ieee")
-    block_m, block_n, warps = fc1.POINTWISE_BLOCKS_GPU
-    widths = [{"BLOCK_QK": w, "BLOCK_V": w} for w in (64, 32, 16)]  # widest head of the layer, rounded up
-
-    def ragged(dt):  # strides of a dense layer (T = 3 * H * Dh); those of any layout of 16-column groups divide by 16
-        return dict(qkv_ptr=T(dt), table_ptr=T(i32), out_ptr=T(dt), key_bias_ptr=T(f32), num_tokens=N, num_heads=H,
-                    qkv_stride_b=N * 3 * H * DH, qkv_stride_n=3 * H * DH, out_stride_b=N * H * DH, out_stride_n=H * DH,
-                    scale_log2e=DH**-0.5 * 1.4426950408889634, HAS_KEY_BIAS=False, DOT_PRECISION="ieee")
-
+    T, f32, _, GATES, head_gates = _mock_types()
     return [
         # Logits in the row's dtype (the kernel accepts any float logits); BLOCK 128 as in sample_gates.
         KernelSpec("_sample_gates_kernel", _sample_gates_kernel,
@@ -156,6 +144,22 @@ def kernel_specs() -> list[KernelSpec]:
                    configs=[triton.Config(dict(zip(("BLOCK_R", "BLOCK_C"), gated_weight._tiles())))],
                    variants=[{}, {"rows": D, "cols": F, "num_kept": F // 2, "stride_grad": F // 2, "stride_out": F,
                                   "GATHER_ROWS": False, "HAS_BIAS": False, "HAS_SCALE": False}]),
+    ]
+
+
+def _fused_gemm_specs() -> list[KernelSpec]:
+    """The fused gated GEMMs (``gated_qkv``, ``gated_fc1``), forward and backward."""
+    import triton
+
+    from hiap_kernels.gated_linear import fc1_kernels as fc1
+    from hiap_kernels.gated_linear import qkv_kernels as qkv
+
+    T, f32, _, GATES, head_gates = _mock_types()
+    # dq, dk, dv: contiguous [B, H, N, Dh], so stride_d == 1 (a launch specialises it to a constant).
+    grad_layout = dict(M=M, N_OUT=3 * H * DH, K=D, TOKENS=N, stride_b=H * N * DH, stride_h=N * DH, stride_n=DH,
+                       stride_d=1, NUM_HEADS=H, HEAD_DIM=DH, INPUT_PRECISION="ieee")
+    block_m, block_n, warps = fc1.POINTWISE_BLOCKS_GPU
+    return [
         KernelSpec("qkv_forward_kernel", qkv.qkv_forward_kernel,
                    lambda dt: dict(x_ptr=T(dt), w_ptr=T(dt), b_ptr=T(dt), head_logits_ptr=T(f32), qk_logits_ptr=T(f32),
                                    v_logits_ptr=T(f32), out_ptr=T(dt), M=M, N_OUT=3 * H * DH, K=D, TOKENS=N,
@@ -181,6 +185,31 @@ def kernel_specs() -> list[KernelSpec]:
                                    grad_pre_ptr=T(dt), mask_grad_partial_ptr=T(f32), bias_grad_partial_ptr=T(f32),
                                    M=M, N_OUT=F, GROUP=64, APPROXIMATE_TANH=False, **GATES),
                    configs=[triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps)]),
+    ]
+
+
+def _inference_specs() -> list[KernelSpec]:
+    """The kernels of a pruned model: ragged attention, token reduction's steps, the fused block's GEMMs."""
+    import torch
+    import triton
+
+    from hiap_kernels.layernorm_linear.kernel import _layernorm_linear_kernel
+    from hiap_kernels.linear_gelu.kernel import _linear_gelu_kernel
+    from hiap_kernels.linear_residual.kernel import _linear_residual_kernel
+    from hiap_kernels.ragged_attn.kernel import _ragged_attention_kernel
+    from hiap_kernels.token_merge import kernel as token_merge
+    from hiap_kernels.token_score import kernel as token_score
+    from hiap_kernels.token_similarity import kernel as token_similarity
+
+    T, f32, i32, _, _ = _mock_types()
+    widths = [{"BLOCK_QK": w, "BLOCK_V": w} for w in (64, 32, 16)]  # widest head of the layer, rounded up
+
+    def ragged(dt):  # strides of a dense layer (T = 3 * H * Dh); those of any layout of 16-column groups divide by 16
+        return dict(qkv_ptr=T(dt), table_ptr=T(i32), out_ptr=T(dt), key_bias_ptr=T(f32), num_tokens=N, num_heads=H,
+                    qkv_stride_b=N * 3 * H * DH, qkv_stride_n=3 * H * DH, out_stride_b=N * H * DH, out_stride_n=H * DH,
+                    scale_log2e=DH**-0.5 * 1.4426950408889634, HAS_KEY_BIAS=False, DOT_PRECISION="ieee")
+
+    return [
         # The last variant adds token reduction's per-key bias (log of merged sizes).
         KernelSpec("_ragged_attention_kernel", _ragged_attention_kernel, ragged,
                    variants=widths + [{"BLOCK_QK": 64, "BLOCK_V": 64, "HAS_KEY_BIAS": True}]),
@@ -229,6 +258,11 @@ def kernel_specs() -> list[KernelSpec]:
                                    num_features=F, in_features=D, x_stride_m=D, weight_stride_f=D, out_stride_m=F,
                                    HAS_BIAS=True, APPROXIMATE_TANH=False, DOT_PRECISION="ieee")),
     ]
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """The kernels with their launchers' arguments (imported here, after the interpreter check)."""
+    return _training_specs() + _fused_gemm_specs() + _inference_specs()
 
 
 def cuda_tool(name: str) -> str:

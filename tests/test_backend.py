@@ -108,3 +108,72 @@ def test_the_backend_switch_and_the_config_are_leaves():
                      if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
         assert imported <= {"__future__", "torch", "contextlib", "dataclasses", "importlib", "math", "os",
                             "typing", "warnings"}, (module.__name__, imported)
+
+
+needs_triton = pytest.mark.skipif(not backend.triton_runs_on("cpu") and not torch.cuda.is_available(),
+                                  reason="needs Triton (the interpreter on a CPU)")
+
+
+@needs_triton
+def test_a_module_decides_its_kernels_when_switched_and_a_forward_only_reads_them(monkeypatch):
+    """The switch resolves every op of a module's table once; a forward looks nothing up (here, a lookup would
+    raise), and the table's ops are those hiap_kernels exports."""
+    import hiap_kernels
+
+    gated = hiap.gate_vit(tiny_vit()).eval()
+    hiap.use_triton_kernels(gated)
+    for module in backend.backend_modules(gated):
+        assert module.kernels == {name: getattr(hiap_kernels, name) for name in module.kernel_names}
+
+    def no_lookup(name):
+        raise AssertionError(f"looked up {name} in a forward")
+
+    monkeypatch.setattr(backend, "load_triton_op", no_lookup)
+    with torch.no_grad():
+        gated(images(gated))
+
+
+@needs_triton
+def test_a_module_decides_again_when_moved(monkeypatch):
+    """Switched where Triton does not run, a model takes the PyTorch path; moved (or cast) where it runs, it takes
+    the kernels then, with no second switch."""
+    gated = hiap.gate_vit(tiny_vit())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backend, "_warned_fallback", True)
+    hiap.use_triton_kernels(gated)
+    assert hiap.kernels_in_use(gated) == "reference"
+    assert all(kernel is None for m in backend.backend_modules(gated) for kernel in m.kernels.values())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gated.float()
+    assert hiap.kernels_in_use(gated) == "triton"
+
+
+@needs_triton
+def test_the_default_backend_is_read_when_a_module_is_built():
+    """As timm reads its fused-attention default in a module's __init__: the default switched without a model applies
+    to the models built afterwards, not to one built before."""
+    before = hiap.gate_vit(tiny_vit())
+    with hiap.use_triton_kernels():
+        during = hiap.gate_vit(tiny_vit())
+        pruned = hiap.extract(hiap.gate_vit(tiny_vit()).eval())
+    after = hiap.gate_vit(tiny_vit())
+    assert hiap.kernels_in_use(before) == hiap.kernels_in_use(after) == "reference"
+    assert hiap.kernels_in_use(during) == hiap.kernels_in_use(pruned) == "triton"
+
+
+def test_resolve_kernels_is_the_one_dispatch(kernels_missing):
+    """On the reference backend it imports nothing and names no op; on the Triton backend a missing op is one error."""
+    assert backend.resolve_kernels(("ragged_attention",), "reference", "cpu") == {"ragged_attention": None}
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        backend.resolve_kernels(("ragged_attention",), "cuda", "cpu")
+    assert not backend.triton_runs_on("cpu")  # can_run_triton itself is missing here
+    assert backend.resolve_kernels(("ragged_attention",), "triton", "cpu") == {"ragged_attention": None}
+
+
+def test_token_reduction_on_a_timm_model_decides_its_ops_when_patched():
+    """A timm attention has no table of its own: the patched block resolves the steps' ops from the default in force
+    when it was patched, once per device."""
+    model = hiap.reduce_tokens(tiny_vit(depth=2), "m2,m2")
+    plan = model.blocks[0].hiap_token_plan
+    assert plan.backend == "reference" and list(plan.kernels) == [torch.device("cpu")]
+    assert set(plan.kernels[torch.device("cpu")].values()) == {None}

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hiap
 import hiap.method.inference as inference
+import hiap_kernels
 from hiap_kernels import interpreter_active
 from tests.helpers import LaunchingOps, images, randomize_logits, tiny_vit
 
@@ -102,13 +103,13 @@ def test_optimize_keeps_only_the_path_that_measured_fastest(monkeypatch):
     layer_input = torch.randn(2, 17, 96)
     timings = {"sdpa": 2.0, "triton": 1.0}
     monkeypatch.setattr(inference, "_median_ms", lambda call, device: timings[block.attn.attention_path])
-    monkeypatch.setattr(inference, "_CHOICES", {})
-    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k",)) == "triton"
+    memo = {}
+    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k",), memo) == "triton"
     timings.update(sdpa=0.5)
     # Remembered per key: the same shape on the same device is not timed again ...
-    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k",)) == "triton"
+    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k",), memo) == "triton"
     # ... another shape is.
-    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k2",)) == "sdpa"
+    assert inference._choose(block.attn, "attention_path", ("sdpa", "triton"), layer_input, ("k2",), memo) == "sdpa"
     assert block.attn.attention_path == "sdpa"
 
 
@@ -157,8 +158,14 @@ def test_fused_block_forward_equals_the_block(init_values):
     model = hiap.extract(gated.eval()).requires_grad_(False)
     x = torch.randn(2, 17, model.embed_dim)
     with torch.no_grad():
-        for block in model.blocks:
-            torch.testing.assert_close(fused_block_forward(block, x), block(x), rtol=1e-5, atol=1e-5)
+        expected = [block(x) for block in model.blocks]
+        hiap.use_triton_kernels(model)  # the fused block runs the kernels its halves resolved
+        for block, reference in zip(model.blocks, expected):
+            assert block.attn.kernels["fused_linear_residual"] is hiap_kernels.fused_linear_residual
+            torch.testing.assert_close(fused_block_forward(block, x), reference, rtol=1e-5, atol=1e-5)
+        hiap.use_reference_kernels(model)  # and where they do not run, the block as timm runs it
+        for block, reference in zip(model.blocks, expected):
+            torch.testing.assert_close(fused_block_forward(block, x), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_optimize_fuses_a_block_only_when_that_measured_faster(monkeypatch):
@@ -170,17 +177,17 @@ def test_optimize_fuses_a_block_only_when_that_measured_faster(monkeypatch):
     timings = {"modules": 1.0, "fused": 2.0}
     calls = iter(["modules", "fused"] * 4)
     monkeypatch.setattr(inference, "_median_ms", lambda call, device: timings[next(calls)])
-    monkeypatch.setattr(inference, "_CHOICES", {})
-    assert inference._choose_block(block, layer_input, ("b",)) == "modules" and "forward" not in block.__dict__
+    memo = {}
+    assert inference._choose_block(block, layer_input, ("b",), memo) == "modules" and "forward" not in block.__dict__
     timings.update(fused=0.5)
-    assert inference._choose_block(block, layer_input, ("b2",)) == "fused"
+    assert inference._choose_block(block, layer_input, ("b2",), memo) == "fused"
     assert block.forward.__func__ is fused_block_forward and block.forward.__self__ is block
     # Chosen again for another shape: the patched forward is taken off before timing and put back only if it wins.
     timings.update(fused=3.0)
-    assert inference._choose_block(block, layer_input, ("b3",)) == "modules" and "forward" not in block.__dict__
+    assert inference._choose_block(block, layer_input, ("b3",), memo) == "modules" and "forward" not in block.__dict__
     # A block that token reduction patched keeps its forward.
     hiap.reduce_tokens(model, "t2,-,-")
-    assert inference._choose_block(model.blocks[0], layer_input, ("b4",)) == "modules"
+    assert inference._choose_block(model.blocks[0], layer_input, ("b4",), memo) == "modules"
     assert "hiap_token_plan" in model.blocks[0].__dict__
 
 
@@ -202,11 +209,11 @@ def test_optimize_takes_the_patch_embedding_gemm_only_when_it_measured_faster(mo
     timings = {"conv": 1.0, "gemm": 2.0}
     calls = iter(["conv", "gemm"] * 3)
     monkeypatch.setattr(inference, "_median_ms", lambda call, device: timings[next(calls)])
-    monkeypatch.setattr(inference, "_CHOICES", {})
-    assert inference._choose_patch_embed(model.patch_embed, x, ("p",)) == "conv"
+    memo = {}
+    assert inference._choose_patch_embed(model.patch_embed, x, ("p",), memo) == "conv"
     assert "forward" not in model.patch_embed.__dict__
     timings.update(gemm=0.5)
-    assert inference._choose_patch_embed(model.patch_embed, x, ("p2",)) == "gemm"
+    assert inference._choose_patch_embed(model.patch_embed, x, ("p2",), memo) == "gemm"
     assert model.patch_embed.forward.__func__ is inference.gemm_patch_embed_forward
     with torch.no_grad():
         patched = model(x)

@@ -277,16 +277,15 @@ def test_pruned_model_on_the_triton_backend_merges_and_attends_as_the_reference(
             calls.append(kwargs.get("key_bias") is not None)
             return original(*args, **kwargs)
 
-        for block in pruned.blocks:
-            block.attn.triton_kernel = lambda *args, _spy=spy: _spy
         used = {"merge_tokens": [], "nearest_tokens": [], "token_redundancy": []}
-        ops = {name: hiap.backend.load_triton_op(name) for name in used}
-        for name, op in ops.items():
-            hiap.backend._LOADED_OPS[name] = lambda *args, _op=op, _used=used[name]: _used.append(1) or _op(*args)
-        try:
-            got = pruned(x)
-        finally:
-            hiap.backend._LOADED_OPS.update(ops)
+        for block in pruned.blocks:
+            # Spies in the tables the switch resolved: the forward reads them, it does not look the ops up again.
+            kernels = block.attn.kernels
+            assert kernels["ragged_attention"] is original and kernels["merge_tokens"] is hiap_kernels.merge_tokens
+            kernels["ragged_attention"] = spy
+            for name in used:
+                kernels[name] = lambda *args, _op=kernels[name], _used=used[name]: _used.append(1) or _op(*args)
+        got = pruned(x)
     assert calls and any(calls)  # the kernel ran, and with a bias after the first merge
     assert used["merge_tokens"] and used["nearest_tokens"]  # and the merges went through the Triton ops
     assert bool(used["token_redundancy"]) == ("p" in spec)  # and the prune's score

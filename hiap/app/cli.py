@@ -7,7 +7,6 @@ The flags live in ``flags.py`` (every HiAPConfig field is one, generated from th
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
 import sys
 import warnings

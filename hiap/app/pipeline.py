@@ -12,7 +12,6 @@ import contextlib
 import logging
 import shutil
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Iterator
 
 import torch

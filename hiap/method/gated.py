@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hiap.backend import KernelBackendMixin
+from hiap.backend import KernelBackendMixin, default_backend
 from hiap.method.gates import AttentionGates, FfnGates, GateSchedule, gate_offset
 from hiap_kernels.gated_weight.reference import (
     check_gather_indices,
@@ -82,9 +82,9 @@ class _TrainingPathChoice:
     fused_op: str = ""
     training_path: str | None = None
 
-    def fused_kernel(self, x: torch.Tensor):
-        """The family's fused op when it can run on ``x`` (the Triton backend, CUDA or the interpreter), else None."""
-        return self.triton_kernel(x, op=self.fused_op)
+    def fused_kernel(self):
+        """The family's fused op where the module runs it (the Triton backend, CUDA or the interpreter), else None."""
+        return self.kernel(self.fused_op)
 
     def choose_training_path(self, x: torch.Tensor, timer=None) -> str:
         """Time a forward and backward of each path on a copy of ``x`` and keep the faster in ``training_path``.
@@ -94,7 +94,7 @@ class _TrainingPathChoice:
         logits through ``torch.autograd.grad``, so no ``.grad`` is touched. Returns the path kept; ``"weights"``
         without timing where the fused op cannot run.
         """
-        if self.fused_kernel(x) is None:
+        if self.fused_kernel() is None:
             self.training_path = "weights"
             return self.training_path
         timer = timer or (lambda run: _median_ms(run, x.device))
@@ -115,8 +115,8 @@ class _TrainingPathChoice:
 
     def _sampling_path(self, x: torch.Tensor):
         """The path of a sampling forward: the fused op where ``choose_training_path`` chose it (and it can run on
-        ``x``), the masks on the weights otherwise. Read, never changed, here: a compiled forward keeps its graph."""
-        if self.training_path == "fused" and self.fused_kernel(x) is not None:
+        its device), the masks on the weights otherwise. Read, never changed, here: a compiled forward keeps its graph."""
+        if self.training_path == "fused" and self.fused_kernel() is not None:
             return self._fused_path
         return self._weights_path
 
@@ -127,7 +127,9 @@ class GatedAttention(_TrainingPathChoice, KernelBackendMixin, nn.Module):
     Masks: q columns times ``dqk``, v columns times ``g * dv`` (k unmasked). Input and output ``[B, N, D]``.
     """
 
-    triton_op = "gated_qkv_weight"
+    # Its own ops, then what reads its table: the objective over the model's gates and token reduction's steps.
+    kernel_names = ("gated_qkv_weight", "gated_qkv", "gather_weight", "gate_objective", "merge_tokens",
+                    "nearest_tokens", "token_redundancy")
     fused_op = "gated_qkv"
 
     def __init__(self, attn: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
@@ -166,6 +168,7 @@ class GatedAttention(_TrainingPathChoice, KernelBackendMixin, nn.Module):
         self.register_buffer("live_columns_inverse", None, persistent=False)
         self.register_buffer("retired_heads", None, persistent=False)
         self.retired_mask: torch.Tensor | None = None  # the same on the host (bool [H]), for counts without a read
+        self.resolve_kernels(default_backend())
 
     @torch.no_grad()
     def use_decision(self, fixed: bool) -> None:
@@ -235,7 +238,7 @@ class GatedAttention(_TrainingPathChoice, KernelBackendMixin, nn.Module):
         """The masks on the qkv weight and bias (one launch of ``gated_qkv_weight`` on the Triton backend, its
         reference chain otherwise), then the library's GEMM, SDPA and proj."""
         draw = self.gates.draw()
-        gated_weight = self.triton_kernel(x, self.qkv.weight) or gated_qkv_weight_reference
+        gated_weight = self.kernel() or gated_qkv_weight_reference
         weight, bias = gated_weight(self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
         if self.live_rows is not None and draw.sample:
             # Retired heads left out: the live heads' rows of the sampled weight (the gates of every head are drawn,
@@ -248,7 +251,7 @@ class GatedAttention(_TrainingPathChoice, KernelBackendMixin, nn.Module):
         """``gated_qkv``: the qkv GEMM with the gates sampled and applied in its epilogue, q, k, v written as SDPA
         reads them; then SDPA and proj."""
         draw = self.gates.draw()
-        q, k, v = self.fused_kernel(x)(x, self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
+        q, k, v = self.fused_kernel()(x, self.qkv.weight, self.qkv.bias, *draw.logits, **draw.options())
         batch, tokens, _ = x.shape
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
                                              scale=self.scale)
@@ -263,7 +266,7 @@ class GatedAttention(_TrainingPathChoice, KernelBackendMixin, nn.Module):
         proj's bias). Token reduction's ``attend`` keeps the masked path, whose q and k it reads at every head."""
         heads = columns.numel() // self.head_dim
         # The kept rows / columns (scaled as decided): one launch each way on the Triton backend.
-        gather = self.triton_kernel(x, self.qkv.weight, op="gather_weight") or gather_weight_reference
+        gather = self.kernel("gather_weight") or gather_weight_reference
         weight, bias = gather(qkv_weight, qkv_bias, rows, rows_inverse, row_scale, dim=0)
         proj_weight, _ = gather(self.proj.weight, None, columns, columns_inverse, None, dim=1)
         if heads == 0:
@@ -316,7 +319,7 @@ class GatedMlp(_TrainingPathChoice, KernelBackendMixin, nn.Module):
     Input and output ``[..., D]``.
     """
 
-    triton_op = "gated_fc2_weight"
+    kernel_names = ("gated_fc2_weight", "gated_fc1", "gather_weight")
     fused_op = "gated_fc1"
 
     def __init__(self, mlp: nn.Module, layer_index: int, schedule: GateSchedule | None = None, *,
@@ -346,6 +349,7 @@ class GatedMlp(_TrainingPathChoice, KernelBackendMixin, nn.Module):
         self.register_buffer("live_neurons", None, persistent=False)
         self.register_buffer("live_neurons_inverse", None, persistent=False)
         self.retired_mask: torch.Tensor | None = None  # the retired groups on the host (bool [F / G]), or None
+        self.resolve_kernels(default_backend())
 
     @torch.no_grad()
     def use_decision(self, fixed: bool) -> None:
@@ -388,7 +392,7 @@ class GatedMlp(_TrainingPathChoice, KernelBackendMixin, nn.Module):
         """fc1 and GELU as timm runs them, then fc2 with the neuron mask on its weight's columns (one launch of
         ``gated_fc2_weight`` on the Triton backend, the reference otherwise)."""
         draw = self.gates.draw()
-        gated_weight = self.triton_kernel(x, self.fc2.weight) or gated_fc2_weight_reference
+        gated_weight = self.kernel() or gated_fc2_weight_reference
         weight = gated_weight(self.fc2.weight, *draw.logits, **draw.options())
         if self.live_neurons is not None and draw.sample:
             # Retired groups left out: the live neurons' columns of the sampled weight (every gate is drawn, so each
@@ -400,7 +404,7 @@ class GatedMlp(_TrainingPathChoice, KernelBackendMixin, nn.Module):
     def _fused_path(self, x: torch.Tensor) -> torch.Tensor:
         """``gated_fc1``: fc1 + bias + GELU + the sampled neuron mask in one kernel, then fc2 as timm runs it."""
         draw = self.gates.draw()
-        hidden = self.fused_kernel(x)(x, self.fc1.weight, self.fc1.bias, *draw.logits, **draw.options(),
+        hidden = self.fused_kernel()(x, self.fc1.weight, self.fc1.bias, *draw.logits, **draw.options(),
                                       approximate=self.act.approximate)
         return self.drop2(self.fc2(self.drop1(hidden)))
 
@@ -409,7 +413,7 @@ class GatedMlp(_TrainingPathChoice, KernelBackendMixin, nn.Module):
         """Some neurons only (the decided or the unretired ones): the ``kept`` rows of fc1 and columns of
         ``fc2_weight [D, F]`` (their gradients land in those rows and columns; an FFN without neurons is fc2's
         bias)."""
-        gather = self.triton_kernel(x, self.fc1.weight, op="gather_weight") or gather_weight_reference
+        gather = self.kernel("gather_weight") or gather_weight_reference
         fc1_weight, fc1_bias = gather(self.fc1.weight, self.fc1.bias, kept, inverse, None, dim=0)
         fc2_weight, _ = gather(fc2_weight, None, kept, inverse, None, dim=1)
         hidden = self.drop1(self.act(F.linear(x, fc1_weight, fc1_bias)))

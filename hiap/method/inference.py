@@ -6,8 +6,9 @@ first half through ``nn.Linear`` + GELU or the fused Triton kernel, and then the
 fused GEMMs (LayerNorm in the qkv / fc1 prologues; bias, GELU, LayerScale and residual add in the epilogues;
 ``hiap.method.pruned.fused_block_forward``), and the patch embedding as timm's convolution or as one GEMM over the
 unfolded patches. A path that loses is never used; on a machine
-without a GPU (no Triton) there is nothing to choose and the PyTorch paths stay. Choices are remembered per device,
-dtype and shape for the life of the process, and written on the model (``model.hiap_paths``) for the user to see.
+without a GPU (no Triton) there is nothing to choose and the PyTorch paths stay. The timings are remembered per device,
+dtype and shape on the model (``model.hiap_path_memo``, which a copy of it carries), so preparing it again for the
+same shapes times nothing; the choices are written on it (``model.hiap_paths``) for the user to see.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from hiap.backend import load_triton_op
+from hiap.backend import triton_runs_on, use_triton_kernels
 from hiap.method.pruned import PrunedAttention, PrunedMlp, fused_block_forward
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_DEVICES = ("cpu", "cuda")
-
-# (device name, dtype, batch, tokens, layer signature) -> the path that measured fastest
-_CHOICES: dict[tuple, str] = {}
 
 
 def device_argument(device, who: str) -> torch.device:
@@ -88,24 +86,23 @@ def _median_ms(call: Callable[[], object], device: torch.device, repeats: int = 
 
 
 def _triton_runs_here(device: torch.device) -> bool:
-    try:
-        return device.type == "cuda" and load_triton_op("can_run_triton")(torch.empty(0, device=device))
-    except Exception:
-        return False
+    """Whether compiled Triton kernels run on ``device`` (a GPU; the interpreter is never worth timing)."""
+    return device.type == "cuda" and triton_runs_on(device)
 
 
 def _choose(module: nn.Module, attribute: str, candidates: tuple[str, str], layer_input: torch.Tensor,
-            key: tuple) -> str:
-    """Time ``module`` with ``attribute`` set to each candidate; keep (and remember) the fastest."""
-    if key not in _CHOICES:
+            key: tuple, memo: dict) -> str:
+    """Time ``module`` with ``attribute`` set to each candidate; keep (and remember in ``memo`` under ``key``) the
+    fastest."""
+    if key not in memo:
         timings = {}
         with torch.inference_mode():
             for path in candidates:
                 setattr(module, attribute, path)
                 timings[path] = _median_ms(lambda: module(layer_input), layer_input.device)
-        _CHOICES[key] = min(timings, key=timings.get)
-    setattr(module, attribute, _CHOICES[key])
-    return _CHOICES[key]
+        memo[key] = min(timings, key=timings.get)
+    setattr(module, attribute, memo[key])
+    return memo[key]
 
 
 def gemm_patch_embed_forward(patch_embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -136,34 +133,34 @@ def _gemm_patch_embed_applies(patch_embed: nn.Module) -> bool:
 
 
 def _choose_forward(module: nn.Module, replacement: Callable, names: tuple[str, str], example: torch.Tensor,
-                    key: tuple) -> str:
+                    key: tuple, memo: dict) -> str:
     """Time ``module`` as it is (``names[0]``) and with ``replacement`` as its forward (``names[1]``); keep the faster,
     binding ``replacement`` to the module only when it won. A replacement bound earlier is taken off first."""
     module.__dict__.pop("forward", None)
-    if key not in _CHOICES:
+    if key not in memo:
         with torch.inference_mode():
             timings = {names[0]: _median_ms(lambda: module(example), example.device),
                        names[1]: _median_ms(lambda: replacement(module, example), example.device)}
-        _CHOICES[key] = min(timings, key=timings.get)
-    if _CHOICES[key] == names[1]:
+        memo[key] = min(timings, key=timings.get)
+    if memo[key] == names[1]:
         module.forward = types.MethodType(replacement, module)
-    return _CHOICES[key]
+    return memo[key]
 
 
-def _choose_patch_embed(patch_embed: nn.Module, images: torch.Tensor, key: tuple) -> str:
+def _choose_patch_embed(patch_embed: nn.Module, images: torch.Tensor, key: tuple, memo: dict) -> str:
     """The patch embedding as timm's convolution (``conv``) or as one GEMM (``gemm``), whichever is faster."""
     if not _gemm_patch_embed_applies(patch_embed):
         patch_embed.__dict__.pop("forward", None)
         return "conv"
-    return _choose_forward(patch_embed, gemm_patch_embed_forward, ("conv", "gemm"), images, key)
+    return _choose_forward(patch_embed, gemm_patch_embed_forward, ("conv", "gemm"), images, key, memo)
 
 
-def _choose_block(block: nn.Module, layer_input: torch.Tensor, key: tuple) -> str:
+def _choose_block(block: nn.Module, layer_input: torch.Tensor, key: tuple, memo: dict) -> str:
     """A pruned block as timm runs it (``modules``) or as fused GEMMs (``fused``), whichever is faster. A block patched
     by token reduction keeps its forward."""
     if "hiap_token_plan" in block.__dict__:
         return "modules"
-    return _choose_forward(block, fused_block_forward, ("modules", "fused"), layer_input, key)
+    return _choose_forward(block, fused_block_forward, ("modules", "fused"), layer_input, key, memo)
 
 
 def _layer_inputs(model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -201,29 +198,31 @@ def optimize(model: nn.Module, *, device: str | torch.device | None = None, dtyp
     triton_here = measure and _triton_runs_here(device)
     layer_input = _layer_inputs(model, batch_size, device, dtype) if triton_here and blocks else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # (device name, dtype, batch, tokens, layer signature) -> the path that measured fastest
+    memo = model.__dict__.setdefault("hiap_path_memo", {})
     for index, block in enumerate(blocks):
         attn, mlp = block.attn, block.mlp
         choice = {"layer": index, "attention": None, "ffn": None, "block": None}
         shape_key = (device_name, dtype, batch_size, None if layer_input is None else layer_input.shape[1])
         if isinstance(attn, PrunedAttention) and attn.num_heads:
             if triton_here:
-                attn.kernel_backend = "triton"
+                use_triton_kernels(attn)
                 key = (*shape_key, "attention", tuple(attn.qk_widths), tuple(attn.v_widths))
-                choice["attention"] = _choose(attn, "attention_path", ("sdpa", "triton"), layer_input, key)
+                choice["attention"] = _choose(attn, "attention_path", ("sdpa", "triton"), layer_input, key, memo)
             else:
                 attn.attention_path = "sdpa"
                 choice["attention"] = "sdpa"
         if isinstance(mlp, PrunedMlp) and mlp.hidden_features:
             if triton_here and type(mlp.act) is nn.GELU:
-                mlp.kernel_backend = "triton"
+                use_triton_kernels(mlp)
                 key = (*shape_key, "ffn", mlp.hidden_features)
-                choice["ffn"] = _choose(mlp, "ffn_path", ("linear", "triton"), layer_input, key)
+                choice["ffn"] = _choose(mlp, "ffn_path", ("linear", "triton"), layer_input, key, memo)
             else:
                 mlp.ffn_path = "linear"
                 choice["ffn"] = "linear"
         if triton_here and isinstance(attn, PrunedAttention) and isinstance(mlp, PrunedMlp):
             key = (*shape_key, "block", tuple(attn.qk_widths), tuple(attn.v_widths), mlp.hidden_features)
-            choice["block"] = _choose_block(block, layer_input, key)
+            choice["block"] = _choose_block(block, layer_input, key, memo)
         paths.append(choice)
     vit = getattr(model, "vit", model)
     if triton_here and hasattr(vit, "patch_embed"):
@@ -232,7 +231,7 @@ def optimize(model: nn.Module, *, device: str | torch.device | None = None, dtyp
         images = torch.randn(batch_size, channels, height, width, device=device, dtype=dtype)
         model.hiap_patch_embed = _choose_patch_embed(
             patch_embed, images, (device_name, dtype, batch_size, "patch_embed", channels, height, width,
-                                  patch_embed.proj.out_channels, tuple(patch_embed.patch_size)))
+                                  patch_embed.proj.out_channels, tuple(patch_embed.patch_size)), memo)
     model.hiap_paths = paths
     if compile:
         return torch.compile(model, fullgraph=True)

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,9 @@ from tqdm import tqdm
 from hiap.method.architecture import describe_vit
 from hiap.method.gates import resolve_groups
 from hiap.method.pruned import PrunedAttention, PrunedMlp
+
+if TYPE_CHECKING:
+    from hiap.method.cost import ExpectedCost
 
 __all__ = ["TABLE_FORMAT", "LatencyBudget", "LatencyTable", "device_name", "profile_latency"]
 

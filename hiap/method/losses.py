@@ -202,7 +202,7 @@ class HiAPObjective(nn.Module):
             return ObjectiveTerms(total=task + in_graph, task=task.detach(), budget=zero, feasibility=zero,
                                   expected_fraction=zero)
         gates = StackedGates.of(model)  # every layer's logits stacked once: the terms below do not grow with depth
-        fused = model.attention_layers()[0].triton_kernel(gates.flat, op="gate_objective")
+        fused = model.attention_layers()[0].kernel("gate_objective")
         # budget_cost measures the decided MACs when the model's config is in target mode; the fused op follows this
         # objective's config, so a mismatch of the two (a cfg passed apart) takes the reference terms.
         if fused is not None and model.cfg.budget == self.cfg.budget and isinstance(self.cost, MacBudget):

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from hiap.backend import KernelBackendMixin
+from hiap.backend import KernelBackendMixin, default_backend
 from hiap_kernels.ragged_attn.reference import build_head_table
 from hiap_kernels.ragged_attn.sdpa import HeadRun, head_runs, ragged_attention_sdpa
 
@@ -58,7 +58,9 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
     no attention dropout; with gradients enabled it runs the differentiable ``sdpa`` path.
     """
 
-    triton_op = "ragged_attention"
+    # Its own op, then what a block reading its table runs: the fused block's GEMMs, token reduction's steps.
+    kernel_names = ("ragged_attention", "fused_layernorm_linear", "fused_linear_residual", "merge_tokens",
+                    "nearest_tokens", "token_redundancy")
     runs: List[HeadRun]  # declared for TorchScript, which would otherwise type the runs as plain tuples
 
     def __init__(self, embed_dim: int, out_dim: int, qk_widths: Sequence[int], v_widths: Sequence[int], scale: float,
@@ -84,6 +86,7 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         # The kernel's layout table, valid by construction (built from the widths): derived, so not in the state_dict.
         self.register_buffer("head_table", build_head_table(qk_widths, v_widths), persistent=False)
         self.attention_path: str | None = None
+        self.resolve_kernels(default_backend())
 
     @property
     def ragged(self) -> bool:
@@ -95,7 +98,7 @@ class PrunedAttention(KernelBackendMixin, nn.Module):
         path = self.attention_path or ("triton" if self.ragged else "sdpa")
         if path != "triton" or not _without_autograd(self, qkv):
             return None
-        return self.triton_kernel(qkv)
+        return self.kernel()
 
     @torch.jit.unused
     def _kernel_attention(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -163,7 +166,7 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
     Input ``[..., D]``, output ``[..., D_out]``.
     """
 
-    triton_op = "fused_linear_gelu"
+    kernel_names = ("fused_linear_gelu", "fused_layernorm_linear", "fused_linear_residual")
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, act: nn.Module,
                  *, fc1_bias: bool, fc2_bias: bool):
@@ -174,12 +177,13 @@ class PrunedMlp(KernelBackendMixin, nn.Module):
         self.act = act
         self.fc2 = _linear(self.hidden_features, out_features, fc2_bias)
         self.ffn_path: str | None = None
+        self.resolve_kernels(default_backend())
 
     def _kernel(self, x: torch.Tensor):
         """The fused Triton op when this layer's path is ``triton`` and it can run here, else None (nn.Linear)."""
         if type(self.act) is not nn.GELU or (self.ffn_path or "triton") != "triton" or not _without_autograd(self, x):
             return None
-        return self.triton_kernel(x, self.fc1.weight)
+        return self.kernel()
 
     @torch.jit.unused
     def _kernel_hidden(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -249,33 +253,32 @@ def fused_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: Optional[t
 @torch.jit.unused
 def _fused_block(block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool
                  ) -> torch.Tensor:
-    """``fused_block_forward`` on the Triton kernels."""
+    """``fused_block_forward`` on the kernels each half's module resolved; a half whose module runs the PyTorch path
+    (a model moved where Triton does not run) runs as timm's ``Block`` does."""
     if attn_mask is not None or is_causal:
         raise NotImplementedError("the fused block takes no attention mask")
-    from hiap.backend import load_triton_op
-
-    layernorm_linear = load_triton_op("fused_layernorm_linear")
-    linear_residual = load_triton_op("fused_linear_residual")
     attn, mlp, norm1, norm2 = block.attn, block.mlp, block.norm1, block.norm2
-    if attn.num_heads:
+    layernorm_linear, linear_residual = attn.kernel("fused_layernorm_linear"), attn.kernel("fused_linear_residual")
+    if not attn.num_heads:
+        # No head left: the half adds proj's bias, which reads nothing of its input, so its LayerNorm is skipped.
+        x = x + block.ls1(attn(x))
+    elif linear_residual is None:
+        x = x + block.ls1(attn(norm1(x)))
+    else:
         if _plain_layer_norm(norm1):
             qkv = layernorm_linear(x, norm1.weight, norm1.bias, norm1.eps, attn.qkv.weight, attn.qkv.bias)
             out, _ = attn.attention_output(None, qkv=qkv)
         else:
             out, _ = attn.attention_output(norm1(x))
         x = linear_residual(out, attn.proj.weight, attn.proj.bias, x, _layer_scale(block.ls1, x.dtype))
-    else:
-        # No head left: the half adds proj's bias, which reads nothing of its input, so its LayerNorm is skipped.
-        x = x + block.ls1(attn(x))
-    if mlp.hidden_features and type(mlp.act) is nn.GELU:
-        activation = "gelu_tanh" if mlp.act.approximate == "tanh" else "gelu"
-        if _plain_layer_norm(norm2):
-            hidden = layernorm_linear(x, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight, mlp.fc1.bias,
-                                      activation)
-        else:
-            hidden = load_triton_op("fused_linear_gelu")(norm2(x), mlp.fc1.weight, mlp.fc1.bias,
-                                                         approximate=mlp.act.approximate)
-        return linear_residual(hidden, mlp.fc2.weight, mlp.fc2.bias, x, _layer_scale(block.ls2, x.dtype))
     if not mlp.hidden_features:  # no neuron left: fc2's bias alone, no LayerNorm to read
         return x + block.ls2(mlp(x))
-    return x + block.ls2(mlp(norm2(x)))
+    layernorm_linear, linear_residual = mlp.kernel("fused_layernorm_linear"), mlp.kernel("fused_linear_residual")
+    if type(mlp.act) is not nn.GELU or linear_residual is None:
+        return x + block.ls2(mlp(norm2(x)))
+    if _plain_layer_norm(norm2):
+        activation = "gelu_tanh" if mlp.act.approximate == "tanh" else "gelu"
+        hidden = layernorm_linear(x, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight, mlp.fc1.bias, activation)
+    else:
+        hidden = mlp.kernel()(norm2(x), mlp.fc1.weight, mlp.fc1.bias, approximate=mlp.act.approximate)
+    return linear_residual(hidden, mlp.fc2.weight, mlp.fc2.bias, x, _layer_scale(block.ls2, x.dtype))

@@ -17,13 +17,13 @@ forward, so nothing leaks from one batch to the next.
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from hiap.backend import kernels_in_use, load_triton_op
+from hiap.backend import KernelBackendMixin, default_backend, resolve_kernels
 from hiap.method.convert import inner_vit
 from hiap.tokens.attention import attend, check_attention
 from hiap.tokens.reduce import bipartite_soft_matching, importance_merge, redundancy_prune
@@ -70,6 +70,12 @@ def _proportional_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.T
     return size.squeeze(-1).log()[:, None, None, :].to(dtype)
 
 
+# The steps' ops: resolved with the block's attention (a HiAP module's table), or for a timm attention once per device
+# from the backend in force when the block was patched.
+TOKEN_OPS = {"token_redundancy": token_redundancy_reference, "merge_tokens": merge_tokens_reference,
+             "nearest_tokens": nearest_tokens_reference}
+
+
 @dataclass
 class _BlockPlan:
     """What a patched block does; the state is shared by all blocks of a model (and stays shared in a deepcopy)."""
@@ -79,28 +85,27 @@ class _BlockPlan:
     first: bool
     schedule: TokenSchedule  # its importance weight and merge pool
     state: _TokenState
+    backend: str = "reference"  # a timm attention's: the default when the block was patched
+    kernels: dict = field(default_factory=dict)  # device -> {op name: op or None}, for a timm attention
 
-
-def _token_op(block: nn.Module, tokens: torch.Tensor, name: str, reference):
-    """The Triton op ``name`` (``merge_tokens``, ``nearest_tokens``) when the block's attention (or the process) is on
-    the Triton backend and it runs on ``tokens``; else ``reference``, its PyTorch twin."""
-    backend = getattr(block.attn, "kernel_backend", None) or kernels_in_use()
-    if backend == "triton":
-        try:
-            if load_triton_op("can_run_triton")(tokens):
-                return load_triton_op(name)
-        except (ImportError, AttributeError):
-            pass
-    return reference
+    def kernels_on(self, device: torch.device) -> dict:
+        if device not in self.kernels:
+            self.kernels[device] = resolve_kernels(TOKEN_OPS, self.backend, device)
+        return self.kernels[device]
 
 
 def _step_ops(block: nn.Module, tokens: torch.Tensor, kind: str) -> dict:
-    """The kernel arguments of a ``kind`` step (prune: ``score``; merge and ToMe: ``merge``, ``nearest``), for
-    ``block`` and its ``tokens``."""
+    """The kernel arguments of a ``kind`` step (prune: ``score``; merge and ToMe: ``merge``, ``nearest``) for ``block``:
+    each step's Triton op where the block's attention resolved it, else its PyTorch twin."""
+    attn = block.attn
+    if isinstance(attn, KernelBackendMixin):
+        kernels = {name: attn.kernel(name) for name in TOKEN_OPS}
+    else:
+        kernels = block.hiap_token_plan.kernels_on(tokens.device)
+    op = {name: kernels[name] or reference for name, reference in TOKEN_OPS.items()}
     if kind == "prune":
-        return {"score": _token_op(block, tokens, "token_redundancy", token_redundancy_reference)}
-    return {"merge": _token_op(block, tokens, "merge_tokens", merge_tokens_reference),
-            "nearest": _token_op(block, tokens, "nearest_tokens", nearest_tokens_reference)}
+        return {"score": op["token_redundancy"]}
+    return {"merge": op["merge_tokens"], "nearest": op["nearest_tokens"]}
 
 
 def _reduced_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -169,7 +174,9 @@ def reduce_tokens(model: nn.Module, schedule: TokenSchedule | Sequence[LayerStep
     reduced_before = False
     for step, block in zip(schedule.steps, blocks):
         if reduced_before or step.removes:
-            block.hiap_token_plan = _BlockPlan(step, prefix, not reduced_before, schedule, state)
+            block.hiap_token_plan = _BlockPlan(step, prefix, not reduced_before, schedule, state, default_backend())
+            if not isinstance(block.attn, KernelBackendMixin):
+                block.hiap_token_plan.kernels_on(next(block.parameters()).device)  # decided here, not in a forward
             block.forward = types.MethodType(_reduced_block_forward, block)
         reduced_before = reduced_before or step.removes > 0
     vit.hiap_token_schedule = schedule
