@@ -152,3 +152,27 @@ def test_hiap_profile_writes_a_table_reuses_it_and_prune_searches_on_it(warm_run
     assert run_cli("prune", "-o", tmp_path / "other", "--cache-dir", warm_run.cache, *TINY, "--model-args",
                    "depth=3", "--budget", "latency", "--latency-table", table) == 2
     assert "--latency-table" in capsys.readouterr().err
+
+
+def test_the_table_is_fitted_so_noise_leaves_no_plateau_or_dip():
+    """Widths on a plane per head count, the FFN on a line: exact planes and lines come back as they are; a noisy
+    median above its neighbours (which a running maximum alone would spread into a plateau of free width) is
+    averaged away, and a slope that noise makes negative is 0."""
+    from hiap.method.latency import _fitted_attention, _fitted_line
+
+    qk, v = [0, 4, 8, 12, 16], [4, 8, 12, 16]
+    q_grid, v_grid = torch.meshgrid(torch.tensor(qk, dtype=torch.float64), torch.tensor(v, dtype=torch.float64),
+                                    indexing="ij")
+    heads = torch.arange(3, dtype=torch.float64)[:, None, None]
+    exact = heads * (0.1 + 0.01 * q_grid + 0.02 * v_grid)
+    exact[:, 0] = heads[:, 0] * (0.05 + 0.02 * v_grid[0])
+    torch.testing.assert_close(_fitted_attention(exact, qk, v), exact)
+    widths = list(range(0, 65, 16))
+    line = torch.tensor([0.01] + [0.1 + 0.002 * w for w in widths[1:]], dtype=torch.float64)
+    torch.testing.assert_close(_fitted_line(widths, line), line)
+    noisy = line.clone()
+    noisy[1] += 0.05  # width 16 measured as slow as width 48
+    fitted = _fitted_line(widths, noisy)
+    assert torch.all(fitted[2:].diff() > 0) and fitted[2] > fitted[1]
+    flat = torch.tensor([0.0, 0.3, 0.2, 0.2, 0.2], dtype=torch.float64)  # noise with a negative slope
+    assert torch.allclose(_fitted_line(widths, flat)[1:], torch.full((4,), 0.225, dtype=torch.float64))

@@ -4,7 +4,9 @@ model read from it, decided (what extraction keeps) and expected (differentiable
 ``profile_latency`` times, on the device it is given, one attention layer for every number of heads and every pair of
 q/k and v head widths on the layout's alignment steps (the heads of a timed layer all equal), one FFN for every
 width on its steps, the model with nothing left in its blocks (patch embedding, norms, residual adds, head: the
-fixed parts) and the dense model. A pruned layer is then predicted from its number of heads and its mean q/k and v
+fixed parts) and the dense model. The medians are smoothed before they are stored (per head count a plane in the
+q/k and v widths, the FFN a line in its width, least squares with slopes of at least 0, then a running maximum): a
+noisy table dips and has plateaus that the search would take for free width. A pruned layer is then predicted from its number of heads and its mean q/k and v
 widths (trilinear interpolation in the table) and its FFN width (linear interpolation); a model is the fixed parts
 plus its layers. The paper's Proposition 1 (cost linear in the keep probabilities) does not hold for time, so the
 search's expected latency is the same interpolation at the expected widths: expected heads, expected q/k and v dims
@@ -312,6 +314,49 @@ class _Timer:
 
 
 @torch.inference_mode()
+def _nonnegative_least_squares(features: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """Least-squares ``times ~ intercept + features @ slopes`` with every slope at least 0 (a negative one is noise:
+    it is dropped and the rest fitted again); the fitted times."""
+    keep = list(range(features.shape[1]))
+    while True:
+        design = torch.cat([torch.ones_like(times)[:, None], features[:, keep]], dim=1)
+        coefficients = torch.linalg.lstsq(design, times[:, None]).solution[:, 0]
+        negative = [k for k, c in zip(keep, coefficients[1:].tolist()) if c < 0]
+        if not negative:
+            return design @ coefficients
+        keep = [k for k in keep if k not in negative]
+
+
+def _fitted_attention(grid: torch.Tensor, qk_widths: list[int], v_widths: list[int]) -> torch.Tensor:
+    """The measured attention times ``[heads + 1, q/k widths, v widths]`` smoothed: per head count a plane in the q/k
+    and v widths (the q/k width 0 row, uniform attention, a line in v), then a running maximum along every axis.
+
+    Time grows about linearly with the widths of the GEMMs and of SDPA, while a single median is noisy; a table read
+    as measured has dips and plateaus that the search takes for free width (and steers into), a fitted one does not.
+    """
+    fitted = grid.clone()
+    qk = torch.tensor(qk_widths, dtype=torch.float64)
+    v = torch.tensor(v_widths, dtype=torch.float64)
+    q_grid, v_grid = torch.meshgrid(qk[1:], v, indexing="ij")
+    plane = torch.stack([q_grid.flatten(), v_grid.flatten()], dim=1)
+    for count in range(1, grid.shape[0]):
+        fitted[count, 1:] = _nonnegative_least_squares(plane, grid[count, 1:].flatten()).reshape(q_grid.shape)
+        if len(v_widths) > 1:
+            fitted[count, 0] = _nonnegative_least_squares(v[:, None], grid[count, 0])
+    for axis in range(3):  # more heads or wider ones never cost less
+        fitted = torch.cummax(fitted, dim=axis).values
+    return fitted
+
+
+def _fitted_line(widths: list[int], times: torch.Tensor) -> torch.Tensor:
+    """FFN times by width smoothed as ``_fitted_attention`` does: a line over the widths above 0 (width 0, no FFN,
+    as measured), then a running maximum."""
+    fitted = times.clone()
+    if len(widths) > 2:
+        fitted[1:] = _nonnegative_least_squares(torch.tensor(widths[1:], dtype=torch.float64)[:, None], times[1:])
+    return torch.cummax(fitted, dim=0).values
+
+
 def profile_latency(model: nn.Module, *, name: str = "model", batch_size: int = 1, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32, threads: int | None = None, compile: bool = False,
                     rounds: int = 7, warmup: int = 2, head_step: int | None = None, ffn_step: int | None = None,
@@ -393,12 +438,8 @@ def profile_latency(model: nn.Module, *, name: str = "model", batch_size: int = 
     attention = [[[0.0] * len(v_widths) for _ in qk_widths]]
     attention += [[[median[("attention", count, q, v)] for v in v_widths] for q in qk_widths]
                   for count in range(1, heads + 1)]
-    # More heads or wider ones never cost less: a running maximum along every axis removes what measurement noise
-    # puts against that (a table that dips would send the search's gradient the wrong way).
-    grid = torch.tensor(attention, dtype=torch.float64)
-    for axis in range(3):
-        grid = torch.cummax(grid, dim=axis).values
-    ffn_times = torch.cummax(torch.tensor([median[("ffn", w)] for w in ffn_widths], dtype=torch.float64), dim=0).values
+    grid = _fitted_attention(torch.tensor(attention, dtype=torch.float64), qk_widths, v_widths)
+    ffn_times = _fitted_line(ffn_widths, torch.tensor([median[("ffn", w)] for w in ffn_widths], dtype=torch.float64))
     spread = {name: [round(min(times[key]), 4), round(max(times[key]), 4)]
               for name, key in (("fixed", ("fixed",)), ("dense", ("dense",)))}
     return LatencyTable(
