@@ -26,23 +26,6 @@ import torch
 from hiap.method.latency import LatencyTable, device_name
 
 
-def uniform_latency(table: LatencyTable, fraction: float) -> float:
-    """The table's latency (fraction of dense) of a uniform cut keeping ``fraction`` of every width."""
-    heads = table.num_heads
-    dims = round(fraction * heads * table.head_dim)
-    width = fraction * table.ffn_width
-    return (table.fixed_ms + table.depth * table.layer_ms(heads, dims, dims, round(width))) / table.dense_predicted_ms
-
-
-def mac_target_for(table: LatencyTable, latency_fraction: float) -> float:
-    """The MAC fraction whose uniform layout the table predicts at ``latency_fraction`` (bisection)."""
-    low, high = 0.05, 1.0
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if uniform_latency(table, middle) < latency_fraction else (low, middle)
-    return (low + high) / 2
-
-
 def prune(args: argparse.Namespace, output: Path, seed: int, extra: list[str]) -> dict:
     done_before = output / "report.json"
     if args.reuse and done_before.exists():
@@ -94,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if profiled.returncode:
         raise SystemExit(profiled.stderr)
     table = LatencyTable.load(table_path)
-    mac_target = mac_target_for(table, args.target)
+    mac_target = table.uniform_width(args.target)  # a uniform cut's width fraction: about its MAC fraction
     rows = []
     for seed in args.seeds:
         # The MAC-budget run first; the latency-budget run of the same seed then aims at the latency the table

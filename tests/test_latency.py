@@ -176,3 +176,27 @@ def test_the_table_is_fitted_so_noise_leaves_no_plateau_or_dip():
     assert torch.all(fitted[2:].diff() > 0) and fitted[2] > fitted[1]
     flat = torch.tensor([0.0, 0.3, 0.2, 0.2, 0.2], dtype=torch.float64)  # noise with a negative slope
     assert torch.allclose(_fitted_line(widths, flat)[1:], torch.full((4,), 0.225, dtype=torch.float64))
+
+
+def test_a_latency_gap_counts_as_the_width_it_takes(tmp_path):
+    """Fixed parts make the latency fall slower than the widths: the controller's gap is scaled by (1 - k) / (1 - t),
+    k the uniform cut the table predicts at the target t, so a search tracks its target as a MAC search does."""
+    from hiap_kernels.objective.reference import lagrangian_budget
+
+    vit = tiny_vit()
+    table = synthetic_table(vit, fixed=3.0)
+    keep = table.uniform_width(0.7)
+    uniform = table.layer_ms(3, round(keep * 48), round(keep * 48), round(keep * 192))
+    assert (table.fixed_ms + table.depth * uniform) / table.dense_predicted_ms == pytest.approx(0.7, abs=1e-3)
+    path = str(table.save(tmp_path / "table.json"))
+    pruner = hiap.Pruner(vit, hiap.HiAPConfig(budget="latency", latency_table=path, target=0.7), total_steps=10)
+    assert pruner.cost.gap_scale == pytest.approx((1 - keep) / 0.3) and pruner.cost.gap_scale > 1.5
+    gates = hiap.method.cost.StackedGates.of(pruner.model)
+    assert pruner.cost.expected(pruner.model, gates).gap_scale == pruner.cost.gap_scale
+    assert hiap.Pruner(vit, hiap.HiAPConfig(target=0.7), total_steps=10).cost.gap_scale == 1.0
+    terms = [lagrangian_budget(torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.0), static=0.0, dense=1.0,
+                               target_mode=True, target=0.7, lambda1=torch.zeros(1, dtype=torch.float64)[0],
+                               lambda2=torch.zeros(1, dtype=torch.float64)[0], lagrangian_lr=1.0, lambda_macro=0.0,
+                               lambda_micro=0.0, ascend=True, gap_scale=scale)[0] for scale in (1.0, 2.0)]
+    # One ascent step: lambda1 = gap, lambda2 = gap^2, so the term is gap^2 + gap^4, at twice the gap.
+    assert float(terms[0]) == pytest.approx(0.1**2 + 0.1**4) and float(terms[1]) == pytest.approx(0.2**2 + 0.2**4)

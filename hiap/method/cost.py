@@ -231,6 +231,7 @@ class ExpectedCost:
     macro: torch.Tensor
     static: int
     dense: int
+    gap_scale: float = 1.0  # how the controller scales the gap to the target (see lagrangian_budget)
 
 
 def expected_cost(model: HiAPViT, img_size: int | tuple[int, int] | None = None,
@@ -264,6 +265,7 @@ class MacBudget:
     total the target is a fraction of."""
 
     unit = "MACs"
+    gap_scale = 1.0
 
     def __init__(self, model: HiAPViT):
         self.units = UnitCosts.at(token_count(model), model.vit.embed_dim)

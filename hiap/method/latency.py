@@ -134,6 +134,20 @@ class LatencyTable:
         return self.fixed_ms + self.depth * self.layer_ms(self.num_heads, self.num_heads * self.head_dim,
                                                           self.num_heads * self.head_dim, self.ffn_width)
 
+    def uniform_width(self, latency_fraction: float) -> float:
+        """The fraction of every width (heads all kept, q/k, v and FFN widths cut alike) whose layout the table
+        predicts at ``latency_fraction`` of the dense model (bisection; 0 where even no width costs more)."""
+        def fraction(keep: float) -> float:
+            dims = keep * self.num_heads * self.head_dim
+            layer = self.layer_ms(self.num_heads, round(dims), round(dims), round(keep * self.ffn_width))
+            return (self.fixed_ms + self.depth * layer) / self.dense_predicted_ms
+
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if fraction(middle) < latency_fraction else (low, middle)
+        return (low + high) / 2
+
     def floor_ms(self, min_heads: int, min_dims: int) -> float:
         """The least a model the decision allows can cost: ``min_heads`` heads of ``min_dims`` q/k and v dims per
         layer and no FFN."""
@@ -236,6 +250,21 @@ class LatencyBudget:
         self.table = table
         self.static = table.fixed_ms
         self.dense = table.dense_predicted_ms
+        self.gap_scale = 1.0
+
+    def aim_at(self, target: float) -> None:
+        """Scale the controller's gap for a search to ``target`` (a fraction of the dense latency).
+
+        The controller's steps are sized for MAC fractions. Where fixed parts and per-head costs keep the latency up,
+        it falls slower than the widths (on a small model on a CPU, 0.36 of the latency for 0.8 of the widths), and a
+        gap measured in latency would leave the search lagging its falling target until the landing had to cut the
+        rest at once. So the gap is scaled by ``(1 - k) / (1 - target)``, ``k`` the uniform cut of every width the
+        table predicts at the target: a step of latency counts as the step of width it takes (between 1/4 and 4).
+        """
+        if target >= 1:
+            self.gap_scale = 1.0
+            return
+        self.gap_scale = min(4.0, max(0.25, (1 - self.table.uniform_width(target)) / (1 - target)))
 
     def attention(self, heads: int, qk_dims: int, v_dims: int) -> float:
         mean = max(heads, 1)
@@ -263,7 +292,8 @@ class LatencyBudget:
         v = (p_head * p_v.sum(dim=-1)).sum(dim=-1) * gates.head_group
         width = p_block[:, 0] * p_neuron.sum(dim=-1) * gates.neuron_group
         total = self._total(heads, qk, v, width)
-        return ExpectedCost(total=total, macro=total * 0, static=self.static, dense=self.dense)
+        return ExpectedCost(total=total, macro=total * 0, static=self.static, dense=self.dense,
+                            gap_scale=self.gap_scale)
 
     def decided(self, model: nn.Module, gates) -> torch.Tensor:
         """The latency of what extraction keeps, as the table predicts it (fp64, on the logits' device)."""

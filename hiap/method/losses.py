@@ -127,7 +127,8 @@ class BudgetLoss(nn.Module):
         budget, fraction, macro, micro = lagrangian_budget(
             cost.total, cost.macro, static=cost.static, dense=float(cost.dense), target_mode=cfg.lands_on_target,
             target=self.current_target, lambda1=lambda1, lambda2=lambda2, lagrangian_lr=cfg.lagrangian_lr,
-            lambda_macro=cfg.lambda_macro, lambda_micro=cfg.lambda_micro, ascend=self.ascends())
+            lambda_macro=cfg.lambda_macro, lambda_micro=cfg.lambda_micro, ascend=self.ascends(),
+            gap_scale=cost.gap_scale)
         return {"budget": budget, "expected_fraction": fraction, "macro": macro, "micro": micro}
 
     def multipliers(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -456,4 +456,5 @@ def budget_of(gated: HiAPViT) -> MacBudget:
     if target * cost.dense < floor:
         raise ValueError(f"a latency target of {target * cost.dense:.3f} ms is below {floor:.3f} ms, the floor of "
                          f"this model in {cfg.latency_table} (its fixed parts and the feasibility minimums)")
+    cost.aim_at(target)
     return cost

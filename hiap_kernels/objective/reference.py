@@ -139,12 +139,14 @@ def decided_gate_macs(head: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, blo
 
 def lagrangian_budget(total: torch.Tensor, macro: torch.Tensor, *, static: float, dense: float, target_mode: bool,
                       target: torch.Tensor | float, lambda1: torch.Tensor, lambda2: torch.Tensor, lagrangian_lr: float,
-                      lambda_macro: float, lambda_micro: float, ascend: bool
+                      lambda_macro: float, lambda_micro: float, ascend: bool, gap_scale: float = 1.0
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The budget term from the (expected or straight-through decided) MACs.
 
     Target mode moves the multipliers first when ``ascend`` (``lambda1 += lr gap``, ``lambda2 += lr gap^2``, in place,
-    on the device) and returns ``lambda1 gap + lambda2 gap^2``; penalty mode the weighted macro and micro fractions.
+    on the device) and returns ``lambda1 gap + lambda2 gap^2``, with ``gap = (fraction - target) * gap_scale`` (1 for
+    MACs; a cost that falls slower than the MACs, such as a latency with fixed parts, scales its gap up to MAC-like
+    steps); penalty mode the weighted macro and micro fractions.
 
     Returns:
         ``(budget fp32, fraction, macro fraction, micro fraction)``, the last three detached fp32.
@@ -155,7 +157,7 @@ def lagrangian_budget(total: torch.Tensor, macro: torch.Tensor, *, static: float
     if not target_mode:
         budget = lambda_macro * macro + lambda_micro * micro
     else:
-        gap = fraction - target
+        gap = (fraction - target) * gap_scale
         if ascend:
             with torch.no_grad():
                 measured = gap.detach().to(lambda1.dtype)
