@@ -193,6 +193,8 @@ def test_a_latency_gap_counts_as_the_width_it_takes(tmp_path):
     assert pruner.cost.gap_scale == pytest.approx((1 - keep) / 0.3) and pruner.cost.gap_scale > 1.5
     gates = hiap.method.cost.StackedGates.of(pruner.model)
     assert pruner.cost.expected(pruner.model, gates).gap_scale == pruner.cost.gap_scale
+    # ... and the cost the budget term sees (the decided cost with the expected one's gradient) carries it.
+    assert hiap.method.losses.budget_cost(pruner.model, gates, pruner.cost).gap_scale == pruner.cost.gap_scale
     assert hiap.Pruner(vit, hiap.HiAPConfig(target=0.7), total_steps=10).cost.gap_scale == 1.0
     terms = [lagrangian_budget(torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.0), static=0.0, dense=1.0,
                                target_mode=True, target=0.7, lambda1=torch.zeros(1, dtype=torch.float64)[0],

@@ -75,7 +75,8 @@ def budget_cost(model: HiAPViT, gates: StackedGates | None = None, cost: MacBudg
         return expected
     decided = counted.decided(model, gates)
     total = expected.total - expected.total.detach() + decided.to(expected.total.dtype)
-    return ExpectedCost(total=total, macro=expected.macro, static=expected.static, dense=expected.dense)
+    return ExpectedCost(total=total, macro=expected.macro, static=expected.static, dense=expected.dense,
+                        gap_scale=expected.gap_scale)
 
 
 def smallest_reachable_macs(model: HiAPViT) -> int:
