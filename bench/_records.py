@@ -95,9 +95,9 @@ def _device_description() -> dict:
         return {"kind": "cuda", "name": torch.cuda.get_device_name(DEVICE),
                 "memory_gb": round(props.total_memory / 2**30, 1),
                 "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
-    from hiap.app.runtime import cpu_name
+    from hiap.method.profile import device_name
 
-    return {"kind": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {"kind": "cpu", "name": device_name("cpu"), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def _versions() -> dict:

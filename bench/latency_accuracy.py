@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from hiap.method.latency import LatencyTable, device_name
+from hiap.method.latency import LatencyTable
+from hiap.method.profile import device_name
 
 
 def prune(args: argparse.Namespace, output: Path, seed: int, extra: list[str]) -> dict:

@@ -28,7 +28,8 @@ import torch
 
 import hiap
 from hiap.app.evaluation import measure_latencies
-from hiap.method.latency import LatencyTable, device_name, profile_latency
+from hiap.method.latency import LatencyTable
+from hiap.method.profile import device_name, profile_latency
 
 MODEL = "deit_small_patch16_224"
 

@@ -43,7 +43,7 @@ from _workloads import IMAGE_SIZE, dense_deit_s, extracted_deit_s, regular_deit_
 
 import hiap  # noqa: E402
 from hiap.app.export import export_onnx  # noqa: E402
-from hiap.method.latency import device_name  # noqa: E402
+from hiap.method.profile import device_name  # noqa: E402
 
 OPSET = 17
 DENSE, EXTRACTED, TRACED, PADDED, REGULAR = ("dense", "extracted", "extracted, traced as PyTorch runs it",

@@ -25,7 +25,8 @@ from hiap.method.extract import extract, load_pruned, pruned_layout, read_layout
 from hiap.method.gated import GatedAttention, GatedMlp
 from hiap.method.gates import AttentionGates, FfnGates, GateDraw, GateSchedule, temperature_at
 from hiap.method.inference import optimize
-from hiap.method.latency import LatencyTable, profile_latency
+from hiap.method.latency import LatencyTable
+from hiap.method.profile import profile_latency
 from hiap.method.losses import BudgetLoss, HiAPObjective, distillation_loss, feasibility_loss
 from hiap.method.pruned import PrunedAttention, PrunedMlp
 from hiap.method.pruner import Pruner

@@ -8,7 +8,8 @@ import torch
 import hiap
 from hiap.method.architecture import describe_vit
 from hiap.method.cost import token_count
-from hiap.method.latency import LatencyBudget, LatencyTable, profile_latency
+from hiap.method.latency import LatencyBudget, LatencyTable
+from hiap.method.profile import profile_latency
 from tests.cli_runs import TINY, run_cli, warm_run  # noqa: F401
 from tests.helpers import images, tiny_vit
 
@@ -158,7 +159,7 @@ def test_the_table_is_fitted_so_noise_leaves_no_plateau_or_dip():
     """Widths on a plane per head count, the FFN on a line: exact planes and lines come back as they are; a noisy
     median above its neighbours (which a running maximum alone would spread into a plateau of free width) is
     averaged away, and a slope that noise makes negative is 0."""
-    from hiap.method.latency import _fitted_attention, _fitted_line
+    from hiap.method.profile import _fitted_attention, _fitted_line
 
     qk, v = [0, 4, 8, 12, 16], [4, 8, 12, 16]
     q_grid, v_grid = torch.meshgrid(torch.tensor(qk, dtype=torch.float64), torch.tensor(v, dtype=torch.float64),

@@ -276,7 +276,8 @@ def command_profile(args: argparse.Namespace) -> int:
     from hiap.app.runtime import configure_threads, resolve_device
     from hiap.method.architecture import describe_vit
     from hiap.method.cost import count_macs
-    from hiap.method.latency import LatencyTable, device_name, profile_latency
+    from hiap.method.latency import LatencyTable
+    from hiap.method.profile import device_name, profile_latency
 
     output = Path(args.output).expanduser()
     check_output_file(output, "-o")

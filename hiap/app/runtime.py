@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hiap.files import atomic_path
+from hiap.method.profile import device_name
 
 
 class InputError(Exception):
@@ -56,23 +57,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 SMALL_MODEL_MACS = 50_000_000
 
 
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo`` on Linux, where ``platform.processor()`` is often empty)."""
-    import platform
-
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
-    except OSError:
-        return name
-
-
 def describe_machine(device: torch.device) -> dict:
     """Where a measurement was taken: device name, torch version and intra-op threads (for result records)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {"device": device.type, "name": name, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    return {"device": device.type, "name": device_name(device), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def configure_threads(requested: int, device: torch.device, macs_per_image: int) -> int:

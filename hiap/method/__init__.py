@@ -3,7 +3,8 @@
     pruner.py         hiap.Pruner: the whole search for a user's loop (gate optimizer and schedule, anneal, target
                       ramp, controller, landing, structure fix, retirement, state, extraction)
     budget.py         landing the decided cost on the target in logit order, and the settling guard
-    latency.py        the measured latency table (hiap profile) and the latency budget read from it
+    latency.py        the latency table (its predictions) and the latency budget read from it
+    profile.py        measuring that table on a device (hiap profile), fitted; the device's name for records
 
     gates.py          the one home of the gates: per-layer gate objects (logits, decision, keep probabilities, draw),
                       the model's gate schedule (temperature, step seed), offsets, the temperature anneal
