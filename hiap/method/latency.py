@@ -244,7 +244,7 @@ class LatencyBudget:
         """Scale the controller's gap for a search to ``target`` (a fraction of the dense latency).
 
         The controller's steps are sized for MAC fractions. Where fixed parts and per-head costs keep the latency up,
-        it falls slower than the widths (on a small model on a CPU, 0.36 of the latency for 0.8 of the widths), and a
+        it falls slower than the widths (on a small model on a CPU, 0.4 of the latency for 0.78 of the widths), and a
         gap measured in latency would leave the search lagging its falling target until the landing had to cut the
         rest at once. So the gap is scaled by ``(1 - k) / (1 - target)``, ``k`` the uniform cut of every width the
         table predicts at the target: a step of latency counts as the step of width it takes (between 1/4 and 4).
